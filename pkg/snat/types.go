@@ -1,0 +1,28 @@
+// Package snat owns the nat-table chains that give egress pods their
+// Service's LoadBalancer IP as source address.
+package snat
+
+import (
+	"net/netip"
+
+	"github.com/egressvip/egressvip/pkg/annotations"
+)
+
+// Rule says: packets from PodIP leave with SourceIP, optionally only for the
+// listed protocols and destination ports. PodIP and SourceIP are of one family.
+type Rule struct {
+	// Service is "namespace/name"; it becomes the rule's comment.
+	Service  string
+	PodIP    netip.Addr
+	SourceIP netip.Addr
+	// Ports is empty for "all traffic".
+	Ports []annotations.DestinationPort
+}
+
+// Desired is the whole SNAT state of a node, both families.
+type Desired struct {
+	Rules []Rule
+	// Exclude lists destinations (pod and Service CIDRs, both families)
+	// that are never SNATed by egressvip.
+	Exclude []netip.Prefix
+}
