@@ -1,0 +1,478 @@
+package snat
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressvip/egressvip/internal/privtest"
+	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/sirupsen/logrus"
+	"github.com/vishvananda/netlink"
+)
+
+// The privileged tests build, per backend:
+//
+//	pod ns                node ns                          external ns
+//	10.244.1.5/24  eth0 - vpod 10.244.1.1/24
+//	fd00:10:244:1::5/64        fd00:10:244:1::1/64
+//	                           vext 203.0.113.1/24 - eth0 203.0.113.2/24
+//	                                2001:db8:1::1/64       2001:db8:1::2/64
+//	                           LB   203.0.113.10, 2001:db8:1::10
+//
+// The node forwards and has a CNI-like MASQUERADE rule for the pod CIDR, so
+// a packet that misses our rules arrives from the node address 203.0.113.1.
+// The external ns runs servers that answer with the peer address they see.
+
+// init keeps the main goroutine on the main thread, so the goroutines of
+// privtest.NS.Do never run there: a locked thread that entered a namespace
+// is not reused, and for the main thread that would leave the whole test
+// process in the namespace, where the namespace clean-up kills it.
+func init() { runtime.LockOSThread() }
+
+type backendCase struct {
+	name                   string
+	nft                    bool
+	ipt, ip6t, save, save6 string
+}
+
+var backendCases = []backendCase{
+	{"legacy", false, "iptables-legacy", "ip6tables-legacy", "iptables-legacy-save", "ip6tables-legacy-save"},
+	{"nft", true, "iptables-nft", "ip6tables-nft", "iptables-nft-save", "ip6tables-nft-save"},
+}
+
+var (
+	node4      = netip.MustParseAddr("203.0.113.1")
+	node6      = netip.MustParseAddr("2001:db8:1::1")
+	extSrv4    = netip.MustParseAddr("203.0.113.2")
+	extSrv6    = netip.MustParseAddr("2001:db8:1::2")
+	nodePod4   = netip.MustParseAddr("10.244.1.1")
+	nodePod6   = netip.MustParseAddr("fd00:10:244:1::1")
+	svcNet6    = netip.MustParsePrefix("fd00:10:96::/112")
+	excludeAll = []netip.Prefix{podNet4, svcNet4, podNet6, svcNet6}
+)
+
+type topo struct {
+	b              backendCase
+	pod, node, ext *privtest.NS
+}
+
+func forEachBackend(t *testing.T, fn func(t *testing.T, b backendCase)) {
+	for _, b := range backendCases {
+		t.Run(b.name, func(t *testing.T) {
+			privtest.Require(t, b.ipt, b.ip6t, b.save, b.save6, b.ipt+"-restore", b.ip6t+"-restore")
+			fn(t, b)
+		})
+	}
+}
+
+func newTopo(t *testing.T, b backendCase) *topo {
+	t.Helper()
+	tp := &topo{b: b, pod: privtest.NewNS(t, "snat-pod"), node: privtest.NewNS(t, "snat-node"), ext: privtest.NewNS(t, "snat-ext")}
+	privtest.Veth(t, tp.pod, "eth0", tp.node, "vpod")
+	privtest.Veth(t, tp.node, "vext", tp.ext, "eth0")
+
+	tp.pod.Exec(t, "ip", "addr", "add", "10.244.1.5/24", "dev", "eth0")
+	tp.pod.Exec(t, "ip", "-6", "addr", "add", "fd00:10:244:1::5/64", "dev", "eth0", "nodad")
+	tp.pod.Exec(t, "ip", "route", "add", "default", "via", "10.244.1.1")
+	tp.pod.Exec(t, "ip", "-6", "route", "add", "default", "via", "fd00:10:244:1::1")
+
+	tp.node.Exec(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	tp.node.Exec(t, "ip", "addr", "add", "10.244.1.1/24", "dev", "vpod")
+	tp.node.Exec(t, "ip", "-6", "addr", "add", "fd00:10:244:1::1/64", "dev", "vpod", "nodad")
+	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.1/24", "dev", "vext")
+	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.10/32", "dev", "vext")
+	tp.node.Exec(t, "ip", "-6", "addr", "add", "2001:db8:1::1/64", "dev", "vext", "nodad")
+	// Like a VIP: deprecated, so the kernel never picks it as a source
+	// by itself (MASQUERADE must show the node address).
+	tp.node.Exec(t, "ip", "-6", "addr", "add", "2001:db8:1::10/128", "dev", "vext", "nodad", "preferred_lft", "0")
+	tp.node.Exec(t, b.ipt, "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE")
+	tp.node.Exec(t, b.ip6t, "-t", "nat", "-A", "POSTROUTING", "-s", "fd00:10:244::/56", "!", "-d", "fd00:10:244::/56", "-j", "MASQUERADE")
+
+	tp.ext.Exec(t, "ip", "addr", "add", "203.0.113.2/24", "dev", "eth0")
+	tp.ext.Exec(t, "ip", "-6", "addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad")
+	tp.startServers(t)
+	return tp
+}
+
+// startServers listens in the external ns on UDP 5060 and TCP 8080 of both
+// families and answers every datagram or connection with the peer address.
+func (tp *topo) startServers(t *testing.T) {
+	var (
+		pcs []net.PacketConn
+		lns []net.Listener
+		err error
+	)
+	tp.ext.Do(t, func() {
+		for _, a := range []netip.Addr{extSrv4, extSrv6} {
+			var pc net.PacketConn
+			if pc, err = net.ListenPacket("udp", netip.AddrPortFrom(a, 5060).String()); err != nil {
+				return
+			}
+			pcs = append(pcs, pc)
+			var ln net.Listener
+			if ln, err = net.Listen("tcp", netip.AddrPortFrom(a, 8080).String()); err != nil {
+				return
+			}
+			lns = append(lns, ln)
+		}
+	})
+	t.Cleanup(func() {
+		for _, pc := range pcs {
+			_ = pc.Close()
+		}
+		for _, ln := range lns {
+			_ = ln.Close()
+		}
+	})
+	if err != nil {
+		t.Fatalf("listen in external ns: %v", err)
+	}
+	for _, pc := range pcs {
+		go func() {
+			buf := make([]byte, 64)
+			for {
+				_, peer, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				_, _ = pc.WriteTo([]byte(peer.(*net.UDPAddr).AddrPort().Addr().Unmap().String()), peer)
+			}
+		}()
+	}
+	for _, ln := range lns {
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				_, _ = c.Write([]byte(c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String()))
+				_ = c.Close()
+			}
+		}()
+	}
+}
+
+// seenAs sends one request from the pod to dst and returns the source
+// address the external server saw.
+func (tp *topo) seenAs(t *testing.T, network string, dst netip.AddrPort) netip.Addr {
+	t.Helper()
+	var (
+		reply string
+		err   error
+	)
+	tp.pod.Do(t, func() { reply, err = ask(network, dst) })
+	if err != nil {
+		t.Fatalf("%s to %s from the pod: %v", network, dst, err)
+	}
+	a, err := netip.ParseAddr(reply)
+	if err != nil {
+		t.Fatalf("server reply %q: %v", reply, err)
+	}
+	return a
+}
+
+// ask sends a request and reads the answer; UDP is retried a few times.
+func ask(network string, dst netip.AddrPort) (string, error) {
+	c, err := net.DialTimeout(network, dst.String(), 3*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	for range 3 {
+		if _, err = c.Write([]byte("?")); err != nil {
+			return "", err
+		}
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		var n int
+		if n, err = c.Read(buf); err == nil {
+			return string(buf[:n]), nil
+		}
+		if network != "udp" {
+			break
+		}
+	}
+	return "", err
+}
+
+// sendUDP sends one datagram from the pod without waiting for an answer.
+func (tp *topo) sendUDP(t *testing.T, dst netip.AddrPort) {
+	t.Helper()
+	var err error
+	tp.pod.Do(t, func() {
+		var c net.Conn
+		if c, err = net.Dial("udp", dst.String()); err != nil {
+			return
+		}
+		defer c.Close()
+		_, err = c.Write([]byte("?"))
+	})
+	if err != nil {
+		t.Fatalf("udp to %s: %v", dst, err)
+	}
+}
+
+func (tp *topo) manager(t *testing.T, wrap func(Family, Runner) Runner) *Manager {
+	t.Helper()
+	h, err := netlink.NewHandleAt(tp.node.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	log := logrus.New()
+	log.SetOutput(t.Output())
+	log.SetLevel(logrus.DebugLevel)
+	cfg := Config{NFTables: tp.b.nft, Log: logrus.NewEntry(log), Conntrack: h}
+	if wrap != nil {
+		bk := legacyBackend
+		if tp.b.nft {
+			bk = nftBackend
+		}
+		for _, f := range Families {
+			r, err := newExecRunner(f, bk.binaries[f])
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Runners[f] = wrap(f, r)
+		}
+	}
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// inNode runs fn in the node ns and fails the test with its error.
+func (tp *topo) inNode(t *testing.T, what string, fn func() error) {
+	t.Helper()
+	var err error
+	tp.node.Do(t, func() { err = fn() })
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+func (tp *topo) apply(t *testing.T, m *Manager, d Desired) {
+	t.Helper()
+	tp.inNode(t, "Apply", func() error { return m.Apply(context.Background(), d) })
+}
+
+// foreignRules returns the nat rules of both families that are not ours.
+func (tp *topo) foreignRules(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, save := range []string{tp.b.save, tp.b.save6} {
+		for _, l := range strings.Split(tp.node.Exec(t, save, "-t", "nat"), "\n") {
+			if strings.HasPrefix(l, "-A ") && !strings.Contains(l, ChainPrefix) {
+				out = append(out, save+": "+l)
+			}
+		}
+	}
+	return out
+}
+
+// ourLines returns every nat line of both families mentioning our prefix.
+func (tp *topo) ourLines(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, save := range []string{tp.b.save, tp.b.save6} {
+		for _, l := range strings.Split(tp.node.Exec(t, save, "-t", "nat"), "\n") {
+			if strings.Contains(l, ChainPrefix) {
+				out = append(out, l)
+			}
+		}
+	}
+	return out
+}
+
+func rulesFor(ports ...annotations.DestinationPort) Desired {
+	return Desired{
+		Rules: []Rule{
+			{Service: "default/sip", PodIP: pod4, SourceIP: lb4, Ports: ports},
+			{Service: "default/sip", PodIP: pod6, SourceIP: lb6, Ports: ports},
+		},
+		Exclude: excludeAll,
+	}
+}
+
+func TestPrivilegedSNATPackets(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backendCase) {
+		tp := newTopo(t, b)
+		udp4, tcp4 := netip.AddrPortFrom(extSrv4, 5060), netip.AddrPortFrom(extSrv4, 8080)
+		udp6, tcp6 := netip.AddrPortFrom(extSrv6, 5060), netip.AddrPortFrom(extSrv6, 8080)
+		check := func(what string, network string, dst netip.AddrPort, want netip.Addr) {
+			t.Helper()
+			if got := tp.seenAs(t, network, dst); got != want {
+				t.Errorf("%s: %s packet from pod to %s arrived from %s, want %s", what, network, dst, got, want)
+			}
+		}
+		check("before Apply", "udp", udp4, node4)
+		check("before Apply", "udp", udp6, node6)
+
+		m := tp.manager(t, nil)
+		tp.apply(t, m, rulesFor())
+		check("all traffic", "udp", udp4, lb4)
+		check("all traffic", "tcp", tcp4, lb4)
+		check("all traffic", "udp", udp6, lb6)
+		check("all traffic", "tcp", tcp6, lb6)
+
+		tp.apply(t, m, rulesFor(udp5060))
+		check("udp:5060 only", "udp", udp4, lb4)
+		check("udp:5060 only", "tcp", tcp4, node4)
+		check("udp:5060 only", "udp", udp6, lb6)
+		check("udp:5060 only", "tcp", tcp6, node6)
+
+		tp.apply(t, m, Desired{Exclude: excludeAll})
+		check("no rules", "udp", udp4, node4)
+		check("no rules", "udp", udp6, node6)
+	})
+}
+
+// countingRunner counts restores that reach the kernel.
+type countingRunner struct {
+	Runner
+	restores *int
+}
+
+func (c countingRunner) Restore(ctx context.Context, payload []byte) error {
+	*c.restores++
+	return c.Runner.Restore(ctx, payload)
+}
+
+func TestPrivilegedSNATStaleAndCleanup(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backendCase) {
+		tp := newTopo(t, b)
+		tp.node.Exec(t, b.ipt, "-t", "nat", "-A", "POSTROUTING", "-d", "198.51.100.0/24", "-m", "comment", "--comment", "someone-else", "-j", "RETURN")
+		tp.node.Exec(t, b.ip6t, "-t", "nat", "-A", "POSTROUTING", "-d", "2001:db8:9::/64", "-m", "comment", "--comment", "someone-else", "-j", "RETURN")
+		foreign := tp.foreignRules(t)
+		if len(foreign) != 4 {
+			t.Fatalf("setup: want 4 foreign rules, got %q", foreign)
+		}
+
+		two := rulesFor()
+		two.Rules = append(two.Rules, Rule{Service: "other/web", PodIP: pod4b, SourceIP: lb4b})
+		m := tp.manager(t, nil)
+		tp.apply(t, m, two)
+		var svcs []string
+		tp.inNode(t, "Services", func() (err error) { svcs, err = m.Services(context.Background()); return err })
+		if !slices.Equal(svcs, []string{"default/sip", "other/web"}) {
+			t.Errorf("Services = %v", svcs)
+		}
+
+		tp.apply(t, m, rulesFor())
+		tp.inNode(t, "Services", func() (err error) { svcs, err = m.Services(context.Background()); return err })
+		if !slices.Equal(svcs, []string{"default/sip"}) {
+			t.Errorf("after removing other/web, Services = %v", svcs)
+		}
+		if got := tp.foreignRules(t); !slices.Equal(got, foreign) {
+			t.Errorf("foreign rules changed by Apply:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(foreign, "\n"))
+		}
+
+		// Someone inserts ahead of our hook: the next sync moves it back.
+		tp.node.Exec(t, b.ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
+		tp.apply(t, m, rulesFor())
+		first := strings.Split(strings.TrimSpace(tp.node.Exec(t, b.ipt, "-t", "nat", "-S", "POSTROUTING")), "\n")[1]
+		if !strings.Contains(first, "-j "+Chain) {
+			t.Errorf("first POSTROUTING rule after repair is %q, want our hook", first)
+		}
+		if n := strings.Count(tp.node.Exec(t, b.ipt, "-t", "nat", "-S", "POSTROUTING"), "-j "+Chain); n != 1 {
+			t.Errorf("%d hooks in POSTROUTING, want 1", n)
+		}
+		tp.node.Exec(t, b.ipt, "-t", "nat", "-D", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
+
+		// A restarted daemon with the same rules writes nothing.
+		restores := 0
+		restarted := tp.manager(t, func(_ Family, r Runner) Runner { return countingRunner{r, &restores} })
+		before := tp.ourLines(t)
+		tp.apply(t, restarted, rulesFor())
+		if restores != 0 {
+			t.Errorf("restart with unchanged rules ran iptables-restore %d times", restores)
+		}
+		if got := tp.ourLines(t); !slices.Equal(got, before) {
+			t.Errorf("restart changed our rules:\n%s", strings.Join(got, "\n"))
+		}
+
+		tp.inNode(t, "Cleanup", restarted.Cleanup)
+		if got := tp.ourLines(t); len(got) != 0 {
+			t.Errorf("after Cleanup:\n%s", strings.Join(got, "\n"))
+		}
+		if got := tp.foreignRules(t); !slices.Equal(got, foreign) {
+			t.Errorf("foreign rules changed by Cleanup:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(foreign, "\n"))
+		}
+	})
+}
+
+// podFlows returns the pod's conntrack entries in the node ns as
+// "proto dst:port".
+func (tp *topo) podFlows(t *testing.T, f Family, pod netip.Addr) []string {
+	t.Helper()
+	h, err := netlink.NewHandleAt(tp.node.Handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	flows, err := h.ConntrackTableList(netlink.ConntrackTable, netlinkFamily(f))
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		t.Fatalf("conntrack list: %v", err)
+	}
+	var out []string
+	for _, fl := range flows {
+		if src, ok := addrFromIP(fl.Forward.SrcIP); ok && src == pod {
+			dst, _ := addrFromIP(fl.Forward.DstIP)
+			out = append(out, fmt.Sprintf("%d %s", fl.Forward.Protocol, netip.AddrPortFrom(dst, fl.Forward.DstPort)))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestPrivilegedSNATConntrack(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backendCase) {
+		tp := newTopo(t, b)
+		m := tp.manager(t, nil)
+		tp.apply(t, m, rulesFor())
+		cases := []struct {
+			f             Family
+			pod, lb       netip.Addr
+			ext, excluded netip.AddrPort
+		}{
+			{IPv4, pod4, lb4, netip.AddrPortFrom(extSrv4, 5060), netip.AddrPortFrom(nodePod4, 9999)},
+			{IPv6, pod6, lb6, netip.AddrPortFrom(extSrv6, 5060), netip.AddrPortFrom(nodePod6, 9999)},
+		}
+		for _, c := range cases {
+			if got := tp.seenAs(t, "udp", c.ext); got != c.lb {
+				t.Fatalf("%s: UDP flow arrived from %s, want %s", c.f, got, c.lb)
+			}
+			tp.sendUDP(t, c.excluded)
+			flows := tp.podFlows(t, c.f, c.pod)
+			for _, want := range []netip.AddrPort{c.ext, c.excluded} {
+				if !slices.Contains(flows, fmt.Sprintf("17 %s", want)) {
+					t.Fatalf("%s: setup: no conntrack entry towards %s in %v", c.f, want, flows)
+				}
+			}
+		}
+
+		// The Service stops egressing: the pod's flows to the outside must
+		// go (else they keep the LB IP), in-cluster ones stay.
+		tp.apply(t, m, Desired{Exclude: excludeAll})
+		for _, c := range cases {
+			flows := tp.podFlows(t, c.f, c.pod)
+			if slices.Contains(flows, fmt.Sprintf("17 %s", c.ext)) {
+				t.Errorf("%s: entry towards %s survived the rule removal: %v", c.f, c.ext, flows)
+			}
+			if !slices.Contains(flows, fmt.Sprintf("17 %s", c.excluded)) {
+				t.Errorf("%s: entry towards excluded %s was deleted: %v", c.f, c.excluded, flows)
+			}
+		}
+	})
+}
