@@ -1,5 +1,14 @@
 // Package snat owns the nat-table chains that give egress pods their
 // Service's LoadBalancer IP as source address.
+//
+// Like kube-proxy, it renders the whole owned chain (EGRESSVIP-SNAT) per
+// family from a Desired value (Render) and writes it with one
+// iptables-restore --noflush, which flushes and refills only that chain.
+// A jump at position 1 of nat POSTROUTING puts it ahead of CNI and
+// kube-proxy MASQUERADE rules. After a write, conntrack entries of pods
+// whose translation changed are deleted, never those towards excluded
+// (in-cluster) destinations. Kernel access goes through Runner and
+// Conntrack; Fake is a stateful Runner that can Trace packets.
 package snat
 
 import (
