@@ -149,7 +149,7 @@ func TestApplyRepairsHook(t *testing.T) {
 	masq := []string{"-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"}
 	tests := []struct {
 		name   string
-		break_ func(t *testing.T, f *Fake)
+		breakIt func(t *testing.T, f *Fake)
 	}{
 		{"rule inserted before the hook", func(t *testing.T, f *Fake) {
 			must(t, f.Insert("POSTROUTING", 1, masq...))
@@ -172,7 +172,7 @@ func TestApplyRepairsHook(t *testing.T) {
 			must(t, fakes[IPv4].Append("POSTROUTING", "-m", "comment", "--comment", "foreign", "-j", "RETURN"))
 			m := newFakeManager(t, fakes, nil)
 			must(t, m.Apply(t.Context(), dualStack()))
-			tc.break_(t, fakes[IPv4])
+			tc.breakIt(t, fakes[IPv4])
 			must(t, m.Apply(t.Context(), dualStack()))
 			hookFirst(t, fakes[IPv4])
 			if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
