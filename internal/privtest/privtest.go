@@ -104,24 +104,38 @@ func (n *NS) Cmd(args ...string) *exec.Cmd {
 }
 
 // Do runs fn on a locked OS thread switched into the namespace. Sockets,
-// netlink handles and child processes started by fn belong to the namespace.
+// netlink handles and child processes started by fn belong to the
+// namespace. fn must not call t.Fatal (it runs on another goroutine): return
+// errors out instead.
 func (n *NS) Do(t testing.TB, fn func()) {
 	t.Helper()
-	done := make(chan struct{})
-	var err error
+	done := make(chan error, 1)
 	go func() {
-		defer close(done)
 		runtime.LockOSThread()
-		// The thread is not unlocked: it exits with the goroutine, so a
-		// thread left in a foreign namespace is never reused.
-		if err = netns.Set(n.Handle); err != nil {
+		orig, err := netns.Get()
+		if err != nil {
+			done <- fmt.Errorf("get current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(n.Handle); err != nil {
+			done <- fmt.Errorf("enter netns %s: %w", n.Name, err)
 			return
 		}
 		fn()
+		// Switch back before unlocking, so the thread (which may be the
+		// process's main thread, that never exits) returns to the
+		// scheduler in the namespace it came from. If that fails the
+		// thread stays locked and dies with the goroutine.
+		if err := netns.Set(orig); err != nil {
+			done <- fmt.Errorf("return from netns %s: %w", n.Name, err)
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- nil
 	}()
-	<-done
-	if err != nil {
-		t.Fatalf("enter netns %s: %v", n.Name, err)
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -30,12 +29,6 @@ import (
 // The node forwards and has a CNI-like MASQUERADE rule for the pod CIDR, so
 // a packet that misses our rules arrives from the node address 203.0.113.1.
 // The external ns runs servers that answer with the peer address they see.
-
-// init keeps the main goroutine on the main thread, so the goroutines of
-// privtest.NS.Do never run there: a locked thread that entered a namespace
-// is not reused, and for the main thread that would leave the whole test
-// process in the namespace, where the namespace clean-up kills it.
-func init() { runtime.LockOSThread() }
 
 type backendCase struct {
 	name                   string
