@@ -157,6 +157,18 @@ func (m *Manager) applyFamily(ctx context.Context, f Family, next Desired) error
 	return nil
 }
 
+// Recheck makes the next Apply read the chains back from the kernel, as
+// after a restart, and rewrite them if someone else changed or flushed
+// them. The sync loop calls it on its periodic full resync; in between, an
+// unchanged payload is not rewritten.
+func (m *Manager) Recheck() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range m.state {
+		m.state[i].seeded = false
+	}
+}
+
 // seed reads the chain left by a previous process: its rules become prev,
 // and if they are exactly what Render makes of them, also written.
 func (m *Manager) seed(ctx context.Context, f Family) error {

@@ -312,3 +312,32 @@ func TestNewMissingBinary(t *testing.T) {
 		})
 	}
 }
+
+func TestRecheckRepairsAFlushedChain(t *testing.T) {
+	fakes := [2]*Fake{NewFake(), NewFake()}
+	m := newFakeManager(t, fakes, nil)
+	ctx := t.Context()
+	must(t, m.Apply(ctx, dualStack()))
+
+	// Someone flushes our chain but leaves the hook.
+	for {
+		rules, _ := fakes[IPv4].List(Chain)
+		if len(rules) == 0 {
+			break
+		}
+		must(t, fakes[IPv4].DeleteAt(Chain, 1))
+	}
+	must(t, m.Apply(ctx, dualStack()))
+	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source == lb4 {
+		t.Fatal("test setup: the flush did not take")
+	}
+
+	m.Recheck()
+	must(t, m.Apply(ctx, dualStack()))
+	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+		t.Fatalf("after Recheck, packet %s", got)
+	}
+	if fakes[IPv6].Restores != 1 {
+		t.Fatalf("Recheck rewrote the unchanged IPv6 chain (%d restores)", fakes[IPv6].Restores)
+	}
+}
