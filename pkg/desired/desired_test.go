@@ -1,0 +1,234 @@
+package desired
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/snat"
+)
+
+const node = "node-a"
+
+var opts = Options{Node: node, Election: true}
+
+func svc(name string, local bool, ann map[string]string) *corev1.Service {
+	s := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Annotations: ann},
+		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer},
+	}
+	if local {
+		s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+	} else {
+		s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyCluster
+	}
+	return s
+}
+
+type ep struct {
+	pod, node, addr string
+	ready           bool
+	terminating     bool
+}
+
+func slice(svcName string, family discoveryv1.AddressType, eps ...ep) *discoveryv1.EndpointSlice {
+	sl := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: svcName + "-" + strings.ToLower(string(family)), Labels: map[string]string{discoveryv1.LabelServiceName: svcName}},
+		AddressType: family,
+	}
+	for _, e := range eps {
+		sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{
+			Addresses:  []string{e.addr},
+			NodeName:   &e.node,
+			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Name: e.pod},
+			Conditions: discoveryv1.EndpointConditions{Ready: &e.ready, Terminating: &e.terminating},
+		})
+	}
+	return sl
+}
+
+func egressAnn(ips string, extra ...string) map[string]string {
+	m := map[string]string{annotations.LoadBalancerIPs: ips, annotations.Egress: "true"}
+	for i := 0; i+1 < len(extra); i += 2 {
+		m[extra[i]] = extra[i+1]
+	}
+	return m
+}
+
+func TestAnalyzeStand(t *testing.T) {
+	localPod := ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true}
+	remotePod := ep{pod: "p2", node: "node-b", addr: "10.244.2.5", ready: true}
+	for _, tc := range []struct {
+		name       string
+		svc        *corev1.Service
+		slices     []*discoveryv1.EndpointSlice
+		opts       Options
+		wantStand  bool
+		wantReason string
+		wantEvent  string
+		wantFatal  bool
+	}{
+		{name: "local policy with local ready pod stands", svc: svc("a", true, egressAnn("203.0.113.10")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantStand: true},
+		{name: "local policy with only remote pod does not stand", svc: svc("a", true, egressAnn("203.0.113.10")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, remotePod)}, wantReason: ReasonNoLocalEndpoint},
+		{name: "terminating local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true, terminating: true})},
+			wantReason: ReasonNoLocalEndpoint},
+		{name: "unready local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5"})},
+			wantReason: ReasonNoLocalEndpoint},
+		{name: "cluster policy stands everywhere", svc: svc("a", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.10"}), wantStand: true},
+		{name: "no address: one event, no stand", svc: svc("a", false, nil), wantReason: ReasonNoAddress, wantEvent: EventNoAddress},
+		{name: "spec.loadBalancerIP is used", svc: func() *corev1.Service {
+			s := svc("a", false, nil)
+			s.Spec.LoadBalancerIP = "203.0.113.11"
+			return s
+		}(), wantStand: true},
+		{name: "address that is not an IP is fatal", svc: svc("a", false, map[string]string{annotations.LoadBalancerIPs: "not-an-ip"}),
+			wantReason: ReasonInvalid, wantEvent: EventInvalidAddress, wantFatal: true},
+		{name: "bad destination ports are fatal", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressDestinationPorts, "tcp:70000")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventInvalidAnnotation, wantFatal: true},
+		{name: "ipv6 egress without ipv6 address is fatal", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressIPv6, "true")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventFamilyMismatch, wantFatal: true},
+		{name: "ipv6 egress with a pod lacking ipv6 is fatal", svc: svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventFamilyMismatch, wantFatal: true},
+		{name: "egress with cluster policy serves the address without egress", svc: svc("a", false, egressAnn("203.0.113.10")),
+			wantStand: true, wantEvent: EventEgressNotSupported},
+		{name: "egress without election is refused with an event", svc: svc("a", true, egressAnn("203.0.113.10")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)},
+			opts:   Options{Node: node, Election: false, GlobalLease: types.NamespacedName{Namespace: "egressvip", Name: "egressvip.services"}},
+			wantStand: true, wantEvent: EventEgressNotSupported},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.opts
+			if o.Node == "" {
+				o = opts
+			}
+			s := Analyze(tc.svc, tc.slices, o)
+			if s.Stand != tc.wantStand || s.Reason != tc.wantReason {
+				t.Fatalf("Stand=%v Reason=%q, want %v %q (problems %+v)", s.Stand, s.Reason, tc.wantStand, tc.wantReason, s.Problems)
+			}
+			if tc.wantEvent == "" && len(s.Problems) > 0 {
+				t.Fatalf("unexpected problems %+v", s.Problems)
+			}
+			if tc.wantEvent != "" {
+				if !slices.ContainsFunc(s.Problems, func(p Problem) bool { return p.Reason == tc.wantEvent }) {
+					t.Fatalf("want event %s, got %+v", tc.wantEvent, s.Problems)
+				}
+				if s.fatal() != tc.wantFatal {
+					t.Fatalf("fatal=%v want %v", s.fatal(), tc.wantFatal)
+				}
+			}
+			if s.Egress && !o.Election {
+				t.Fatal("egress must be off without election")
+			}
+			if !o.Election && s.Lease != o.GlobalLease {
+				t.Fatalf("lease %v, want the global lease", s.Lease)
+			}
+		})
+	}
+}
+
+func TestOwns(t *testing.T) {
+	pinned := Service{Stand: true, Local: true, LocalEndpoints: []Endpoint{{Name: "p"}}}
+	shared := Service{Stand: true, Local: true, LocalEndpoints: []Endpoint{{Name: "p"}}, RemoteReady: 1}
+	lost := time.Now()
+	for _, tc := range []struct {
+		name     string
+		s        Service
+		st       election.State
+		resuming bool
+		want     bool
+	}{
+		{name: "not standing", s: Service{Reason: ReasonNoLocalEndpoint}, st: election.State{Leading: true}, want: false},
+		{name: "leader", s: pinned, st: election.State{Leading: true}, want: true},
+		{name: "follower", s: pinned, st: election.State{Observed: true, Holder: "node-b"}, want: false},
+		{name: "resuming before the lease was read", s: pinned, resuming: true, want: true},
+		{name: "resuming ends once another holder is seen", s: pinned, resuming: true, st: election.State{Observed: true, Holder: "node-b"}, want: false},
+		{name: "api unreachable, pinned: keep", s: pinned, st: election.State{LostAt: lost, Holder: "node-a"}, want: true},
+		{name: "api unreachable, another node could serve: give up", s: shared, st: election.State{LostAt: lost, Holder: "node-a"}, want: false},
+		{name: "api unreachable but another node took over: give up", s: pinned, st: election.State{LostAt: lost, Holder: "node-b"}, want: false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, why := Owns(tc.s, tc.st, "node-a", tc.resuming)
+			if got != tc.want {
+				t.Fatalf("Owns = %v (%s), want %v", got, why, tc.want)
+			}
+		})
+	}
+}
+
+func TestBuild(t *testing.T) {
+	dual := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true", annotations.EgressDestinationPorts, "udp:5060")),
+		[]*discoveryv1.EndpointSlice{
+			slice("dual", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true}, ep{pod: "p9", node: "node-b", addr: "10.244.2.9", ready: true}),
+			slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true}),
+		}, opts)
+	plain := Analyze(svc("plain", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
+	// Shares the pod of "dual": the second Service gets a conflict, not a rule.
+	other := Analyze(svc("zz-other", true, egressAnn("203.0.113.30")),
+		[]*discoveryv1.EndpointSlice{slice("zz-other", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true})}, opts)
+	// Same address as "plain": bound once.
+	sameIP := Analyze(svc("same-ip", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
+	exclude := []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
+
+	st := Build([]Service{plain, dual, other, sameIP}, exclude)
+
+	wantAddrs := []netip.Addr{netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("203.0.113.20"), netip.MustParseAddr("203.0.113.30"), netip.MustParseAddr("2001:db8:1::10")}
+	if !slices.Equal(st.Addresses, wantAddrs) {
+		t.Fatalf("addresses %v, want %v", st.Addresses, wantAddrs)
+	}
+	wantRules := []snat.Rule{
+		{Service: "default/dual", PodIP: netip.MustParseAddr("10.244.1.5"), SourceIP: netip.MustParseAddr("203.0.113.10"), Ports: []annotations.DestinationPort{{Protocol: annotations.UDP, Port: 5060}}},
+		{Service: "default/dual", PodIP: netip.MustParseAddr("fd00:10:244:1::5"), SourceIP: netip.MustParseAddr("2001:db8:1::10"), Ports: []annotations.DestinationPort{{Protocol: annotations.UDP, Port: 5060}}},
+	}
+	if len(st.SNAT.Rules) != len(wantRules) {
+		t.Fatalf("rules %+v, want %+v", st.SNAT.Rules, wantRules)
+	}
+	for i := range wantRules {
+		g, w := st.SNAT.Rules[i], wantRules[i]
+		if g.Service != w.Service || g.PodIP != w.PodIP || g.SourceIP != w.SourceIP || !slices.Equal(g.Ports, w.Ports) {
+			t.Fatalf("rule %d = %+v, want %+v", i, g, w)
+		}
+	}
+	if !slices.Equal(st.SNAT.Exclude, exclude) {
+		t.Fatalf("exclude %v", st.SNAT.Exclude)
+	}
+	if c := st.Conflicts["default/zz-other"]; len(c) != 1 || c[0].Reason != EventEgressConflict {
+		t.Fatalf("want one conflict on zz-other, got %+v", st.Conflicts)
+	}
+
+	// A fatal Service contributes nothing, even when owned.
+	bad := Analyze(svc("bad", true, egressAnn("203.0.113.40", annotations.EgressDestinationPorts, "tcp:0")),
+		[]*discoveryv1.EndpointSlice{slice("bad", discoveryv1.AddressTypeIPv4, ep{pod: "p3", node: node, addr: "10.244.1.7", ready: true})}, opts)
+	if st := Build([]Service{bad}, nil); len(st.Addresses) != 0 || len(st.SNAT.Rules) != 0 {
+		t.Fatalf("fatal Service programmed %+v", st)
+	}
+}
+
+func TestReportFor(t *testing.T) {
+	s := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
+		[]*discoveryv1.EndpointSlice{
+			slice("dual", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true}),
+			slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true}),
+		}, opts)
+	r := ReportFor(s, node)
+	if !slices.Equal(r.Ingress, []string{"203.0.113.10", "2001:db8:1::10"}) || r.VIPHost != node ||
+		r.ActiveEndpoint != "10.244.1.5" || r.ActiveEndpointIPv6 != "fd00:10:244:1::5" {
+		t.Fatalf("report %+v", r)
+	}
+	noEgress := Analyze(svc("plain", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
+	if a := ReportFor(noEgress, node).Annotations(); a[annotations.ActiveEndpoint] != "" || a[annotations.VIPHost] != node {
+		t.Fatalf("annotations %v", a)
+	}
+}

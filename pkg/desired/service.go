@@ -1,0 +1,233 @@
+// Package desired turns the cluster view of one node into the node state it
+// should have: addresses on the serviceInterface and SNAT rules. Everything
+// here is pure: no API calls, no kernel.
+package desired
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
+)
+
+// Reasons a node does not stand for a Service. They appear in logs and tests.
+const (
+	ReasonInvalid         = "invalid"
+	ReasonNoAddress       = "noLoadBalancerIP"
+	ReasonNoLocalEndpoint = "noLocalReadyEndpoint"
+	ReasonNotLeader       = "notLeader"
+)
+
+// Event reasons for problems with a Service's configuration.
+const (
+	EventInvalidAnnotation  = "InvalidAnnotation"
+	EventInvalidAddress     = "InvalidLoadBalancerIP"
+	EventNoAddress          = "NoLoadBalancerIP"
+	EventFamilyMismatch     = "EgressFamilyMismatch"
+	EventEgressNotSupported = "EgressNotSupported"
+	EventEgressConflict     = "EgressConflict"
+)
+
+// Problem is something wrong with a Service that the user should see as an
+// Event. A Fatal problem means nothing is programmed for the Service.
+type Problem struct {
+	Reason  string
+	Message string
+	Fatal   bool
+}
+
+// Endpoint is one ready endpoint pod of a Service.
+type Endpoint struct {
+	// Name identifies the endpoint (the pod's name, or its address).
+	Name string
+	Node string
+	V4   netip.Addr
+	V6   netip.Addr
+}
+
+// Service is what this node needs to know about one LoadBalancer Service.
+type Service struct {
+	Key   types.NamespacedName
+	Lease types.NamespacedName
+	LBv4  netip.Addr
+	LBv6  netip.Addr
+	// Local is true for externalTrafficPolicy: Local.
+	Local      bool
+	Egress     bool
+	EgressIPv6 bool
+	Ports      []annotations.DestinationPort
+	// LocalEndpoints are the ready endpoints on this node, sorted by name.
+	LocalEndpoints []Endpoint
+	// RemoteReady counts ready endpoints on other nodes.
+	RemoteReady int
+	// Stand says whether this node is a candidate; Reason says why not.
+	Stand    bool
+	Reason   string
+	Problems []Problem
+}
+
+// Options are the node-wide settings Analyze needs.
+type Options struct {
+	Node string
+	// Election is svc_election. Without it one cluster-wide Lease decides
+	// for every Service, and egress is refused.
+	Election    bool
+	GlobalLease types.NamespacedName
+}
+
+// Addresses returns the Service's LoadBalancer IPs, IPv4 first.
+func (s Service) Addresses() []netip.Addr {
+	var out []netip.Addr
+	for _, a := range []netip.Addr{s.LBv4, s.LBv6} {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// Pinned is true when no other node could serve the Service: its traffic
+// policy is Local and every ready endpoint is on this node. Such a Service
+// keeps its datapath through an API outage and across a daemon restart.
+func (s Service) Pinned() bool {
+	return s.Local && s.RemoteReady == 0 && len(s.LocalEndpoints) > 0
+}
+
+func (s Service) fatal() bool {
+	return slices.ContainsFunc(s.Problems, func(p Problem) bool { return p.Fatal })
+}
+
+// Analyze reads one Service and its EndpointSlices from this node's view.
+func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Options) Service {
+	s := Service{
+		Key:   types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
+		Lease: types.NamespacedName{Namespace: svc.Namespace, Name: election.LeaseName(svc.Name)},
+		Local: svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
+	}
+	if !opts.Election {
+		s.Lease = opts.GlobalLease
+	}
+	problem := func(fatal bool, reason, format string, args ...any) {
+		s.Problems = append(s.Problems, Problem{Reason: reason, Message: fmt.Sprintf(format, args...), Fatal: fatal})
+	}
+
+	var err error
+	if s.LBv4, s.LBv6, err = annotations.ServiceLoadBalancerIPs(svc); err != nil {
+		problem(true, EventInvalidAddress, "%v", err)
+	}
+	if s.Egress, err = annotations.EgressEnabled(svc); err != nil {
+		problem(true, EventInvalidAnnotation, "%v", err)
+	}
+	if s.EgressIPv6, err = annotations.EgressIPv6Enabled(svc); err != nil {
+		problem(true, EventInvalidAnnotation, "%v", err)
+	}
+	if s.Ports, err = annotations.ParseDestinationPorts(svc.Annotations[annotations.EgressDestinationPorts]); err != nil {
+		problem(true, EventInvalidAnnotation, "%s: %v", annotations.EgressDestinationPorts, err)
+	}
+	s.LocalEndpoints, s.RemoteReady = readyEndpoints(epSlices, opts.Node)
+
+	if s.Egress {
+		switch {
+		case !opts.Election:
+			problem(false, EventEgressNotSupported, "egress needs per-Service election (svc_election=true); serving the address without egress")
+			s.Egress, s.EgressIPv6 = false, false
+		case !s.Local:
+			problem(false, EventEgressNotSupported, "egress needs externalTrafficPolicy: Local, so the address follows the pod; serving the address without egress")
+			s.Egress, s.EgressIPv6 = false, false
+		}
+	}
+	if s.Egress && !s.fatal() {
+		s.checkFamilies(problem)
+	}
+
+	switch {
+	case s.fatal():
+		s.Reason = ReasonInvalid
+	case !s.LBv4.IsValid() && !s.LBv6.IsValid():
+		s.Reason = ReasonNoAddress
+		problem(false, EventNoAddress, "no LoadBalancer IP: set %s or spec.loadBalancerIP", annotations.LoadBalancerIPs)
+	case s.Local && len(s.LocalEndpoints) == 0:
+		s.Reason = ReasonNoLocalEndpoint
+	default:
+		s.Stand = true
+	}
+	return s
+}
+
+// checkFamilies reports egress that asks for a family the Service or its
+// local pods lack.
+func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
+	if s.EgressIPv6 && !s.LBv6.IsValid() {
+		problem(true, EventFamilyMismatch, "%s is true but the Service has no IPv6 LoadBalancer IP", annotations.EgressIPv6)
+	}
+	if !s.EgressIPv6 && !s.LBv4.IsValid() && s.LBv6.IsValid() {
+		problem(true, EventFamilyMismatch, "egress with only an IPv6 LoadBalancer IP needs %s: \"true\"", annotations.EgressIPv6)
+	}
+	for _, ep := range s.LocalEndpoints {
+		if s.LBv4.IsValid() && !ep.V4.IsValid() {
+			problem(true, EventFamilyMismatch, "endpoint %s has no IPv4 address for IPv4 egress", ep.Name)
+		}
+		if s.EgressIPv6 && !ep.V6.IsValid() {
+			problem(true, EventFamilyMismatch, "%s is true but endpoint %s has no IPv6 address", annotations.EgressIPv6, ep.Name)
+		}
+	}
+}
+
+// ready is the EndpointSlice rule for "may receive new traffic": ready
+// (nil counts as ready) and not terminating.
+func ready(c discoveryv1.EndpointConditions) bool {
+	return (c.Ready == nil || *c.Ready) && (c.Terminating == nil || !*c.Terminating)
+}
+
+// readyEndpoints joins the IPv4 and IPv6 slices of a Service by pod and
+// splits the ready endpoints into this node's and a count of the others.
+func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpoint, int) {
+	byName := map[string]*Endpoint{}
+	for _, sl := range epSlices {
+		for _, ep := range sl.Endpoints {
+			if !ready(ep.Conditions) || len(ep.Addresses) == 0 {
+				continue
+			}
+			addr, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil {
+				continue
+			}
+			addr = addr.Unmap()
+			name := addr.String()
+			if ep.TargetRef != nil && ep.TargetRef.Name != "" {
+				name = ep.TargetRef.Name
+			}
+			e, ok := byName[name]
+			if !ok {
+				e = &Endpoint{Name: name}
+				byName[name] = e
+			}
+			if ep.NodeName != nil {
+				e.Node = *ep.NodeName
+			}
+			if addr.Is4() {
+				e.V4 = addr
+			} else {
+				e.V6 = addr
+			}
+		}
+	}
+	var local []Endpoint
+	remote := 0
+	for _, e := range byName {
+		if e.Node == node {
+			local = append(local, *e)
+		} else {
+			remote++
+		}
+	}
+	slices.SortFunc(local, func(a, b Endpoint) int { return strings.Compare(a.Name, b.Name) })
+	return local, remote
+}
