@@ -1,0 +1,173 @@
+// Package config reads egressvip's configuration from kube-vip's
+// environment variable names and validates it at start-up.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// DefaultLoadBalancerClass is kube-vip's class name; Services of this class,
+// and by default Services without a class, are ours.
+const DefaultLoadBalancerClass = "kube-vip.io/kube-vip-class"
+
+// Config is the daemon's configuration.
+type Config struct {
+	NodeName              string
+	Interface             string
+	ServiceInterface      string
+	ServicesEnabled       bool
+	ServiceElection       bool
+	Namespace             string
+	LeaseDuration         time.Duration
+	RenewDeadline         time.Duration
+	RetryPeriod           time.Duration
+	LoadBalancerClass     string
+	LoadBalancerClassOnly bool
+	// PodCIDRs and ServiceCIDRs override detection when non-empty.
+	PodCIDRs           []netip.Prefix
+	ServiceCIDRs       []netip.Prefix
+	EgressWithNFTables bool
+	ARP                bool
+	LogLevel           string
+	LogFormat          string
+	// Kubeconfig is a kubeconfig path; "" means in-cluster configuration.
+	Kubeconfig string
+}
+
+// Load reads the configuration through getenv; hostname is the last
+// fallback for the node name. Every error names the variable.
+func Load(getenv func(string) string, hostname func() (string, error)) (Config, error) {
+	c := Config{
+		Interface:         strings.TrimSpace(getenv("vip_interface")),
+		ServiceInterface:  strings.TrimSpace(getenv("vip_servicesinterface")),
+		Namespace:         strings.TrimSpace(getenv("svc_namespace")),
+		LoadBalancerClass: strings.TrimSpace(getenv("lb_class_name")),
+		LogLevel:          strings.TrimSpace(getenv("log_level")),
+		LogFormat:         strings.TrimSpace(getenv("log_format")),
+		Kubeconfig:        strings.TrimSpace(getenv("KUBECONFIG")),
+	}
+	if c.LoadBalancerClass == "" {
+		c.LoadBalancerClass = DefaultLoadBalancerClass
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.LogFormat == "" {
+		c.LogFormat = "text"
+	}
+	for _, name := range []string{"vip_nodename", "NODE_NAME"} {
+		if c.NodeName = strings.TrimSpace(getenv(name)); c.NodeName != "" {
+			break
+		}
+	}
+	if c.NodeName == "" && hostname != nil {
+		if h, err := hostname(); err == nil {
+			c.NodeName = strings.ToLower(strings.TrimSpace(h))
+		}
+	}
+
+	var errs []error
+	boolVar := func(dst *bool, name string, def bool) {
+		*dst = def
+		v := strings.TrimSpace(getenv(name))
+		if v == "" {
+			return
+		}
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: invalid boolean %q", name, v))
+			return
+		}
+		*dst = b
+	}
+	secondsVar := func(dst *time.Duration, name string, def int) {
+		*dst = time.Duration(def) * time.Second
+		v := strings.TrimSpace(getenv(name))
+		if v == "" {
+			return
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			errs = append(errs, fmt.Errorf("%s: want a positive whole number of seconds, got %q", name, v))
+			return
+		}
+		*dst = time.Duration(n) * time.Second
+	}
+	cidrVar := func(dst *[]netip.Prefix, name string) {
+		v := strings.TrimSpace(getenv(name))
+		if v == "" {
+			return
+		}
+		for _, item := range strings.Split(v, ",") {
+			item = strings.TrimSpace(item)
+			p, err := netip.ParsePrefix(item)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %q is not a CIDR (e.g. 10.244.0.0/16)", name, item))
+				return
+			}
+			if p != p.Masked() {
+				errs = append(errs, fmt.Errorf("%s: %q has host bits set; did you mean %s?", name, item, p.Masked()))
+				return
+			}
+			*dst = append(*dst, p)
+		}
+	}
+	boolVar(&c.ServicesEnabled, "svc_enable", true)
+	boolVar(&c.ServiceElection, "svc_election", true)
+	boolVar(&c.LoadBalancerClassOnly, "lb_class_only", false)
+	boolVar(&c.EgressWithNFTables, "egress_withnftables", false)
+	boolVar(&c.ARP, "vip_arp", true)
+	secondsVar(&c.LeaseDuration, "vip_leaseduration", 5)
+	secondsVar(&c.RenewDeadline, "vip_renewdeadline", 3)
+	secondsVar(&c.RetryPeriod, "vip_retryperiod", 1)
+	cidrVar(&c.PodCIDRs, "egress_podcidr")
+	cidrVar(&c.ServiceCIDRs, "egress_servicecidr")
+	return c, errors.Join(errs...)
+}
+
+// Validate checks what single variables cannot: the node name and the
+// relation between the lease timings.
+func (c Config) Validate() error {
+	var errs []error
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("vip_nodename: empty, and neither NODE_NAME nor the hostname gives a node name"))
+	}
+	if c.LeaseDuration <= c.RenewDeadline {
+		errs = append(errs, fmt.Errorf("vip_leaseduration (%s) must be greater than vip_renewdeadline (%s)", c.LeaseDuration, c.RenewDeadline))
+	}
+	if float64(c.RenewDeadline) <= 1.2*float64(c.RetryPeriod) {
+		errs = append(errs, fmt.Errorf("vip_renewdeadline (%s) must be greater than 1.2 x vip_retryperiod (%s)", c.RenewDeadline, c.RetryPeriod))
+	}
+	if _, err := logrus.ParseLevel(c.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("log_level: %q is not a level (panic, fatal, error, warn, info, debug, trace)", c.LogLevel))
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("log_format: %q is not text or json", c.LogFormat))
+	}
+	return errors.Join(errs...)
+}
+
+// EffectiveServiceInterface is vip_servicesinterface if set, else
+// vip_interface ("" means: detect the default route's interface).
+func (c Config) EffectiveServiceInterface() string {
+	if c.ServiceInterface != "" {
+		return c.ServiceInterface
+	}
+	return c.Interface
+}
+
+// Owns says whether a Service with that spec.loadBalancerClass is ours:
+// our class always, no class unless lb_class_only, any other class never.
+func (c Config) Owns(class *string) bool {
+	if class == nil || *class == "" {
+		return !c.LoadBalancerClassOnly
+	}
+	return *class == c.LoadBalancerClass
+}
