@@ -1,0 +1,148 @@
+package cidr
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	networkinglisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/client-go/tools/cache"
+)
+
+// KCMSelector finds kube-controller-manager's static pods in kube-system.
+const KCMSelector = "component=kube-controller-manager"
+
+// Detector keeps Detect's inputs in informer caches, so Current costs no
+// API call. Nodes are watched only for their podCIDRs.
+type Detector struct {
+	override Override
+	log      *logrus.Entry
+
+	factory    informers.SharedInformerFactory
+	kcmFactory informers.SharedInformerFactory
+	nodes      corelisters.NodeLister
+	cidrs      networkinglisters.ServiceCIDRLister
+	kcm        corelisters.PodLister
+	synced     []cache.InformerSynced
+	lastWarned string
+}
+
+// NewDetector builds a Detector; onChange is called when an input changes.
+// Kinds fully given by override are not watched at all.
+func NewDetector(client kubernetes.Interface, override Override, resync time.Duration, onChange func(), log *logrus.Entry) *Detector {
+	d := &Detector{override: override, log: log}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { onChange() },
+		UpdateFunc: func(oldObj, newObj any) { onChange() },
+		DeleteFunc: func(any) { onChange() },
+	}
+	needPods, needServices := len(override.Pod) == 0, len(override.Service) == 0
+	if !needPods && !needServices {
+		return d
+	}
+	d.factory = informers.NewSharedInformerFactory(client, resync)
+	if needPods {
+		inf := d.factory.Core().V1().Nodes()
+		_, _ = inf.Informer().AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
+			AddFunc:    func(any, bool) { onChange() },
+			UpdateFunc: func(oldObj, newObj any) { podCIDRsChanged(oldObj, newObj, onChange) },
+			DeleteFunc: func(any) { onChange() },
+		})
+		d.nodes = inf.Lister()
+		d.synced = append(d.synced, inf.Informer().HasSynced)
+	}
+	if needServices {
+		if served(client, "networking.k8s.io/v1", "servicecidrs") {
+			inf := d.factory.Networking().V1().ServiceCIDRs()
+			_, _ = inf.Informer().AddEventHandler(handler)
+			d.cidrs = inf.Lister()
+			d.synced = append(d.synced, inf.Informer().HasSynced)
+		} else {
+			log.Warn("the ServiceCIDR API (networking.k8s.io/v1) is not served; Service CIDR detection falls back to kube-controller-manager's flags")
+		}
+	}
+	d.kcmFactory = informers.NewSharedInformerFactoryWithOptions(client, resync,
+		informers.WithNamespace(metav1.NamespaceSystem),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = KCMSelector }))
+	kcm := d.kcmFactory.Core().V1().Pods()
+	_, _ = kcm.Informer().AddEventHandler(handler)
+	d.kcm = kcm.Lister()
+	d.synced = append(d.synced, kcm.Informer().HasSynced)
+	return d
+}
+
+// podCIDRsChanged pokes only when a Node's pod ranges changed: Node status
+// heartbeats must not wake the sync loop.
+func podCIDRsChanged(oldObj, newObj any, onChange func()) {
+	o, ok1 := oldObj.(*corev1.Node)
+	n, ok2 := newObj.(*corev1.Node)
+	if !ok1 || !ok2 || fmt.Sprint(o.Spec.PodCIDRs) != fmt.Sprint(n.Spec.PodCIDRs) || o.Spec.PodCIDR != n.Spec.PodCIDR {
+		onChange()
+	}
+}
+
+// served asks discovery whether a resource exists (the ServiceCIDR API is
+// GA only since Kubernetes 1.33).
+func served(client kubernetes.Interface, groupVersion, resource string) bool {
+	list, err := client.Discovery().ServerResourcesForGroupVersion(groupVersion)
+	if err != nil {
+		return false
+	}
+	for _, r := range list.APIResources {
+		if r.Name == resource {
+			return true
+		}
+	}
+	return false
+}
+
+// Start starts the informers.
+func (d *Detector) Start(stop <-chan struct{}) {
+	if d.factory != nil {
+		d.factory.Start(stop)
+		d.kcmFactory.Start(stop)
+	}
+}
+
+// HasSynced is true once every cache Detect reads has synced.
+func (d *Detector) HasSynced() bool {
+	for _, s := range d.synced {
+		if !s() {
+			return false
+		}
+	}
+	return true
+}
+
+// Current runs Detect over the caches and logs new warnings once.
+func (d *Detector) Current() Result {
+	in := Inputs{Override: d.override}
+	if d.nodes != nil {
+		in.Nodes, _ = d.nodes.List(labels.Everything())
+	}
+	if d.cidrs != nil {
+		in.ServiceCIDRs, _ = d.cidrs.List(labels.Everything())
+	}
+	if d.kcm != nil {
+		in.KCMPods, _ = d.kcm.List(labels.Everything())
+	}
+	r := Detect(in)
+	if w := fmt.Sprint(r.Warnings, r.Pod, r.Service); w != d.lastWarned {
+		d.lastWarned = w
+		for _, msg := range r.Warnings {
+			d.log.Warn(msg)
+		}
+		d.log.WithFields(logrus.Fields{"pod": r.Pod, "podSource": r.PodSource, "service": r.Service, "serviceSource": r.ServiceSource}).Info("egress exclusions")
+	}
+	return r
+}
+
+// Exclude is Current().Exclude(), for the sync loop.
+func (d *Detector) Exclude() []netip.Prefix { return d.Current().Exclude() }
