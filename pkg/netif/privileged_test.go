@@ -1,0 +1,236 @@
+package netif
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/egressvip/egressvip/internal/privtest"
+)
+
+// topology: a "node" namespace whose eth1 is a veth to a "peer" namespace
+// (the external network). The node has its own /24 and a foreign /32.
+type topology struct {
+	node, peer *privtest.NS
+	peerMAC    string
+	nodeMAC    string
+}
+
+func newTopology(t testing.TB) *topology {
+	t.Helper()
+	privtest.Require(t)
+	tp := &topology{node: privtest.NewNS(t, "nif-node"), peer: privtest.NewNS(t, "nif-peer")}
+	privtest.Veth(t, tp.node, "eth1", tp.peer, "ext0")
+	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.2/24", "dev", "eth1")
+	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.99/32", "dev", "eth1")
+	tp.node.Exec(t, "ip", "addr", "add", "2001:db8:1::2/64", "dev", "eth1", "nodad")
+	tp.peer.Exec(t, "ip", "addr", "add", "203.0.113.250/24", "dev", "ext0")
+	tp.peer.Exec(t, "ip", "addr", "add", "2001:db8:1::250/64", "dev", "ext0", "nodad")
+	// Let the peer learn neighbours from unsolicited announcements.
+	// (accept_untracked_na applies to routers only, hence forwarding.)
+	tp.peer.Exec(t, "sysctl", "-qw", "net.ipv4.conf.ext0.arp_accept=1", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.ext0.accept_untracked_na=1")
+	tp.nodeMAC = linkMAC(t, tp.node, "eth1")
+	return tp
+}
+
+func linkMAC(t testing.TB, ns *privtest.NS, dev string) string {
+	var links []struct {
+		Address string `json:"address"`
+	}
+	if err := json.Unmarshal([]byte(ns.Exec(t, "ip", "-j", "link", "show", "dev", dev)), &links); err != nil || len(links) != 1 {
+		t.Fatalf("link %s: %v", dev, err)
+	}
+	return links[0].Address
+}
+
+type kernelAddr struct {
+	Local      string `json:"local"`
+	PrefixLen  int    `json:"prefixlen"`
+	Label      string `json:"label"`
+	Deprecated bool   `json:"deprecated"`
+	NoDAD      bool   `json:"nodad"`
+}
+
+func kernelAddrs(t testing.TB, ns *privtest.NS, dev string) map[string]kernelAddr {
+	t.Helper()
+	var ifs []struct {
+		AddrInfo []kernelAddr `json:"addr_info"`
+	}
+	if err := json.Unmarshal([]byte(ns.Exec(t, "ip", "-j", "addr", "show", "dev", dev)), &ifs); err != nil || len(ifs) != 1 {
+		t.Fatalf("addresses of %s: %v", dev, err)
+	}
+	out := map[string]kernelAddr{}
+	for _, a := range ifs[0].AddrInfo {
+		out[a.Local] = a
+	}
+	return out
+}
+
+func (tp *topology) manager(t testing.TB, iface string, announce bool) *Manager {
+	t.Helper()
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	if testing.Verbose() {
+		log.SetOutput(t.Output())
+		log.SetLevel(logrus.DebugLevel)
+	}
+	m, err := New(Config{Interface: iface, Announce: announce, Log: logrus.NewEntry(log), NetNS: tp.node.Handle,
+		AnnounceCount: 3, AnnounceInterval: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Wait)
+	return m
+}
+
+var (
+	lb4 = netip.MustParseAddr("203.0.113.10")
+	lb6 = netip.MustParseAddr("2001:db8:1::10")
+)
+
+func TestPrivilegedSyncBindsOnlyOwnedAddresses(t *testing.T) {
+	tp := newTopology(t)
+	m := tp.manager(t, "eth1", false)
+	ctx := context.Background()
+
+	added, removed, err := m.Sync(ctx, []netip.Addr{lb6, lb4, lb4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(added, []netip.Addr{lb4, lb6}) || len(removed) != 0 {
+		t.Fatalf("added %v removed %v", added, removed)
+	}
+	got := kernelAddrs(t, tp.node, "eth1")
+	a4, a6 := got["203.0.113.10"], got["2001:db8:1::10"]
+	if a4.PrefixLen != 32 || !a4.Deprecated || a4.Label != "eth1:evip" {
+		t.Fatalf("IPv4 address %+v: want /32, deprecated (preferred 0), label eth1:evip", a4)
+	}
+	if a6.PrefixLen != 128 || !a6.Deprecated || !a6.NoDAD {
+		t.Fatalf("IPv6 address %+v: want /128, deprecated (preferred 0), nodad", a6)
+	}
+	for _, foreign := range []string{"203.0.113.2", "203.0.113.99", "2001:db8:1::2"} {
+		if _, ok := got[foreign]; !ok {
+			t.Fatalf("foreign address %s vanished", foreign)
+		}
+	}
+	owned, err := m.Owned()
+	if err != nil || !slices.Equal(owned, []netip.Addr{lb4, lb6}) {
+		t.Fatalf("Owned = %v, %v", owned, err)
+	}
+
+	// The same set again changes nothing in the kernel.
+	added, removed, err = m.Sync(ctx, []netip.Addr{lb4, lb6})
+	if err != nil || len(added)+len(removed) != 0 {
+		t.Fatalf("idempotent Sync: added %v removed %v err %v", added, removed, err)
+	}
+
+	// A smaller set removes only ours; a wanted foreign address is left alone.
+	added, removed, err = m.Sync(ctx, []netip.Addr{lb4, netip.MustParseAddr("203.0.113.99")})
+	if err != nil || len(added) != 0 || !slices.Equal(removed, []netip.Addr{lb6}) {
+		t.Fatalf("shrink: added %v removed %v err %v", added, removed, err)
+	}
+	got = kernelAddrs(t, tp.node, "eth1")
+	if _, ok := got["2001:db8:1::10"]; ok {
+		t.Fatal("IPv6 address not removed")
+	}
+	if a := got["203.0.113.99"]; a.Deprecated {
+		t.Fatal("the foreign /32 was replaced by an owned one")
+	}
+
+	if err := m.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	got = kernelAddrs(t, tp.node, "eth1")
+	if _, ok := got["203.0.113.10"]; ok {
+		t.Fatal("Cleanup left an owned address")
+	}
+	for _, foreign := range []string{"203.0.113.2", "203.0.113.99", "2001:db8:1::2"} {
+		if _, ok := got[foreign]; !ok {
+			t.Fatalf("Cleanup removed foreign address %s", foreign)
+		}
+	}
+}
+
+func TestPrivilegedOwnedAddressIsNotASource(t *testing.T) {
+	tp := newTopology(t)
+	m := tp.manager(t, "eth1", false)
+	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4}); err != nil {
+		t.Fatal(err)
+	}
+	// The node's own traffic to the external network keeps its /24 address.
+	out := tp.node.Exec(t, "ip", "route", "get", "203.0.113.250")
+	if !strings.Contains(out, "src 203.0.113.2") {
+		t.Fatalf("route source for the node's own traffic: %s", out)
+	}
+}
+
+func TestPrivilegedMissingInterface(t *testing.T) {
+	tp := newTopology(t)
+	m := tp.manager(t, "eth9", false)
+	_, _, err := m.Sync(context.Background(), []netip.Addr{lb4})
+	if !errors.Is(err, ErrInterfaceNotFound) || !strings.Contains(err.Error(), `"eth9"`) {
+		t.Fatalf("err = %v, want ErrInterfaceNotFound naming eth9", err)
+	}
+}
+
+func TestPrivilegedAnnouncementsReachTheNeighbour(t *testing.T) {
+	tp := newTopology(t)
+	m := tp.manager(t, "eth1", true)
+	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4, lb6}); err != nil {
+		t.Fatal(err)
+	}
+	// The peer never talked to these addresses: only the gratuitous ARP and
+	// the unsolicited NA can put them in its neighbour table.
+	for _, ip := range []string{lb4.String(), lb6.String()} {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			out := tp.peer.Exec(t, "ip", "neigh", "show", ip, "dev", "ext0")
+			if strings.Contains(out, tp.nodeMAC) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("peer did not learn %s from an announcement: %q", ip, out)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+func BenchmarkSync(b *testing.B) {
+	tp := newTopology(b)
+	m := tp.manager(b, "eth1", false)
+	ctx := context.Background()
+	want := make([]netip.Addr, 1000)
+	for i := range want {
+		want[i] = netip.MustParseAddr(fmt.Sprintf("198.51.%d.%d", 100+i/250, 1+i%250))
+	}
+	b.Run("add-and-remove-1000", func(b *testing.B) {
+		for b.Loop() {
+			if _, _, err := m.Sync(ctx, want); err != nil {
+				b.Fatal(err)
+			}
+			if _, _, err := m.Sync(ctx, nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	if _, _, err := m.Sync(ctx, want); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("unchanged-1000", func(b *testing.B) {
+		for b.Loop() {
+			if _, _, err := m.Sync(ctx, want); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
