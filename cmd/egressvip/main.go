@@ -1,0 +1,64 @@
+// Command egressvip is the node daemon: `egressvip run` serves
+// LoadBalancer Services and their egress, `egressvip cleanup` removes
+// everything it owns on a node, `egressvip version` prints the version.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `usage: egressvip <command>
+
+commands:
+  run       run the node daemon (configured by kube-vip's environment variables)
+  cleanup   remove every address and SNAT rule egressvip owns on this node
+  version   print the version
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	log := logrus.New()
+	var err error
+	switch os.Args[1] {
+	case "run":
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+		defer stop()
+		err = run(ctx, log)
+	case "cleanup":
+		err = cleanup(log)
+	case "version", "--version", "-v":
+		fmt.Println(version)
+	case "help", "--help", "-h":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "unknown command %q\n\n%s", os.Args[1], usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		var cfgErr configError
+		if errors.As(err, &cfgErr) {
+			log.WithError(err).Error("invalid configuration")
+			os.Exit(2)
+		}
+		log.WithError(err).Error("egressvip failed")
+		os.Exit(1)
+	}
+}
+
+// configError marks errors the user fixes in the environment.
+type configError struct{ error }
+
+func (e configError) Unwrap() error { return e.error }

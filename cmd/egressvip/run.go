@@ -1,0 +1,188 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/egressvip/egressvip/pkg/cidr"
+	"github.com/egressvip/egressvip/pkg/config"
+	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/netif"
+	"github.com/egressvip/egressvip/pkg/node"
+	"github.com/egressvip/egressvip/pkg/snat"
+)
+
+// globalLeaseName is the one Lease used when svc_election=false. The dot
+// keeps it apart from every per-Service Lease name (Service names have none).
+const globalLeaseName = "egressvip.services"
+
+func loadConfig(log *logrus.Logger) (config.Config, error) {
+	cfg, err := config.Load(os.Getenv, os.Hostname)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		return cfg, configError{err}
+	}
+	level, _ := logrus.ParseLevel(cfg.LogLevel)
+	log.SetLevel(level)
+	if cfg.LogFormat == "json" {
+		log.SetFormatter(&logrus.JSONFormatter{})
+	}
+	return cfg, nil
+}
+
+// serviceInterface is vip_servicesinterface, else vip_interface, else the
+// interface of the default route.
+func serviceInterface(cfg config.Config) (string, error) {
+	if iface := cfg.EffectiveServiceInterface(); iface != "" {
+		return iface, nil
+	}
+	iface, err := config.DefaultRouteInterface(nil)
+	if err != nil {
+		return "", configError{fmt.Errorf("vip_interface and vip_servicesinterface are unset and the default route's interface cannot be found: %w", err)}
+	}
+	return iface, nil
+}
+
+func restConfig(cfg config.Config) (*rest.Config, error) {
+	if cfg.Kubeconfig != "" {
+		return clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+	}
+	return rest.InClusterConfig()
+}
+
+func run(ctx context.Context, logger *logrus.Logger) error {
+	cfg, err := loadConfig(logger)
+	if err != nil {
+		return err
+	}
+	log := logrus.NewEntry(logger).WithField("node", cfg.NodeName)
+	log.WithField("version", version).Info("egressvip starting")
+	if !cfg.ServicesEnabled {
+		log.Warn("svc_enable=false: no LoadBalancer Services are served; idling")
+		<-ctx.Done()
+		return nil
+	}
+	iface, err := serviceInterface(cfg)
+	if err != nil {
+		return err
+	}
+	log = log.WithField("interface", iface)
+
+	rc, err := restConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes client configuration: %w", err)
+	}
+	rc.UserAgent = "egressvip/" + version
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressvip", Host: cfg.NodeName})
+
+	addrs, err := netif.New(netif.Config{Interface: iface, Announce: cfg.ARP, Log: log})
+	if err != nil {
+		return fmt.Errorf("serviceInterface: %w", err)
+	}
+	var snatw node.SNAT
+	snatUnavailable := ""
+	if m, err := snat.New(snat.Config{NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
+		// Addresses still work without iptables; egress Services get an
+		// Event saying why they are not egressed.
+		snatUnavailable = err.Error()
+		log.WithError(err).Error("egress SNAT unavailable on this node")
+	} else {
+		snatw = m
+	}
+
+	var factoryOpts []informers.SharedInformerOption
+	if cfg.Namespace != "" {
+		factoryOpts = append(factoryOpts, informers.WithNamespace(cfg.Namespace))
+	}
+	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, factoryOpts...)
+
+	var ctrl *node.Controller
+	detector := cidr.NewDetector(client, cidr.Override{Pod: cfg.PodCIDRs, Service: cfg.ServiceCIDRs}, 0, func() {
+		if ctrl != nil {
+			ctrl.Poke()
+		}
+	}, log)
+
+	timing := election.Timing{LeaseDuration: cfg.LeaseDuration, RenewDeadline: cfg.RenewDeadline, RetryPeriod: cfg.RetryPeriod}
+	elections := election.NewManager(client, cfg.NodeName, timing, func() {
+		if ctrl != nil {
+			ctrl.Poke()
+		}
+	}, log)
+
+	globalNS := os.Getenv("POD_NAMESPACE")
+	if globalNS == "" {
+		globalNS = "egressvip"
+	}
+	ctrl, err = node.New(node.Options{
+		Node:            cfg.NodeName,
+		Namespace:       cfg.Namespace,
+		Owns:            cfg.Owns,
+		Election:        cfg.ServiceElection,
+		GlobalLease:     types.NamespacedName{Namespace: globalNS, Name: globalLeaseName},
+		SNATUnavailable: snatUnavailable,
+		Resync:          time.Minute,
+	}, client, factory, addrs, snatw, elections, detector, recorder, log)
+	if err != nil {
+		return err
+	}
+	ctrl.AddSynced(detector.HasSynced)
+	factory.Start(ctx.Done())
+	detector.Start(ctx.Done())
+	err = ctrl.Run(ctx)
+	factory.Shutdown()
+	return err
+}
+
+// cleanup removes everything egressvip owns on this node: its addresses on
+// the serviceInterface and its SNAT chains. It needs no API server.
+func cleanup(logger *logrus.Logger) error {
+	cfg, err := loadConfig(logger)
+	if err != nil {
+		return err
+	}
+	log := logrus.NewEntry(logger)
+	iface, err := serviceInterface(cfg)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if addrs, err := netif.New(netif.Config{Interface: iface, Log: log}); err != nil {
+		errs = append(errs, err)
+	} else if err := addrs.Cleanup(); err != nil {
+		errs = append(errs, fmt.Errorf("remove addresses from %s: %w", iface, err))
+	}
+	if m, err := snat.New(snat.Config{NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
+		errs = append(errs, err)
+	} else if err := m.Cleanup(); err != nil {
+		errs = append(errs, fmt.Errorf("remove SNAT chains: %w", err))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("cleanup: %v", errs)
+	}
+	log.Info("cleanup complete")
+	return nil
+}

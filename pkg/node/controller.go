@@ -1,0 +1,242 @@
+// Package node is the daemon's sync loop: informers record what changed and
+// poke one coalescing queue; each sync recomputes the whole desired node
+// state (pkg/desired) and hands it to the address and SNAT appliers, then
+// writes what the leader reports on its Services.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/egressvip/egressvip/pkg/desired"
+	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/snat"
+)
+
+// Addresses binds LoadBalancer IPs on the serviceInterface (pkg/netif).
+type Addresses interface {
+	Sync(ctx context.Context, want []netip.Addr) (added, removed []netip.Addr, err error)
+	Owned() ([]netip.Addr, error)
+}
+
+// SNAT writes the egress rules (pkg/snat).
+type SNAT interface {
+	Apply(ctx context.Context, d snat.Desired) error
+	// Recheck makes the next Apply compare the chains with the kernel.
+	Recheck()
+}
+
+// Elections is the per-Service leader election (pkg/election).
+type Elections interface {
+	Stand(ctx context.Context, lease types.NamespacedName)
+	Withdraw(lease types.NamespacedName)
+	Abandon(lease types.NamespacedName)
+	State(lease types.NamespacedName) election.State
+	Leases() []types.NamespacedName
+	Identity() string
+}
+
+// Exclusions returns the pod and Service CIDRs never to SNAT (pkg/cidr).
+type Exclusions interface {
+	Exclude() []netip.Prefix
+}
+
+// Options configure a Controller.
+type Options struct {
+	Node string
+	// Namespace limits the Services served ("" for all).
+	Namespace string
+	// Owns says whether a Service with that spec.loadBalancerClass is ours.
+	Owns     func(class *string) bool
+	Election bool
+	// GlobalLease is the single Lease used when Election is false.
+	GlobalLease types.NamespacedName
+	// SNATUnavailable, when set, is why egress cannot be programmed on
+	// this node (the iptables backend is missing); SNAT is then nil.
+	SNATUnavailable string
+	// Resync is the longest time between two full syncs.
+	Resync time.Duration
+}
+
+// Controller is the node's sync loop.
+type Controller struct {
+	opts      Options
+	client    kubernetes.Interface
+	log       *logrus.Entry
+	addrs     Addresses
+	snat      SNAT
+	elections Elections
+	excl      Exclusions
+	recorder  record.EventRecorder
+
+	services   corelisters.ServiceLister
+	slices     discoverylisters.EndpointSliceLister
+	sliceIndex cache.Indexer
+	hasSynced  []cache.InformerSynced
+	queue      workqueue.TypedRateLimitingInterface[string]
+
+	// The fields below belong to the sync loop's goroutine (and to
+	// shutdown, which runs after it has stopped).
+
+	// resumable are the addresses found bound at start-up; a Service
+	// whose addresses are among them counts as owned until its elector
+	// has read the Lease.
+	resumable map[netip.Addr]bool
+	// last is every Service of the previous sync, for shutdown.
+	last map[types.NamespacedName]desired.Service
+	// owned is what the previous sync owned.
+	owned map[types.NamespacedName]bool
+	// reported is the last set of problems emitted per Service, so each
+	// Event is emitted once.
+	reported map[types.NamespacedName]string
+	// lastFull is when the kernel state was last read back in full.
+	lastFull time.Time
+}
+
+const syncKey = "sync"
+
+// New wires a Controller to the informer factory; call Run after starting it.
+func New(opts Options, client kubernetes.Interface, factory informers.SharedInformerFactory, addrs Addresses, snatw SNAT,
+	elections Elections, excl Exclusions, recorder record.EventRecorder, log *logrus.Entry,
+) (*Controller, error) {
+	if opts.Resync <= 0 {
+		opts.Resync = time.Minute
+	}
+	c := &Controller{
+		opts: opts, client: client, log: log, addrs: addrs, snat: snatw, elections: elections,
+		excl: excl, recorder: recorder,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "egressvip"}),
+		last:     map[types.NamespacedName]desired.Service{},
+		owned:    map[types.NamespacedName]bool{},
+		reported: map[types.NamespacedName]string{},
+	}
+	svcInformer := factory.Core().V1().Services()
+	sliceInformer := factory.Discovery().V1().EndpointSlices()
+	if err := sliceInformer.Informer().AddIndexers(cache.Indexers{byService: indexByService}); err != nil {
+		return nil, fmt.Errorf("add EndpointSlice index: %w", err)
+	}
+	c.services = svcInformer.Lister()
+	c.slices = sliceInformer.Lister()
+	c.sliceIndex = sliceInformer.Informer().GetIndexer()
+	poke := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { c.Poke() },
+		UpdateFunc: func(any, any) { c.Poke() },
+		DeleteFunc: func(any) { c.Poke() },
+	}
+	if _, err := svcInformer.Informer().AddEventHandler(poke); err != nil {
+		return nil, fmt.Errorf("watch Services: %w", err)
+	}
+	if _, err := sliceInformer.Informer().AddEventHandler(cache.FilteringResourceEventHandler{
+		FilterFunc: c.sliceMatters,
+		Handler:    poke,
+	}); err != nil {
+		return nil, fmt.Errorf("watch EndpointSlices: %w", err)
+	}
+	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.Informer().HasSynced}
+	return c, nil
+}
+
+// Poke asks for a sync; bursts collapse into one.
+func (c *Controller) Poke() { c.queue.Add(syncKey) }
+
+// AddSynced adds another cache the controller waits for before it touches
+// the kernel (the CIDR detector's).
+func (c *Controller) AddSynced(s cache.InformerSynced) { c.hasSynced = append(c.hasSynced, s) }
+
+// sliceMatters filters EndpointSlice events to slices of Services we serve.
+func (c *Controller) sliceMatters(obj any) bool {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
+	}
+	sl, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return false
+	}
+	name := sl.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		return false
+	}
+	svc, err := c.services.Services(sl.Namespace).Get(name)
+	if err != nil {
+		// Unknown yet: the Service event will trigger the sync.
+		return false
+	}
+	return c.ours(svc)
+}
+
+func (c *Controller) ours(svc *corev1.Service) bool {
+	return svc.Spec.Type == corev1.ServiceTypeLoadBalancer &&
+		(c.opts.Namespace == "" || svc.Namespace == c.opts.Namespace) &&
+		c.opts.Owns(svc.Spec.LoadBalancerClass)
+}
+
+// Run waits for the caches, syncs until ctx ends, then shuts down: Services
+// another node could serve are released at once with their addresses and
+// rules removed; pinned egress Services keep lease, address and rules for
+// the next process.
+func (c *Controller) Run(ctx context.Context) error {
+	if !cache.WaitForCacheSync(ctx.Done(), c.hasSynced...) {
+		return errors.New("caches did not sync before shutdown")
+	}
+	owned, err := c.addrs.Owned()
+	if err != nil {
+		c.log.WithError(err).Warn("cannot list addresses bound by an earlier run")
+	}
+	c.resumable = map[netip.Addr]bool{}
+	for _, a := range owned {
+		c.resumable[a] = true
+	}
+	c.log.WithField("addresses", len(owned)).Info("caches synced; starting sync loop")
+
+	c.Poke()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for c.processNext(ctx) {
+		}
+	}()
+	<-ctx.Done()
+	c.queue.ShutDown()
+	<-done
+	c.shutdown()
+	return nil
+}
+
+func (c *Controller) processNext(ctx context.Context) bool {
+	key, quit := c.queue.Get()
+	if quit {
+		return false
+	}
+	defer c.queue.Done(key)
+	if c.snat != nil && time.Since(c.lastFull) >= c.opts.Resync {
+		// The periodic full sync also repairs chains others flushed.
+		c.snat.Recheck()
+		c.lastFull = time.Now()
+	}
+	if err := c.Sync(ctx); err != nil {
+		c.log.WithError(err).Warn("sync failed; retrying")
+		c.queue.AddRateLimited(key)
+		return true
+	}
+	c.queue.Forget(key)
+	// The periodic full sync repairs what others flushed.
+	c.queue.AddAfter(key, c.opts.Resync)
+	return true
+}

@@ -1,0 +1,461 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/netif"
+	"github.com/egressvip/egressvip/pkg/snat"
+)
+
+const nodeName = "node-a"
+
+// fakeAddrs is a stateful stand-in for pkg/netif.
+type fakeAddrs struct {
+	mu      sync.Mutex
+	bound   map[netip.Addr]bool
+	missing bool
+}
+
+func (f *fakeAddrs) Sync(_ context.Context, want []netip.Addr) (added, removed []netip.Addr, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.missing {
+		return nil, nil, netif.ErrInterfaceNotFound
+	}
+	next := map[netip.Addr]bool{}
+	for _, a := range want {
+		next[a] = true
+		if !f.bound[a] {
+			added = append(added, a)
+		}
+	}
+	for a := range f.bound {
+		if !next[a] {
+			removed = append(removed, a)
+		}
+	}
+	f.bound = next
+	return added, removed, nil
+}
+
+func (f *fakeAddrs) Owned() ([]netip.Addr, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []netip.Addr
+	for a := range f.bound {
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+func (f *fakeAddrs) has(ip string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.bound[netip.MustParseAddr(ip)]
+}
+
+type fakeSNAT struct {
+	mu   sync.Mutex
+	last snat.Desired
+}
+
+func (f *fakeSNAT) Apply(_ context.Context, d snat.Desired) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.last = d
+	return nil
+}
+
+func (f *fakeSNAT) Recheck() {}
+
+func (f *fakeSNAT) rulesFor(service string) []snat.Rule {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []snat.Rule
+	for _, r := range f.last.Rules {
+		if r.Service == service {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// fakeElections decides leadership by table; it records what was asked.
+type fakeElections struct {
+	mu        sync.Mutex
+	states    map[types.NamespacedName]election.State
+	standing  map[types.NamespacedName]bool
+	withdrawn []types.NamespacedName
+	abandoned []types.NamespacedName
+}
+
+func newFakeElections() *fakeElections {
+	return &fakeElections{states: map[types.NamespacedName]election.State{}, standing: map[types.NamespacedName]bool{}}
+}
+
+func (f *fakeElections) Stand(_ context.Context, l types.NamespacedName) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.standing[l] = true
+}
+
+func (f *fakeElections) Withdraw(l types.NamespacedName) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.standing, l)
+	f.withdrawn = append(f.withdrawn, l)
+}
+
+func (f *fakeElections) Abandon(l types.NamespacedName) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.standing, l)
+	f.abandoned = append(f.abandoned, l)
+}
+
+func (f *fakeElections) State(l types.NamespacedName) election.State {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.standing[l] {
+		return election.State{}
+	}
+	return f.states[l]
+}
+
+func (f *fakeElections) Leases() []types.NamespacedName {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []types.NamespacedName
+	for l := range f.standing {
+		out = append(out, l)
+	}
+	return out
+}
+
+func (f *fakeElections) Identity() string { return nodeName }
+
+func (f *fakeElections) lead(service string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.states[lease(service)] = election.State{Standing: true, Leading: true, Observed: true, Holder: nodeName}
+}
+
+func (f *fakeElections) follow(service string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.states[lease(service)] = election.State{Standing: true, Observed: true, Holder: "node-b"}
+}
+
+func (f *fakeElections) isStanding(service string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.standing[lease(service)]
+}
+
+func lease(service string) types.NamespacedName {
+	return types.NamespacedName{Namespace: "default", Name: election.LeaseName(service)}
+}
+
+type staticExclusions []netip.Prefix
+
+func (s staticExclusions) Exclude() []netip.Prefix { return s }
+
+type harness struct {
+	t         *testing.T
+	client    *fake.Clientset
+	ctrl      *Controller
+	addrs     *fakeAddrs
+	snat      *fakeSNAT
+	elections *fakeElections
+	events    *record.FakeRecorder
+}
+
+func newHarness(t *testing.T, objs ...runtime.Object) *harness {
+	t.Helper()
+	client := fake.NewClientset(objs...)
+	factory := informers.NewSharedInformerFactory(client, 0)
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	h := &harness{t: t, client: client, addrs: &fakeAddrs{bound: map[netip.Addr]bool{}}, snat: &fakeSNAT{},
+		elections: newFakeElections(), events: record.NewFakeRecorder(100)}
+	ctrl, err := New(Options{Node: nodeName, Owns: func(c *string) bool { return c == nil || *c == "kube-vip.io/kube-vip-class" }, Election: true},
+		client, factory, h.addrs, h.snat, h.elections, staticExclusions{netip.MustParsePrefix("10.244.0.0/16")}, h.events, logrus.NewEntry(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.ctrl = ctrl
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	factory.Start(ctx.Done())
+	factory.WaitForCacheSync(ctx.Done())
+	ctrl.resumable = map[netip.Addr]bool{}
+	return h
+}
+
+// sync runs one sync after the informers caught up with the fake client.
+func (h *harness) sync() {
+	h.t.Helper()
+	time.Sleep(50 * time.Millisecond) // let informer events land in the cache
+	if err := h.ctrl.Sync(context.Background()); err != nil {
+		h.t.Fatalf("sync: %v", err)
+	}
+}
+
+func (h *harness) service(name string) *corev1.Service {
+	h.t.Helper()
+	s, err := h.client.CoreV1().Services("default").Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return s
+}
+
+func (h *harness) drainEvents() []string {
+	var out []string
+	for {
+		select {
+		case e := <-h.events.Events:
+			out = append(out, e)
+		default:
+			return out
+		}
+	}
+}
+
+func lbService(name, ips string, local bool, ann ...string) *corev1.Service {
+	s := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Annotations: map[string]string{annotations.LoadBalancerIPs: ips}},
+		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer, ExternalTrafficPolicy: corev1.ServiceExternalTrafficPolicyCluster},
+	}
+	if local {
+		s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+	}
+	for i := 0; i+1 < len(ann); i += 2 {
+		s.Annotations[ann[i]] = ann[i+1]
+	}
+	return s
+}
+
+func endpointSlice(svc, podIP, onNode string) *discoveryv1.EndpointSlice {
+	ready := true
+	return &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: svc + "-abc", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{{
+			Addresses: []string{podIP}, NodeName: &onNode, Conditions: discoveryv1.EndpointConditions{Ready: &ready},
+			TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: svc + "-pod"},
+		}},
+	}
+}
+
+func TestLeaderProgramsAndReports(t *testing.T) {
+	h := newHarness(t,
+		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
+		endpointSlice("web", "10.244.1.5", nodeName))
+	h.sync()
+	if !h.elections.isStanding("web") {
+		t.Fatal("node with a local ready endpoint must stand")
+	}
+	if h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 0 {
+		t.Fatal("programmed before leading")
+	}
+	h.elections.lead("web")
+	h.sync()
+	if !h.addrs.has("203.0.113.10") {
+		t.Fatal("leader did not bind the LoadBalancer IP")
+	}
+	rules := h.snat.rulesFor("default/web")
+	if len(rules) != 1 || rules[0].PodIP != netip.MustParseAddr("10.244.1.5") || rules[0].SourceIP != netip.MustParseAddr("203.0.113.10") {
+		t.Fatalf("rules %+v", rules)
+	}
+	svc := h.service("web")
+	if svc.Annotations[annotations.VIPHost] != nodeName || svc.Annotations[annotations.ActiveEndpoint] != "10.244.1.5" {
+		t.Fatalf("annotations %v", svc.Annotations)
+	}
+	if len(svc.Status.LoadBalancer.Ingress) != 1 || svc.Status.LoadBalancer.Ingress[0].IP != "203.0.113.10" {
+		t.Fatalf("status %+v", svc.Status.LoadBalancer)
+	}
+
+	// A steady state writes nothing more.
+	before := len(h.client.Actions())
+	h.sync()
+	for _, a := range h.client.Actions()[before:] {
+		if a.GetVerb() == "patch" || a.GetVerb() == "update" {
+			t.Fatalf("steady state wrote %s %s", a.GetVerb(), a.GetResource().Resource)
+		}
+	}
+
+	// Egress annotation removed: rules go, the address stays, active-endpoint is cleared.
+	svc = h.service("web")
+	delete(svc.Annotations, annotations.Egress)
+	if _, err := h.client.CoreV1().Services("default").Update(context.Background(), svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.sync()
+	if len(h.snat.rulesFor("default/web")) != 0 || !h.addrs.has("203.0.113.10") {
+		t.Fatalf("after removing the egress annotation: rules %v", h.snat.rulesFor("default/web"))
+	}
+	if _, ok := h.service("web").Annotations[annotations.ActiveEndpoint]; ok {
+		t.Fatal("active-endpoint not cleared")
+	}
+
+	// Service deleted: address gone, lease withdrawn.
+	if err := h.client.CoreV1().Services("default").Delete(context.Background(), "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	h.sync()
+	if h.addrs.has("203.0.113.10") {
+		t.Fatal("address kept after the Service was deleted")
+	}
+	eventuallyTrue(t, "lease withdrawn", func() bool { return !h.elections.isStanding("web") })
+}
+
+func TestFollowerWritesNothing(t *testing.T) {
+	h := newHarness(t, lbService("web", "203.0.113.10", false))
+	h.elections.follow("web")
+	h.sync()
+	if h.addrs.has("203.0.113.10") {
+		t.Fatal("follower bound the address")
+	}
+	for _, a := range h.client.Actions() {
+		if a.GetVerb() == "patch" {
+			t.Fatalf("follower patched %s", a.GetResource().Resource)
+		}
+	}
+}
+
+func TestLocalPolicyWithoutLocalEndpointDoesNotStand(t *testing.T) {
+	h := newHarness(t,
+		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
+		endpointSlice("web", "10.244.2.5", "node-b"))
+	h.sync()
+	if h.elections.isStanding("web") {
+		t.Fatal("stood without a local endpoint")
+	}
+}
+
+func TestForeignClassIgnored(t *testing.T) {
+	svc := lbService("web", "203.0.113.10", false)
+	class := "example.com/other"
+	svc.Spec.LoadBalancerClass = &class
+	h := newHarness(t, svc)
+	h.elections.lead("web")
+	h.sync()
+	if h.elections.isStanding("web") || h.addrs.has("203.0.113.10") {
+		t.Fatal("a Service of another class was served")
+	}
+}
+
+func TestBadInputIsAnEventOnceAndOthersKeepWorking(t *testing.T) {
+	h := newHarness(t,
+		lbService("bad", "203.0.113.11", true, annotations.Egress, "true", annotations.EgressDestinationPorts, "tcp:70000"),
+		endpointSlice("bad", "10.244.1.6", nodeName),
+		lbService("good", "203.0.113.10", true, annotations.Egress, "true"),
+		endpointSlice("good", "10.244.1.5", nodeName))
+	h.elections.lead("bad")
+	h.elections.lead("good")
+	h.sync()
+	h.sync()
+	events := h.drainEvents()
+	var bad int
+	for _, e := range events {
+		if strings.Contains(e, "Warning InvalidAnnotation") && strings.Contains(e, "70000") {
+			bad++
+		}
+	}
+	if bad != 1 {
+		t.Fatalf("want one InvalidAnnotation event over two syncs, got %d in %q", bad, events)
+	}
+	if h.addrs.has("203.0.113.11") || len(h.snat.rulesFor("default/bad")) != 0 || h.elections.isStanding("bad") {
+		t.Fatal("the malformed Service got something programmed")
+	}
+	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/good")) != 1 {
+		t.Fatal("the healthy Service stopped working")
+	}
+}
+
+func TestMissingInterfaceIsAnEvent(t *testing.T) {
+	h := newHarness(t, lbService("web", "203.0.113.10", false))
+	h.addrs.missing = true
+	h.elections.lead("web")
+	if err := h.ctrl.Sync(context.Background()); !errors.Is(err, netif.ErrInterfaceNotFound) {
+		t.Fatalf("Sync error %v, want ErrInterfaceNotFound", err)
+	}
+	if !slices.ContainsFunc(h.drainEvents(), func(e string) bool { return strings.Contains(e, "InterfaceNotFound") }) {
+		t.Fatal("no InterfaceNotFound event")
+	}
+}
+
+func TestRestartResumesWithoutRemovingState(t *testing.T) {
+	h := newHarness(t,
+		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
+		endpointSlice("web", "10.244.1.5", nodeName))
+	// The previous process left the address bound; the elector has not
+	// read the Lease yet.
+	h.addrs.bound[netip.MustParseAddr("203.0.113.10")] = true
+	h.ctrl.resumable = map[netip.Addr]bool{netip.MustParseAddr("203.0.113.10"): true}
+	h.sync()
+	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 1 {
+		t.Fatal("restart removed the datapath before the election decided")
+	}
+	// Another node turns out to hold the Lease: give it up.
+	h.elections.follow("web")
+	h.sync()
+	if h.addrs.has("203.0.113.10") {
+		t.Fatal("kept the address although another node leads")
+	}
+}
+
+func TestShutdownKeepsPinnedEgressAndReleasesTheRest(t *testing.T) {
+	h := newHarness(t,
+		lbService("pinned", "203.0.113.10", true, annotations.Egress, "true"),
+		endpointSlice("pinned", "10.244.1.5", nodeName),
+		lbService("shared", "203.0.113.20", false))
+	h.elections.lead("pinned")
+	h.elections.lead("shared")
+	h.sync()
+	if !h.addrs.has("203.0.113.10") || !h.addrs.has("203.0.113.20") {
+		t.Fatal("setup: both addresses should be bound")
+	}
+	h.ctrl.shutdown()
+	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/pinned")) != 1 {
+		t.Fatal("shutdown removed the pinned egress Service's datapath")
+	}
+	if h.addrs.has("203.0.113.20") {
+		t.Fatal("shutdown kept the address of a Service another node can serve")
+	}
+	if !slices.Contains(h.elections.abandoned, lease("pinned")) || !slices.Contains(h.elections.withdrawn, lease("shared")) {
+		t.Fatalf("abandoned %v withdrawn %v", h.elections.abandoned, h.elections.withdrawn)
+	}
+}
+
+func eventuallyTrue(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 200; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
