@@ -82,10 +82,10 @@ func TestAnalyzeStand(t *testing.T) {
 		{name: "local policy with only remote pod does not stand", svc: svc("a", true, egressAnn("203.0.113.10")),
 			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, remotePod)}, wantReason: ReasonNoLocalEndpoint},
 		{name: "terminating local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true, terminating: true})},
+			slices:     []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true, terminating: true})},
 			wantReason: ReasonNoLocalEndpoint},
 		{name: "unready local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5"})},
+			slices:     []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5"})},
 			wantReason: ReasonNoLocalEndpoint},
 		{name: "cluster policy stands everywhere", svc: svc("a", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.10"}), wantStand: true},
 		{name: "no address: one event, no stand", svc: svc("a", false, nil), wantReason: ReasonNoAddress, wantEvent: EventNoAddress},
@@ -105,8 +105,8 @@ func TestAnalyzeStand(t *testing.T) {
 		{name: "egress with cluster policy serves the address without egress", svc: svc("a", false, egressAnn("203.0.113.10")),
 			wantStand: true, wantEvent: EventEgressNotSupported},
 		{name: "egress without election is refused with an event", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)},
-			opts:   Options{Node: node, Election: false, GlobalLease: types.NamespacedName{Namespace: "egressvip", Name: "egressvip.services"}},
+			slices:    []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)},
+			opts:      Options{Node: node, Election: false, GlobalLease: types.NamespacedName{Namespace: "egressvip", Name: "egressvip.services"}},
 			wantStand: true, wantEvent: EventEgressNotSupported},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

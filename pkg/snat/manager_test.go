@@ -148,7 +148,7 @@ func TestApplyWritesOncePerChange(t *testing.T) {
 func TestApplyRepairsHook(t *testing.T) {
 	masq := []string{"-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"}
 	tests := []struct {
-		name   string
+		name    string
 		breakIt func(t *testing.T, f *Fake)
 	}{
 		{"rule inserted before the hook", func(t *testing.T, f *Fake) {
