@@ -35,7 +35,7 @@ func (m *Manager) announce(ctx context.Context, l netlink.Link, ip netip.Addr) {
 	go func() {
 		defer m.wg.Done()
 		defer m.stopAnnouncing(ip)
-		if m.cfg.NetNS.IsOpen() {
+		if m.cfg.inOtherNS() {
 			// Packet and ICMPv6 sockets belong to the namespace of the
 			// thread that opens them.
 			runtime.LockOSThread()

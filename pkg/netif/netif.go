@@ -41,8 +41,8 @@ type Config struct {
 	// Announce sends gratuitous ARP / unsolicited NA for new addresses.
 	Announce bool
 	Log      *logrus.Entry
-	// NetNS, when open, is the network namespace to work in (tests); the
-	// zero value means the process's namespace.
+	// NetNS is the network namespace to work in (tests); zero (or a closed
+	// handle) means the process's namespace.
 	NetNS netns.NsHandle
 	// AnnounceCount and AnnounceInterval: how often and how far apart each
 	// new address is announced (default 4 times, 1 s apart).
@@ -76,7 +76,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	h := &netlink.Handle{}
-	if cfg.NetNS.IsOpen() {
+	if cfg.inOtherNS() {
 		var err error
 		if h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {
 			return nil, fmt.Errorf("netlink handle in namespace: %w", err)
@@ -84,6 +84,10 @@ func New(cfg Config) (*Manager, error) {
 	}
 	return &Manager{cfg: cfg, h: h, log: cfg.Log.WithField("interface", cfg.Interface), announcing: map[netip.Addr]context.CancelFunc{}}, nil
 }
+
+// inOtherNS says whether NetNS names a namespace to enter. Descriptor 0 is
+// stdin, never a namespace handle, so the zero Config means "here".
+func (c Config) inOtherNS() bool { return c.NetNS > 0 }
 
 // label is the IPv4 label of owned addresses, or "" when it does not fit.
 func label(iface string) string {

@@ -1,0 +1,174 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/testing/sandbox"
+)
+
+const ns = "default"
+
+func ctx(t *testing.T) context.Context { return t.Context() }
+
+// eventually polls cond every 50 ms for at most limit; the limit is a bound
+// on a hang, not a performance assertion.
+func eventually(t *testing.T, limit time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	var last string
+	for {
+		ok, detail := cond()
+		if ok {
+			return
+		}
+		last = detail
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s: %s", limit, what, last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// service creates a LoadBalancer Service selecting app=name.
+func service(t *testing.T, name string, local bool, ann map[string]string, mutate ...func(*corev1.Service)) *corev1.Service {
+	t.Helper()
+	policy := corev1.IPFamilyPolicyPreferDualStack
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Annotations: ann},
+		Spec: corev1.ServiceSpec{
+			Type:           corev1.ServiceTypeLoadBalancer,
+			Selector:       map[string]string{"app": name},
+			IPFamilyPolicy: &policy,
+			Ports:          []corev1.ServicePort{{Name: "sip", Port: 5060, Protocol: corev1.ProtocolUDP}},
+		},
+	}
+	svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyCluster
+	if local {
+		svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+	}
+	for _, m := range mutate {
+		m(svc)
+	}
+	created, err := cluster.Admin.CoreV1().Services(ns).Create(ctx(t), svc, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create Service %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		_ = cluster.Admin.CoreV1().Services(ns).Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
+	return created
+}
+
+func egressAnn(ips string, kv ...string) map[string]string {
+	m := map[string]string{annotations.LoadBalancerIPs: ips, annotations.Egress: "true"}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return m
+}
+
+func runPod(t *testing.T, app string, node *sandbox.Node) *sandbox.Pod {
+	t.Helper()
+	p, err := cluster.RunPod(ctx(t), ns, fmt.Sprintf("%s-%d", app, time.Now().UnixNano()%100000), node, map[string]string{"app": app})
+	if err != nil {
+		t.Fatalf("run pod: %v", err)
+	}
+	t.Cleanup(func() { _ = cluster.DeletePod(context.Background(), p) })
+	return p
+}
+
+func getService(t *testing.T, name string) *corev1.Service {
+	t.Helper()
+	svc, err := cluster.Admin.CoreV1().Services(ns).Get(ctx(t), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("get Service %s: %v", name, err)
+	}
+	return svc
+}
+
+func leaseHolder(t *testing.T, service string) string {
+	l, err := cluster.Admin.CoordinationV1().Leases(ns).Get(ctx(t), election.LeaseName(service), metav1.GetOptions{})
+	if err != nil || l.Spec.HolderIdentity == nil {
+		return ""
+	}
+	return *l.Spec.HolderIdentity
+}
+
+// holders lists the nodes whose serviceInterface holds ip.
+func holders(ip netip.Addr) []string {
+	var out []string
+	for _, n := range cluster.Nodes {
+		if n.HasAddress(ip) {
+			out = append(out, n.Name)
+		}
+	}
+	return out
+}
+
+// waitServed waits until exactly node holds every ip and, for egress
+// Services, has its SNAT rules, and no other node holds any of them.
+func waitServed(t *testing.T, service string, node *sandbox.Node, egress bool, ips ...netip.Addr) {
+	t.Helper()
+	eventually(t, 60*time.Second, fmt.Sprintf("%s served by %s", service, node.Name), func() (bool, string) {
+		for _, ip := range ips {
+			if h := holders(ip); len(h) != 1 || h[0] != node.Name {
+				return false, fmt.Sprintf("%s held by %v", ip, h)
+			}
+		}
+		if egress && len(node.SNATRulesFor(ns+"/"+service)) == 0 {
+			return false, "no SNAT rules yet"
+		}
+		return true, ""
+	})
+}
+
+// sourceSeen sends from the pod and returns the source the external host saw.
+func sourceSeen(t *testing.T, p *sandbox.Pod, proto string, ipv6 bool, port uint16) netip.Addr {
+	t.Helper()
+	payload := fmt.Sprintf("%s-%s-%d-%d", p.Name, proto, port, time.Now().UnixNano())
+	src, err := cluster.Send(p, proto, netip.AddrPortFrom(sandbox.ExternalAddr(ipv6), port), payload, 5*time.Second)
+	if err != nil {
+		t.Fatalf("%s from %s to port %d: %v", proto, p.Name, port, err)
+	}
+	return src
+}
+
+func events(t *testing.T, service string) []string {
+	t.Helper()
+	list, err := cluster.Admin.CoreV1().Events(ns).List(ctx(t), metav1.ListOptions{FieldSelector: "involvedObject.name=" + service})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range list.Items {
+		out = append(out, e.Type+" "+e.Reason+": "+e.Message)
+	}
+	return out
+}
+
+func waitEvent(t *testing.T, service, reason, contains string) {
+	t.Helper()
+	eventually(t, 30*time.Second, fmt.Sprintf("event %s on %s", reason, service), func() (bool, string) {
+		evs := events(t, service)
+		for _, e := range evs {
+			if strings.Contains(e, "Warning "+reason) && strings.Contains(e, contains) {
+				return true, ""
+			}
+		}
+		return false, strings.Join(evs, "; ")
+	})
+}
+
+func addr(s string) netip.Addr { return netip.MustParseAddr(s) }

@@ -1,0 +1,401 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+// Network plan. Documentation ranges only, and only inside namespaces.
+const (
+	nodeNet4    = "198.51.100."
+	nodeNet6    = "2001:db8:100::"
+	extNet4     = "203.0.113."
+	extNet6     = "2001:db8:1::"
+	clusterCIDR = "10.244.0.0/16,fd00:10:244::/56"
+	serviceCIDR = "10.96.0.0/16,fd00:10:96::/112"
+	// ExternalHost4 and ExternalHost6 are the external host's addresses.
+	ExternalHost4 = extNet4 + "250"
+	ExternalHost6 = extNet6 + "250"
+	apiServerIP   = nodeNet4 + "1"
+	fabricNS      = Prefix + "fabric"
+	controlNS     = Prefix + "cp"
+	externalNS    = Prefix + "ext"
+)
+
+// PodCIDR4 and PodCIDR6 are the cluster's pod ranges.
+var (
+	PodCIDR4 = netip.MustParsePrefix("10.244.0.0/16")
+	PodCIDR6 = netip.MustParsePrefix("fd00:10:244::/56")
+)
+
+// Options configure a sandbox cluster.
+type Options struct {
+	Nodes int
+	// Dir holds certificates, kubeconfigs and logs; a temporary directory
+	// when empty (kept only on failure).
+	Dir string
+	// Logf receives progress lines.
+	Logf func(format string, args ...any)
+	// DaemonEnv is added to (and overrides) the DaemonSet's environment.
+	DaemonEnv map[string]string
+}
+
+// Cluster is a running sandbox.
+type Cluster struct {
+	opts Options
+	Dir  string
+	bins Binaries
+
+	// Admin is a cluster-admin client whose sockets live in the
+	// control-plane namespace.
+	Admin       kubernetes.Interface
+	AdminConfig *rest.Config
+	Nodes       []*Node
+	External    *External
+
+	mu      sync.Mutex
+	procs   []*exec.Cmd
+	pods    map[string]*Pod
+	podSeq  int
+	daemonK string // the daemon's kubeconfig
+}
+
+// Node is one node namespace.
+type Node struct {
+	Name   string
+	NS     string
+	IP4    netip.Addr // node network
+	IP6    netip.Addr
+	ExtIP4 netip.Addr // external network (the serviceInterface, eth1)
+	ExtIP6 netip.Addr
+	// PodCIDRs come from kube-controller-manager's node-ipam controller.
+	PodCIDRs []netip.Prefix
+
+	mu      sync.Mutex
+	daemon  *exec.Cmd
+	exited  chan struct{}
+	LogPath string
+	nextPod int
+}
+
+func (c *Cluster) logf(format string, args ...any) {
+	if c.opts.Logf != nil {
+		c.opts.Logf(format, args...)
+	}
+}
+
+// Start brings a cluster up. On error everything started is torn down.
+func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("the sandbox needs root (network namespaces)")
+	}
+	if opts.Nodes <= 0 {
+		opts.Nodes = 2
+	}
+	c = &Cluster{opts: opts, pods: map[string]*Pod{}}
+	if c.Dir = opts.Dir; c.Dir == "" {
+		if c.Dir, err = os.MkdirTemp("", "egressvip-sandbox-"); err != nil {
+			return nil, err
+		}
+	}
+	defer func() {
+		if err != nil {
+			c.Stop()
+		}
+	}()
+	CleanLeftovers()
+	start := time.Now()
+	if c.bins, err = EnsureBinaries(c.Dir, c.logf); err != nil {
+		return c, err
+	}
+	c.logf("binaries ready (%s)", time.Since(start).Round(time.Second))
+	if err = c.network(); err != nil {
+		return c, fmt.Errorf("network: %w", err)
+	}
+	if err = c.controlPlane(ctx); err != nil {
+		return c, fmt.Errorf("control plane: %w", err)
+	}
+	c.logf("control plane ready (%s)", time.Since(start).Round(time.Second))
+	if err = c.registerNodes(ctx); err != nil {
+		return c, fmt.Errorf("nodes: %w", err)
+	}
+	if c.External, err = startExternal(externalNS); err != nil {
+		return c, fmt.Errorf("external host: %w", err)
+	}
+	if err = c.installDaemon(ctx); err != nil {
+		return c, fmt.Errorf("egressvip: %w", err)
+	}
+	c.logf("sandbox up with %d nodes (%s); logs in %s", len(c.Nodes), time.Since(start).Round(time.Second), c.Dir)
+	return c, nil
+}
+
+// network builds the fabric (two bridges), the control-plane, external
+// and node namespaces.
+func (c *Cluster) network() error {
+	for _, ns := range []string{fabricNS, controlNS, externalNS} {
+		if err := addNS(ns); err != nil {
+			return err
+		}
+	}
+	if err := shAll(
+		[]string{"ip", "-n", fabricNS, "link", "add", "br-node", "type", "bridge"},
+		[]string{"ip", "-n", fabricNS, "link", "add", "br-ext", "type", "bridge"},
+		[]string{"ip", "-n", fabricNS, "link", "set", "br-node", "up"},
+		[]string{"ip", "-n", fabricNS, "link", "set", "br-ext", "up"},
+	); err != nil {
+		return err
+	}
+	attach := func(ns, inside, outside, bridge, ip4, ip6 string) error {
+		if err := veth(fabricNS, outside, ns, inside); err != nil {
+			return err
+		}
+		return shAll(
+			[]string{"ip", "-n", fabricNS, "link", "set", outside, "master", bridge},
+			[]string{"ip", "-n", ns, "addr", "add", ip4 + "/24", "dev", inside},
+			[]string{"ip", "-n", ns, "addr", "add", ip6 + "/64", "dev", inside, "nodad"},
+		)
+	}
+	if err := attach(controlNS, "eth0", "cp0", "br-node", apiServerIP, nodeNet6+"1"); err != nil {
+		return err
+	}
+	if err := attach(externalNS, "eth0", "ext0", "br-ext", ExternalHost4, ExternalHost6); err != nil {
+		return err
+	}
+	for i := 1; i <= c.opts.Nodes; i++ {
+		n := &Node{
+			Name:   fmt.Sprintf("node-%d", i),
+			NS:     fmt.Sprintf("%sn%d", Prefix, i),
+			IP4:    netip.MustParseAddr(fmt.Sprintf("%s%d", nodeNet4, 10+i)),
+			IP6:    netip.MustParseAddr(fmt.Sprintf("%s%x", nodeNet6, 0x10+i)),
+			ExtIP4: netip.MustParseAddr(fmt.Sprintf("%s%d", extNet4, 10+i)),
+			ExtIP6: netip.MustParseAddr(fmt.Sprintf("%s%x", extNet6, 0x10+i)),
+		}
+		if err := addNS(n.NS); err != nil {
+			return err
+		}
+		if err := attach(n.NS, "eth0", fmt.Sprintf("n%da", i), "br-node", n.IP4.String(), n.IP6.String()); err != nil {
+			return err
+		}
+		if err := attach(n.NS, "eth1", fmt.Sprintf("n%db", i), "br-ext", n.ExtIP4.String(), n.ExtIP6.String()); err != nil {
+			return err
+		}
+		if _, err := InNS(n.NS, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
+			return err
+		}
+		c.Nodes = append(c.Nodes, n)
+	}
+	return nil
+}
+
+func (c *Cluster) path(name string) string { return filepath.Join(c.Dir, name) }
+
+// spawn starts a long-running process inside ns, logging to name.log.
+func (c *Cluster) spawn(ns, name string, env []string, args ...string) (*exec.Cmd, error) {
+	logFile, err := os.Create(c.path(name + ".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.Env = env
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return nil, err
+	}
+	c.mu.Lock()
+	c.procs = append(c.procs, cmd)
+	c.mu.Unlock()
+	return cmd, nil
+}
+
+func (c *Cluster) controlPlane(ctx context.Context) error {
+	p, err := newPKI(c.Dir)
+	if err != nil {
+		return err
+	}
+	if err := p.serviceAccountKey(); err != nil {
+		return err
+	}
+	if err := p.issue("apiserver", "kube-apiserver", nil,
+		[]netip.Addr{netip.MustParseAddr(apiServerIP), netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("10.96.0.1")},
+		[]string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"}); err != nil {
+		return err
+	}
+	if err := p.issue("admin", "sandbox-admin", []string{"system:masters"}, nil, nil); err != nil {
+		return err
+	}
+	if err := p.issue("kcm", "system:kube-controller-manager", []string{"system:masters"}, nil, nil); err != nil {
+		return err
+	}
+	env := []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + c.Dir}
+	if _, err := c.spawn(controlNS, "etcd", env, c.bins.Etcd,
+		"--name=sandbox", "--data-dir="+c.path("etcd"),
+		"--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
+		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+		"--initial-cluster=sandbox=http://127.0.0.1:2380",
+		"--experimental-watch-progress-notify-interval=100ms"); err != nil {
+		return err
+	}
+	if _, err := c.spawn(controlNS, "kube-apiserver", env, c.bins.APIServer,
+		"--etcd-servers=http://127.0.0.1:2379",
+		"--bind-address=0.0.0.0", "--secure-port=6443", "--advertise-address="+apiServerIP,
+		"--tls-cert-file="+p.path("apiserver.crt"), "--tls-private-key-file="+p.path("apiserver.key"),
+		"--client-ca-file="+p.path("ca.crt"),
+		"--service-account-key-file="+p.path("sa.pub"), "--service-account-signing-key-file="+p.path("sa.key"),
+		"--service-account-issuer=https://kubernetes.default.svc",
+		"--service-cluster-ip-range="+serviceCIDR,
+		"--authorization-mode=Node,RBAC",
+		"--cert-dir="+c.path("apiserver-certs"),
+		"--profiling=false"); err != nil {
+		return err
+	}
+	c.AdminConfig = &rest.Config{
+		Host: "https://" + apiServerIP + ":6443",
+		TLSClientConfig: rest.TLSClientConfig{
+			CAFile: p.path("ca.crt"), CertFile: p.path("admin.crt"), KeyFile: p.path("admin.key"),
+		},
+		Dial:    DialIn(controlNS),
+		QPS:     100,
+		Burst:   200,
+		Timeout: 20 * time.Second,
+	}
+	admin, err := kubernetes.NewForConfig(c.AdminConfig)
+	if err != nil {
+		return err
+	}
+	c.Admin = admin
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 90*time.Second, true, func(ctx context.Context) (bool, error) {
+		body, err := admin.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		return err == nil && strings.TrimSpace(string(body)) == "ok", nil
+	}); err != nil {
+		return fmt.Errorf("kube-apiserver not ready (see %s): %w", c.path("kube-apiserver.log"), err)
+	}
+	kcmConfig := c.path("kcm.kubeconfig")
+	if err := writeKubeconfig(kcmConfig, "https://127.0.0.1:6443", p.path("ca.crt"), p.path("kcm.crt"), p.path("kcm.key"), ""); err != nil {
+		return err
+	}
+	_, err = c.spawn(controlNS, "kube-controller-manager", env, c.bins.ControllerManager,
+		"--kubeconfig="+kcmConfig,
+		"--controllers=endpointslice,serviceaccount,serviceaccount-token,nodeipam",
+		"--allocate-node-cidrs", "--cluster-cidr="+clusterCIDR, "--service-cluster-ip-range="+serviceCIDR,
+		"--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64",
+		"--service-account-private-key-file="+p.path("sa.key"), "--root-ca-file="+p.path("ca.crt"),
+		"--leader-elect=false", "--secure-port=0",
+		"--concurrent-service-endpoint-syncs=10")
+	return err
+}
+
+// registerNodes creates the Node objects, waits for their podCIDRs and
+// sets up pod routing and a CNI-like masquerade in every node namespace.
+func (c *Cluster) registerNodes(ctx context.Context) error {
+	for _, n := range c.Nodes {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{"kubernetes.io/hostname": n.Name}}}
+		created, err := c.Admin.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+		if err != nil {
+			return err
+		}
+		created.Status = corev1.NodeStatus{
+			Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "SandboxReady",
+				LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}},
+			Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP4.String()}, {Type: corev1.NodeInternalIP, Address: n.IP6.String()},
+				{Type: corev1.NodeHostName, Address: n.Name}},
+		}
+		if _, err := c.Admin.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+			return err
+		}
+	}
+	for _, n := range c.Nodes {
+		if err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 60*time.Second, true, func(ctx context.Context) (bool, error) {
+			node, err := c.Admin.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil || len(node.Spec.PodCIDRs) < 2 {
+				return false, nil
+			}
+			n.PodCIDRs = nil
+			for _, s := range node.Spec.PodCIDRs {
+				n.PodCIDRs = append(n.PodCIDRs, netip.MustParsePrefix(s))
+			}
+			return true, nil
+		}); err != nil {
+			return fmt.Errorf("node %s got no dual-stack podCIDRs from node-ipam (see %s): %w", n.Name, c.path("kube-controller-manager.log"), err)
+		}
+	}
+	for _, n := range c.Nodes {
+		for _, other := range c.Nodes {
+			if other == n {
+				continue
+			}
+			for _, p := range other.PodCIDRs {
+				via := other.IP4
+				if p.Addr().Is6() {
+					via = other.IP6
+				}
+				if _, err := sh("ip", "-n", n.NS, "route", "add", p.String(), "via", via.String()); err != nil {
+					return err
+				}
+			}
+		}
+		// The CNI's natOutgoing: pod traffic leaving the cluster gets the
+		// node address, so a missing or mis-ordered egress SNAT shows.
+		if _, err := InNS(n.NS, "iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", PodCIDR4.String(), "!", "-d", PodCIDR4.String(),
+			"-m", "comment", "--comment", "sandbox CNI natOutgoing", "-j", "MASQUERADE"); err != nil {
+			return err
+		}
+		if _, err := InNS(n.NS, "ip6tables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", PodCIDR6.String(), "!", "-d", PodCIDR6.String(),
+			"-m", "comment", "--comment", "sandbox CNI natOutgoing", "-j", "MASQUERADE"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Stop tears everything down: daemons, control plane, namespaces. It is
+// safe to call more than once.
+func (c *Cluster) Stop() {
+	for _, n := range c.Nodes {
+		n.mu.Lock()
+		if n.daemon != nil && n.daemon.Process != nil {
+			_ = n.daemon.Process.Kill()
+		}
+		n.mu.Unlock()
+	}
+	if c.External != nil {
+		c.External.Close()
+	}
+	c.mu.Lock()
+	procs := c.procs
+	c.procs = nil
+	c.mu.Unlock()
+	for i := len(procs) - 1; i >= 0; i-- {
+		if procs[i].Process != nil {
+			_ = procs[i].Process.Kill()
+			_, _ = procs[i].Process.Wait()
+		}
+	}
+	CleanLeftovers()
+}
+
+// Node returns the node with that name.
+func (c *Cluster) Node(name string) *Node {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}

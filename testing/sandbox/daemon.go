@@ -1,0 +1,246 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"syscall"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+)
+
+func writeKubeconfig(path, server, caFile, certFile, keyFile, token string) error {
+	ca, err := os.ReadFile(caFile)
+	if err != nil {
+		return err
+	}
+	user := &clientcmdapi.AuthInfo{ClientCertificate: certFile, ClientKey: keyFile, Token: token}
+	cfg := clientcmdapi.Config{
+		Clusters:       map[string]*clientcmdapi.Cluster{"sandbox": {Server: server, CertificateAuthorityData: ca}},
+		AuthInfos:      map[string]*clientcmdapi.AuthInfo{"user": user},
+		Contexts:       map[string]*clientcmdapi.Context{"sandbox": {Cluster: "sandbox", AuthInfo: "user"}},
+		CurrentContext: "sandbox",
+	}
+	return clientcmd.WriteToFile(cfg, path)
+}
+
+// manifestObjects decodes every object of a file in manifests/.
+func manifestObjects(name string) ([]runtime.Object, error) {
+	data, err := os.ReadFile(filepath.Join(repoRoot(), "manifests", name))
+	if err != nil {
+		return nil, err
+	}
+	dec := utilyaml.NewYAMLReader(bufioReader(data))
+	var out []runtime.Object
+	for {
+		doc, err := dec.Read()
+		if err != nil {
+			break
+		}
+		if len(bytes.TrimSpace(doc)) == 0 {
+			continue
+		}
+		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode(doc, nil, nil)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		out = append(out, obj)
+	}
+	return out, nil
+}
+
+// applyRBAC creates what manifests/rbac.yaml holds, exactly as written: a
+// missing verb there makes the daemon fail here.
+func (c *Cluster) applyRBAC(ctx context.Context) error {
+	objs, err := manifestObjects("rbac.yaml")
+	if err != nil {
+		return err
+	}
+	for _, o := range objs {
+		var err error
+		switch v := o.(type) {
+		case *corev1.Namespace:
+			_, err = c.Admin.CoreV1().Namespaces().Create(ctx, v, metav1.CreateOptions{})
+		case *corev1.ServiceAccount:
+			_, err = c.Admin.CoreV1().ServiceAccounts(v.Namespace).Create(ctx, v, metav1.CreateOptions{})
+		case *rbacv1.ClusterRole:
+			_, err = c.Admin.RbacV1().ClusterRoles().Create(ctx, v, metav1.CreateOptions{})
+		case *rbacv1.ClusterRoleBinding:
+			_, err = c.Admin.RbacV1().ClusterRoleBindings().Create(ctx, v, metav1.CreateOptions{})
+		case *rbacv1.Role:
+			_, err = c.Admin.RbacV1().Roles(v.Namespace).Create(ctx, v, metav1.CreateOptions{})
+		case *rbacv1.RoleBinding:
+			_, err = c.Admin.RbacV1().RoleBindings(v.Namespace).Create(ctx, v, metav1.CreateOptions{})
+		default:
+			err = fmt.Errorf("rbac.yaml: unexpected %T", o)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// daemonSpec reads the container of manifests/daemonset.yaml.
+func daemonSpec() (*appsv1.DaemonSet, error) {
+	objs, err := manifestObjects("daemonset.yaml")
+	if err != nil {
+		return nil, err
+	}
+	for _, o := range objs {
+		if ds, ok := o.(*appsv1.DaemonSet); ok {
+			return ds, nil
+		}
+	}
+	return nil, fmt.Errorf("no DaemonSet in manifests/daemonset.yaml")
+}
+
+// installDaemon applies the RBAC, gets the ServiceAccount a token through
+// the TokenRequest API and starts egressvip in every node namespace.
+func (c *Cluster) installDaemon(ctx context.Context) error {
+	if err := c.applyRBAC(ctx); err != nil {
+		return fmt.Errorf("apply manifests/rbac.yaml: %w", err)
+	}
+	ds, err := daemonSpec()
+	if err != nil {
+		return err
+	}
+	sa := ds.Spec.Template.Spec.ServiceAccountName
+	// The serviceaccount controller makes "default" in each namespace;
+	// pods need it.
+	if err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 60*time.Second, true, func(ctx context.Context) (bool, error) {
+		_, err := c.Admin.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
+		return err == nil, nil
+	}); err != nil {
+		return fmt.Errorf("no default ServiceAccount: %w", err)
+	}
+	expiry := int64(6 * 3600)
+	tr, err := c.Admin.CoreV1().ServiceAccounts(ds.Namespace).CreateToken(ctx, sa,
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &expiry}}, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("token for %s/%s: %w", ds.Namespace, sa, err)
+	}
+	c.daemonK = c.path("egressvip.kubeconfig")
+	if err := writeKubeconfig(c.daemonK, "https://"+apiServerIP+":6443", c.path("ca.crt"), "", "", tr.Status.Token); err != nil {
+		return err
+	}
+	for _, n := range c.Nodes {
+		if err := c.StartDaemon(n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// DaemonEnv is the environment egressvip gets on node n: the DaemonSet's
+// env with the downward API filled in, the sandbox's overrides and the
+// ServiceAccount kubeconfig.
+func (c *Cluster) DaemonEnv(n *Node) ([]string, error) {
+	ds, err := daemonSpec()
+	if err != nil {
+		return nil, err
+	}
+	env := map[string]string{}
+	for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
+		switch {
+		case e.ValueFrom == nil:
+			env[e.Name] = e.Value
+		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
+			env[e.Name] = n.Name
+		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace":
+			env[e.Name] = ds.Namespace
+		default:
+			return nil, fmt.Errorf("daemonset.yaml: env %s: the sandbox cannot fill this valueFrom", e.Name)
+		}
+	}
+	for k, v := range c.opts.DaemonEnv {
+		env[k] = v
+	}
+	env["KUBECONFIG"] = c.daemonK
+	env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+	out := make([]string, 0, len(env))
+	for k, v := range env {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// StartDaemon starts egressvip in n's namespace (appending to its log).
+func (c *Cluster) StartDaemon(n *Node) error {
+	env, err := c.DaemonEnv(n)
+	if err != nil {
+		return err
+	}
+	n.LogPath = c.path("egressvip-" + n.Name + ".log")
+	logFile, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("ip", "netns", "exec", n.NS, c.bins.EgressVIP, "run")
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return err
+	}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		logFile.Close()
+		close(exited)
+	}()
+	n.mu.Lock()
+	n.daemon, n.exited = cmd, exited
+	n.mu.Unlock()
+	return nil
+}
+
+// StopDaemon sends sig to n's egressvip and waits for it to exit; it
+// returns the exit code.
+func (c *Cluster) StopDaemon(n *Node, sig syscall.Signal) (int, error) {
+	n.mu.Lock()
+	cmd, exited := n.daemon, n.exited
+	n.daemon = nil
+	n.mu.Unlock()
+	if cmd == nil {
+		return 0, fmt.Errorf("no daemon running on %s", n.Name)
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		<-exited
+		return -1, fmt.Errorf("egressvip on %s did not exit within 30 s of %s", n.Name, sig)
+	}
+	return cmd.ProcessState.ExitCode(), nil
+}
+
+// Cleanup runs `egressvip cleanup` in n's namespace with the DaemonSet env.
+func (c *Cluster) Cleanup(n *Node) (string, error) {
+	env, err := c.DaemonEnv(n)
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.Command("ip", "netns", "exec", n.NS, c.bins.EgressVIP, "cleanup")
+	cmd.Env = env
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}

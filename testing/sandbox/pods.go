@@ -1,0 +1,142 @@
+package sandbox
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+func bufioReader(b []byte) *bufio.Reader { return bufio.NewReader(bytes.NewReader(b)) }
+
+// Pod is a pod the sandbox's "kubelet and CNI" started: a namespace with a
+// veth into its node's namespace.
+type Pod struct {
+	Namespace, Name string
+	Node            *Node
+	NS              string
+	IP4, IP6        netip.Addr
+	hostVeth        string
+}
+
+// RunPod creates a Pod bound to node, plumbs its namespace (addresses from
+// the node's podCIDRs, routes) and reports it Running and Ready, so the real
+// EndpointSlice controller picks it up.
+func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node, labels map[string]string) (*Pod, error) {
+	c.mu.Lock()
+	c.podSeq++
+	seq := c.podSeq
+	c.mu.Unlock()
+	node.mu.Lock()
+	node.nextPod++
+	idx := node.nextPod
+	node.mu.Unlock()
+
+	p := &Pod{Namespace: namespace, Name: name, Node: node, NS: fmt.Sprintf("%sp%d", Prefix, seq), hostVeth: fmt.Sprintf("vp%d", seq)}
+	for _, cidr := range node.PodCIDRs {
+		a := cidr.Addr()
+		for range 10 + idx {
+			a = a.Next()
+		}
+		if a.Is4() {
+			p.IP4 = a
+		} else {
+			p.IP6 = a
+		}
+	}
+	automount := false
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Labels: labels},
+		Spec: corev1.PodSpec{
+			NodeName:                      node.Name,
+			AutomountServiceAccountToken:  &automount,
+			TerminationGracePeriodSeconds: new(int64),
+			Containers:                    []corev1.Container{{Name: "app", Image: "sandbox.invalid/app:latest"}},
+		},
+	}
+	created, err := c.Admin.CoreV1().Pods(namespace).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.plumb(p); err != nil {
+		return nil, fmt.Errorf("pod %s network: %w", name, err)
+	}
+	c.mu.Lock()
+	c.pods[namespace+"/"+name] = p
+	c.mu.Unlock()
+
+	now := metav1.Now()
+	created.Status = corev1.PodStatus{
+		Phase:     corev1.PodRunning,
+		HostIP:    node.IP4.String(),
+		HostIPs:   []corev1.HostIP{{IP: node.IP4.String()}, {IP: node.IP6.String()}},
+		PodIP:     p.IP4.String(),
+		PodIPs:    []corev1.PodIP{{IP: p.IP4.String()}, {IP: p.IP6.String()}},
+		StartTime: &now,
+		Conditions: []corev1.PodCondition{
+			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			{Type: corev1.ContainersReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		},
+		ContainerStatuses: []corev1.ContainerStatus{{Name: "app", Ready: true, Image: "sandbox.invalid/app:latest",
+			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}}},
+	}
+	if _, err := c.Admin.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		return nil, fmt.Errorf("pod %s status: %w", name, err)
+	}
+	return p, nil
+}
+
+// plumb is the CNI ADD: a veth from the node into the pod, /32 and /128
+// addresses, a route per pod on the node, a default route in the pod.
+func (c *Cluster) plumb(p *Pod) error {
+	if err := addNS(p.NS); err != nil {
+		return err
+	}
+	if err := veth(p.Node.NS, p.hostVeth, p.NS, "eth0"); err != nil {
+		return err
+	}
+	return shAll(
+		// The node answers ARP for the pod's gateway on every pod veth.
+		[]string{"ip", "-n", p.Node.NS, "addr", "add", "169.254.1.1/32", "dev", p.hostVeth},
+		[]string{"ip", "-n", p.Node.NS, "addr", "add", "fe80::1/64", "dev", p.hostVeth, "nodad"},
+		[]string{"ip", "-n", p.Node.NS, "route", "add", p.IP4.String() + "/32", "dev", p.hostVeth},
+		[]string{"ip", "-n", p.Node.NS, "-6", "route", "add", p.IP6.String() + "/128", "dev", p.hostVeth},
+		[]string{"ip", "-n", p.NS, "addr", "add", p.IP4.String() + "/32", "dev", "eth0"},
+		[]string{"ip", "-n", p.NS, "addr", "add", p.IP6.String() + "/128", "dev", "eth0", "nodad"},
+		[]string{"ip", "-n", p.NS, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"},
+		[]string{"ip", "-n", p.NS, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"},
+		[]string{"ip", "-n", p.NS, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"},
+	)
+}
+
+// DeletePod deletes the Pod object and its namespace.
+func (c *Cluster) DeletePod(ctx context.Context, p *Pod) error {
+	zero := int64(0)
+	err := c.Admin.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	delNS(p.NS)
+	_, _ = sh("ip", "-n", p.Node.NS, "route", "del", p.IP4.String()+"/32")
+	_, _ = sh("ip", "-n", p.Node.NS, "-6", "route", "del", p.IP6.String()+"/128")
+	c.mu.Lock()
+	delete(c.pods, p.Namespace+"/"+p.Name)
+	c.mu.Unlock()
+	return err
+}
+
+// WaitPodGone waits until the API server no longer has the pod.
+func (c *Cluster) WaitPodGone(ctx context.Context, p *Pod) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := c.Admin.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{}); err != nil {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("pod %s/%s still exists", p.Namespace, p.Name)
+}
