@@ -68,8 +68,9 @@ type Cluster struct {
 	Nodes       []*Node
 	External    *External
 
-	mu      sync.Mutex
-	procs   []*exec.Cmd
+	mu        sync.Mutex
+	procs     []*exec.Cmd
+	apiServer *exec.Cmd
 	pods    map[string]*Pod
 	podSeq  int
 	daemonK string // the daemon's kubeconfig
@@ -252,7 +253,7 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		"--experimental-watch-progress-notify-interval=100ms"); err != nil {
 		return err
 	}
-	if _, err := c.spawn(controlNS, "kube-apiserver", env, c.bins.APIServer,
+	if c.apiServer, err = c.spawn(controlNS, "kube-apiserver", env, c.bins.APIServer,
 		"--etcd-servers=http://127.0.0.1:2379",
 		"--bind-address=0.0.0.0", "--secure-port=6443", "--advertise-address="+apiServerIP,
 		"--tls-cert-file="+p.path("apiserver.crt"), "--tls-private-key-file="+p.path("apiserver.key"),
@@ -388,6 +389,16 @@ func (c *Cluster) Stop() {
 		}
 	}
 	CleanLeftovers()
+}
+
+// PauseAPIServer stops (SIGSTOP) or resumes (SIGCONT) kube-apiserver, an
+// outage in which connections hang the way they do behind a dead network.
+func (c *Cluster) PauseAPIServer(pause bool) error {
+	sig := syscall.SIGCONT
+	if pause {
+		sig = syscall.SIGSTOP
+	}
+	return c.apiServer.Process.Signal(sig)
 }
 
 // Node returns the node with that name.
