@@ -8,9 +8,10 @@ COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/egressvip ./cmd/egressvip
 
-# Runs as root on purpose: the DaemonSet drops every capability but
-# NET_ADMIN and NET_RAW, which only root's effective set can use.
-FROM gcr.io/distroless/static-debian12:latest
+# A static binary needs no base image; the API server's CA comes from the
+# ServiceAccount mount. Runs as root on purpose: the DaemonSet drops every
+# capability but NET_ADMIN and NET_RAW, which only root's effective set uses.
+FROM scratch
 COPY --from=build /out/egressvip /egressvip
 ENTRYPOINT ["/egressvip"]
 CMD ["run"]

@@ -44,8 +44,8 @@ func TestMain(m *testing.M) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	var err error
 	cluster, err = sandbox.Start(ctx, sandbox.Options{
-		Nodes: 3,
-		Logf:  func(f string, a ...any) { fmt.Printf("sandbox: "+f+"\n", a...) },
+		Nodes:     3,
+		Logf:      func(f string, a ...any) { fmt.Printf("sandbox: "+f+"\n", a...) },
 		DaemonEnv: map[string]string{"log_level": "debug"},
 	})
 	cancel()

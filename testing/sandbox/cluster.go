@@ -71,9 +71,9 @@ type Cluster struct {
 	mu        sync.Mutex
 	procs     []*exec.Cmd
 	apiServer *exec.Cmd
-	pods    map[string]*Pod
-	podSeq  int
-	daemonK string // the daemon's kubeconfig
+	pods      map[string]*Pod
+	podSeq    int
+	daemonK   string // the daemon's kubeconfig
 }
 
 // Node is one node namespace.
