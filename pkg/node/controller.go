@@ -14,11 +14,12 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
+	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
-	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
@@ -85,7 +86,6 @@ type Controller struct {
 	recorder  record.EventRecorder
 
 	services   corelisters.ServiceLister
-	slices     discoverylisters.EndpointSliceLister
 	sliceIndex cache.Indexer
 	hasSynced  []cache.InformerSynced
 	queue      workqueue.TypedRateLimitingInterface[string]
@@ -128,13 +128,14 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 		reported: map[types.NamespacedName]string{},
 	}
 	svcInformer := factory.Core().V1().Services()
-	sliceInformer := factory.Discovery().V1().EndpointSlices()
-	if err := sliceInformer.Informer().AddIndexers(cache.Indexers{byService: indexByService}); err != nil {
-		return nil, fmt.Errorf("add EndpointSlice index: %w", err)
-	}
+	// Only EndpointSlices that belong to a Service, indexed by it.
+	sliceInformer := factory.InformerFor(&discoveryv1.EndpointSlice{}, func(client kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
+		return discoveryinformers.NewFilteredEndpointSliceInformer(client, opts.Namespace, resync,
+			cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc, byService: indexByService},
+			func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName })
+	})
 	c.services = svcInformer.Lister()
-	c.slices = sliceInformer.Lister()
-	c.sliceIndex = sliceInformer.Informer().GetIndexer()
+	c.sliceIndex = sliceInformer.GetIndexer()
 	poke := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.Poke() },
 		UpdateFunc: func(any, any) { c.Poke() },
@@ -143,13 +144,13 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 	if _, err := svcInformer.Informer().AddEventHandler(poke); err != nil {
 		return nil, fmt.Errorf("watch Services: %w", err)
 	}
-	if _, err := sliceInformer.Informer().AddEventHandler(cache.FilteringResourceEventHandler{
+	if _, err := sliceInformer.AddEventHandler(cache.FilteringResourceEventHandler{
 		FilterFunc: c.sliceMatters,
 		Handler:    poke,
 	}); err != nil {
 		return nil, fmt.Errorf("watch EndpointSlices: %w", err)
 	}
-	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.Informer().HasSynced}
+	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.HasSynced}
 	return c, nil
 }
 

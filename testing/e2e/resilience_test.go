@@ -5,6 +5,7 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -163,4 +164,20 @@ func TestStaleStateRemovedOnStart(t *testing.T) {
 		t.Errorf("the remaining Service was disturbed by the restart: longest gap %s, wrong sources %v", longest, wrong)
 	}
 	waitServed(t, "stale-keep", node, true, keepLB)
+}
+
+// The manifests pass kubectl's client-side and server-side dry runs
+// against the real API server.
+func TestManifestsDryRun(t *testing.T) {
+	dir := filepath.Join("..", "..", "manifests")
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"client", "server"} {
+		out, err := cluster.Kubectl("apply", "--dry-run="+mode, "-f", abs)
+		if err != nil {
+			t.Errorf("kubectl apply --dry-run=%s -f manifests/: %v\n%s", mode, err, out)
+		}
+	}
 }

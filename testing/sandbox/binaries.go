@@ -42,7 +42,7 @@ func CacheDir() string {
 
 // Binaries are the paths of the programs the sandbox runs.
 type Binaries struct {
-	APIServer, ControllerManager, Etcd, EgressVIP string
+	APIServer, ControllerManager, Kubectl, Etcd, EgressVIP string
 }
 
 // EnsureBinaries builds kube-apiserver and kube-controller-manager from the
@@ -56,8 +56,9 @@ func EnsureBinaries(dir string, logf func(string, ...any)) (Binaries, error) {
 	kdir := filepath.Join(CacheDir(), "k8s-"+KubernetesVersion)
 	b.APIServer = filepath.Join(kdir, "kube-apiserver")
 	b.ControllerManager = filepath.Join(kdir, "kube-controller-manager")
-	if !exists(b.APIServer) || !exists(b.ControllerManager) {
-		logf("building kube-apiserver and kube-controller-manager %s into %s (about 5-8 minutes the first time)", KubernetesVersion, kdir)
+	b.Kubectl = filepath.Join(kdir, "kubectl")
+	if !exists(b.APIServer) || !exists(b.ControllerManager) || !exists(b.Kubectl) {
+		logf("building kube-apiserver, kube-controller-manager and kubectl %s into %s (about 5-8 minutes the first time)", KubernetesVersion, kdir)
 		if err := os.MkdirAll(kdir, 0o755); err != nil {
 			return b, err
 		}
@@ -66,13 +67,13 @@ func EnsureBinaries(dir string, logf func(string, ...any)) (Binaries, error) {
 			return b, err
 		}
 		defer os.RemoveAll(tmp)
-		cmd := exec.Command("go", "build", "-o", tmp+"/", "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager")
+		cmd := exec.Command("go", "build", "-o", tmp+"/", "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager", "k8s.io/kubernetes/cmd/kubectl")
 		cmd.Dir = filepath.Join(repoRoot(), "testing", "tools")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return b, fmt.Errorf("build control plane: %w\n%s", err, tail(out))
 		}
-		for _, name := range []string{"kube-apiserver", "kube-controller-manager"} {
+		for _, name := range []string{"kube-apiserver", "kube-controller-manager", "kubectl"} {
 			if err := os.Rename(filepath.Join(tmp, name), filepath.Join(kdir, name)); err != nil {
 				return b, err
 			}

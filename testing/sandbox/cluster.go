@@ -287,6 +287,9 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("kube-apiserver not ready (see %s): %w", c.path("kube-apiserver.log"), err)
 	}
+	if err := writeKubeconfig(c.path("admin.kubeconfig"), "https://127.0.0.1:6443", p.path("ca.crt"), p.path("admin.crt"), p.path("admin.key"), ""); err != nil {
+		return err
+	}
 	kcmConfig := c.path("kcm.kubeconfig")
 	if err := writeKubeconfig(kcmConfig, "https://127.0.0.1:6443", p.path("ca.crt"), p.path("kcm.crt"), p.path("kcm.key"), ""); err != nil {
 		return err
@@ -389,6 +392,11 @@ func (c *Cluster) Stop() {
 		}
 	}
 	CleanLeftovers()
+}
+
+// Kubectl runs kubectl as cluster admin inside the control-plane namespace.
+func (c *Cluster) Kubectl(args ...string) (string, error) {
+	return InNS(controlNS, append([]string{c.bins.Kubectl, "--kubeconfig=" + c.path("admin.kubeconfig")}, args...)...)
 }
 
 // PauseAPIServer stops (SIGSTOP) or resumes (SIGCONT) kube-apiserver, an
