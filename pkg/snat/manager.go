@@ -57,6 +57,8 @@ type familyState struct {
 	// written is the payload of the last successful restore, or nil when
 	// the kernel's chain is unknown or differs.
 	written []byte
+	// unusable is set while writing failed and no rule needed the family.
+	unusable bool
 }
 
 // New returns a Manager for the configured backend. It fails, naming the
@@ -109,7 +111,20 @@ func (m *Manager) Apply(ctx context.Context, d Desired) error {
 	}
 	var errs []error
 	for _, f := range Families {
-		if err := m.applyFamily(ctx, f, d.forFamily(f)); err != nil {
+		next := d.forFamily(f)
+		err := m.applyFamily(ctx, f, next)
+		st := &m.state[f]
+		switch {
+		case err == nil:
+			st.unusable = false
+		case len(next.Rules) == 0 && len(st.prev.Rules) == 0:
+			// A family whose nat table cannot be used (IPv6 disabled
+			// on the node) only matters once a rule needs it.
+			if !st.unusable {
+				m.log.WithError(err).WithField("family", f.String()).Warn("nat table unusable; ignored while no rule needs it")
+			}
+			st.unusable = true
+		default:
 			errs = append(errs, fmt.Errorf("snat %s: %w", f, err))
 		}
 	}

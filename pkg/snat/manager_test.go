@@ -341,3 +341,22 @@ func TestRecheckRepairsAFlushedChain(t *testing.T) {
 		t.Fatalf("Recheck rewrote the unchanged IPv6 chain (%d restores)", fakes[IPv6].Restores)
 	}
 }
+
+func TestApplyIgnoresAnUnusableFamilyWithoutRules(t *testing.T) {
+	fakes := [2]*Fake{NewFake(), NewFake()}
+	fakes[IPv6].RestoreErr = errors.New("ip6tables-restore: can't initialize ip6tables table `nat'")
+	m := newFakeManager(t, fakes, nil)
+	ctx := t.Context()
+
+	ipv4Only := dualStack()
+	ipv4Only.Rules = ipv4Only.Rules[:1]
+	if err := m.Apply(ctx, ipv4Only); err != nil {
+		t.Fatalf("IPv4-only rules on a node without IPv6 NAT: %v", err)
+	}
+	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+		t.Fatalf("IPv4 packet %s", got)
+	}
+	if err := m.Apply(ctx, dualStack()); err == nil || !strings.Contains(err.Error(), "IPv6") {
+		t.Fatalf("an IPv6 rule that cannot be written must fail, got %v", err)
+	}
+}
