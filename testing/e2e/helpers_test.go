@@ -145,6 +145,17 @@ func sourceSeen(t *testing.T, p *sandbox.Pod, proto string, ipv6 bool, port uint
 	return src
 }
 
+// expectSource checks that TCP to 8080 and UDP to 5060 from the pod reach
+// the external host (over IPv6 or IPv4) from want.
+func expectSource(t *testing.T, p *sandbox.Pod, ipv6 bool, want netip.Addr) {
+	t.Helper()
+	for proto, port := range map[string]uint16{"tcp": sandbox.TCPPort, "udp": sandbox.UDPPort} {
+		if src := sourceSeen(t, p, proto, ipv6, port); src != want {
+			t.Errorf("%s from %s to port %d arrived from %s, want %s", proto, p.Name, port, src, want)
+		}
+	}
+}
+
 func events(t *testing.T, service string) []string {
 	t.Helper()
 	list, err := cluster.Admin.CoreV1().Events(ns).List(ctx(t), metav1.ListOptions{FieldSelector: "involvedObject.name=" + service})

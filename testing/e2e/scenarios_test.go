@@ -32,15 +32,7 @@ func TestEgressIPv4(t *testing.T) {
 	p := runPod(t, "egress-v4", node)
 	waitServed(t, "egress-v4", node, true, lb)
 
-	for _, proto := range []string{"tcp", "udp"} {
-		port := uint16(sandbox.TCPPort)
-		if proto == "udp" {
-			port = sandbox.UDPPort
-		}
-		if src := sourceSeen(t, p, proto, false, port); src != lb {
-			t.Errorf("%s from the pod arrived from %s, want the LoadBalancer IP %s", proto, src, lb)
-		}
-	}
+	expectSource(t, p, false, lb)
 	eventually(t, 30*time.Second, "status and annotations", func() (bool, string) {
 		svc := getService(t, "egress-v4")
 		ing := svc.Status.LoadBalancer.Ingress
@@ -84,18 +76,8 @@ func TestEgressIPv6(t *testing.T) {
 	p := runPod(t, "egress-v6", node)
 	waitServed(t, "egress-v6", node, true, lb4, lb6)
 
-	for _, proto := range []string{"tcp", "udp"} {
-		port := uint16(sandbox.TCPPort)
-		if proto == "udp" {
-			port = sandbox.UDPPort
-		}
-		if src := sourceSeen(t, p, proto, true, port); src != lb6 {
-			t.Errorf("IPv6 %s arrived from %s, want %s", proto, src, lb6)
-		}
-		if src := sourceSeen(t, p, proto, false, port); src != lb4 {
-			t.Errorf("IPv4 %s arrived from %s, want %s", proto, src, lb4)
-		}
-	}
+	expectSource(t, p, true, lb6)
+	expectSource(t, p, false, lb4)
 	eventually(t, 30*time.Second, "active-endpoint-ipv6", func() (bool, string) {
 		a := getService(t, "egress-v6").Annotations
 		return a[annotations.ActiveEndpointIPv6] == p.IP6.String(), fmt.Sprint(a)
@@ -400,18 +382,8 @@ func TestTwoEgressServicesOnOneNode(t *testing.T) {
 	b := runPod(t, "twin-b", node)
 	waitServed(t, "twin-a", node, true, lbA)
 	waitServed(t, "twin-b", node, true, lbB)
-	for _, proto := range []string{"tcp", "udp"} {
-		port := uint16(sandbox.TCPPort)
-		if proto == "udp" {
-			port = sandbox.UDPPort
-		}
-		if src := sourceSeen(t, a, proto, false, port); src != lbA {
-			t.Errorf("twin-a %s from %s, want %s", proto, src, lbA)
-		}
-		if src := sourceSeen(t, b, proto, false, port); src != lbB {
-			t.Errorf("twin-b %s from %s, want %s", proto, src, lbB)
-		}
-	}
+	expectSource(t, a, false, lbA)
+	expectSource(t, b, false, lbB)
 }
 
 // SIGTERM: a Service another node can serve is handed over at once; the
