@@ -138,6 +138,11 @@ func (c *Controller) Sync(ctx context.Context) error {
 		}
 	}
 
+	for k := range c.reported {
+		if _, ok := v.services[k]; !ok {
+			delete(c.reported, k)
+		}
+	}
 	c.owned = ownedNow
 	c.last = map[types.NamespacedName]desired.Service{}
 	for _, s := range v.analysed {

@@ -8,14 +8,91 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netns"
 )
 
-// Prefix starts every network namespace the sandbox makes, so a run can
-// remove what a killed run left behind.
+// Prefix starts every network namespace the sandbox makes. A run's
+// namespaces are named Prefix + runID + "-" + role, where runID is the
+// process id; a run holds an flock on lockDir/<runID>.lock for as long as its
+// namespaces exist, so a later run can tell the leftovers of a killed run
+// (lock free) from those of a run still going (lock held) and removes only
+// the former.
 const Prefix = "evsb-"
+
+// lockDir holds the runs' lock files; /run is a tmpfs, cleared on reboot
+// together with the namespaces.
+const lockDir = "/run/egressvip-sandbox"
+
+// runID identifies this process's sandbox. One cluster per process at a
+// time (Start refuses a second one).
+var runID = strconv.Itoa(os.Getpid())
+
+// nsName is the name of this run's namespace for role.
+func nsName(role string) string { return Prefix + runID + "-" + role }
+
+// runOf returns the run id of a sandbox namespace name, "" for a name of
+// another shape (an older layout, always a leftover).
+func runOf(ns string) string {
+	rest, ok := strings.CutPrefix(ns, Prefix)
+	if !ok {
+		return ""
+	}
+	id, _, ok := strings.Cut(rest, "-")
+	if !ok {
+		return ""
+	}
+	if _, err := strconv.Atoi(id); err != nil {
+		return ""
+	}
+	return id
+}
+
+// lockRun takes this run's lock; the returned file must stay open while
+// the run's namespaces exist.
+func lockRun() (*os.File, error) {
+	if err := os.MkdirAll(lockDir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(lockDir, runID+".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: another sandbox runs in this process: %w", f.Name(), err)
+	}
+	return f, nil
+}
+
+// unlockRun releases this run's lock and removes its file.
+func unlockRun(f *os.File) {
+	if f == nil {
+		return
+	}
+	_ = os.Remove(f.Name())
+	_ = f.Close()
+}
+
+// runAlive reports whether the run id still holds its lock.
+func runAlive(id string) bool {
+	if id == "" {
+		return false
+	}
+	f, err := os.OpenFile(filepath.Join(lockDir, id+".lock"), os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		return true
+	}
+	_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false
+}
 
 // sh runs a command and returns its combined output, with the output in
 // the error.
@@ -65,18 +142,36 @@ func delNS(name string) {
 	_ = os.RemoveAll(filepath.Join("/etc/netns", name))
 }
 
-// CleanLeftovers deletes every sandbox namespace, for example from a run
-// that was killed before its teardown.
+// CleanLeftovers deletes the namespaces (and their /etc/netns entries) of
+// sandbox runs that are gone, for example killed before their teardown.
+// Namespaces of runs still going are left alone.
 func CleanLeftovers() {
+	deleteNamespaces(func(ns string) bool { return !runAlive(runOf(ns)) })
+	locks, _ := os.ReadDir(lockDir)
+	for _, e := range locks {
+		if id, ok := strings.CutSuffix(e.Name(), ".lock"); ok && !runAlive(id) {
+			_ = os.Remove(filepath.Join(lockDir, e.Name()))
+		}
+	}
+}
+
+// deleteOwn deletes every namespace of this run.
+func deleteOwn() {
+	deleteNamespaces(func(ns string) bool { return runOf(ns) == runID })
+}
+
+// deleteNamespaces deletes the sandbox namespaces (and /etc/netns entries)
+// that match.
+func deleteNamespaces(match func(ns string) bool) {
 	out, _ := exec.Command("ip", "netns", "list").Output()
 	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], Prefix) {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], Prefix) && match(f[0]) {
 			delNS(f[0])
 		}
 	}
 	entries, _ := os.ReadDir("/etc/netns")
 	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), Prefix) {
+		if strings.HasPrefix(e.Name(), Prefix) && match(e.Name()) {
 			_ = os.RemoveAll(filepath.Join("/etc/netns", e.Name()))
 		}
 	}
