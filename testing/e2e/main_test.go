@@ -9,9 +9,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/signal"
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -23,6 +25,12 @@ var (
 
 	figuresMu sync.Mutex
 	figures   = map[string]string{}
+)
+
+// Figures the summary line names.
+const (
+	figConvergence = "scenario 5: move convergence"
+	figGap         = "scenario 6: longest gap across SIGKILL+restart"
 )
 
 // record keeps a measured figure for the summary printed at the end.
@@ -41,7 +49,18 @@ func TestMain(m *testing.M) {
 		fmt.Println("e2e: skipping, needs root")
 		os.Exit(0)
 	}
+	// Ctrl-C or SIGTERM: cancel a start in progress, tear down, exit. A
+	// run killed harder leaves namespaces the next run removes first.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		fmt.Printf("e2e: %s, tearing the sandbox down\n", s)
+		cancel()
+		sandbox.StopRunning()
+		os.Exit(130)
+	}()
 	var err error
 	cluster, err = sandbox.Start(ctx, sandbox.Options{
 		Nodes:     3,
@@ -52,29 +71,41 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		fmt.Println("sandbox:", err)
 		if cluster != nil {
-			cluster.Stop()
+			fmt.Println("e2e: logs kept in", cluster.Dir)
 		}
 		os.Exit(1)
 	}
 	code := m.Run()
 	if code != 0 {
-		fmt.Println("e2e: failed; logs kept in", cluster.Dir)
+		fmt.Println("e2e: failed; logs (control plane and egressvip per node) kept in", cluster.Dir)
 	}
 	cluster.Stop()
 	if code == 0 {
 		_ = os.RemoveAll(cluster.Dir)
 	}
+	printFigures()
+	os.Exit(code)
+}
+
+func printFigures() {
 	figuresMu.Lock()
+	defer figuresMu.Unlock()
 	var names []string
 	for k := range figures {
 		names = append(names, k)
 	}
 	sort.Strings(names)
-	fmt.Println(strings.Repeat("=", 60))
+	fmt.Println(strings.Repeat("=", 72))
 	fmt.Println("e2e figures:")
 	for _, k := range names {
-		fmt.Printf("  %-45s %s\n", k, figures[k])
+		fmt.Printf("  %-48s %s\n", k, figures[k])
 	}
-	figuresMu.Unlock()
-	os.Exit(code)
+	get := func(k string) string {
+		if v, ok := figures[k]; ok {
+			return v
+		}
+		return "not measured"
+	}
+	fmt.Printf("E2E SUMMARY: move convergence (new pod Ready -> first packet with the LB IP) %s; longest gap across a daemon SIGKILL+restart (10 ms flow) %s\n",
+		get(figConvergence), get(figGap))
 }

@@ -176,7 +176,7 @@ func TestAddressFollowsThePod(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Logf("convergence: new pod Ready -> first packet with %s: %s", lb, converged.Round(time.Millisecond))
-	record("scenario 5: move convergence", converged.Round(time.Millisecond).String())
+	record(figConvergence, converged.Round(time.Millisecond).String())
 
 	waitServed(t, "mover", to, true, lb)
 	if rules := from.SNATRulesFor(ns + "/mover"); len(rules) != 0 {

@@ -32,9 +32,13 @@ const (
 	ExternalHost4 = extNet4 + "250"
 	ExternalHost6 = extNet6 + "250"
 	apiServerIP   = nodeNet4 + "1"
-	fabricNS      = Prefix + "fabric"
-	controlNS     = Prefix + "cp"
-	externalNS    = Prefix + "ext"
+)
+
+// This run's fixed namespaces.
+var (
+	fabricNS   = nsName("fabric")
+	controlNS  = nsName("cp")
+	externalNS = nsName("ext")
 )
 
 // PodCIDR4 and PodCIDR6 are the cluster's pod ranges.
@@ -68,6 +72,7 @@ type Cluster struct {
 	Nodes       []*Node
 	External    *External
 
+	lock      *os.File // held while this run's namespaces exist
 	mu        sync.Mutex
 	procs     []*exec.Cmd
 	apiServer *exec.Cmd
@@ -108,18 +113,28 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if opts.Nodes <= 0 {
 		opts.Nodes = 2
 	}
-	c = &Cluster{opts: opts, pods: map[string]*Pod{}}
-	if c.Dir = opts.Dir; c.Dir == "" {
-		if c.Dir, err = os.MkdirTemp("", "egressvip-sandbox-"); err != nil {
-			return nil, err
-		}
+	running.Lock()
+	defer running.Unlock()
+	if running.c != nil {
+		return nil, errors.New("a sandbox cluster already runs in this process")
 	}
+	c = &Cluster{opts: opts, pods: map[string]*Pod{}}
+	// Leftovers of killed runs first, then this run's lock.
+	CleanLeftovers()
+	if c.lock, err = lockRun(); err != nil {
+		return nil, err
+	}
+	running.c = c
 	defer func() {
 		if err != nil {
-			c.Stop()
+			c.stop()
 		}
 	}()
-	CleanLeftovers()
+	if c.Dir = opts.Dir; c.Dir == "" {
+		if c.Dir, err = os.MkdirTemp("", "egressvip-sandbox-"); err != nil {
+			return c, err
+		}
+	}
 	start := time.Now()
 	if c.bins, err = EnsureBinaries(c.Dir, c.logf); err != nil {
 		return c, err
@@ -180,7 +195,7 @@ func (c *Cluster) network() error {
 	for i := 1; i <= c.opts.Nodes; i++ {
 		n := &Node{
 			Name:   fmt.Sprintf("node-%d", i),
-			NS:     fmt.Sprintf("%sn%d", Prefix, i),
+			NS:     nsName(fmt.Sprintf("n%d", i)),
 			IP4:    netip.MustParseAddr(fmt.Sprintf("%s%d", nodeNet4, 10+i)),
 			IP6:    netip.MustParseAddr(fmt.Sprintf("%s%x", nodeNet6, 0x10+i)),
 			ExtIP4: netip.MustParseAddr(fmt.Sprintf("%s%d", extNet4, 10+i)),
@@ -368,9 +383,33 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 	return nil
 }
 
+// running is the cluster of this process, at most one: namespace names
+// are per process.
+var running struct {
+	sync.Mutex
+	c *Cluster
+}
+
 // Stop tears everything down: daemons, control plane, namespaces. It is
 // safe to call more than once.
 func (c *Cluster) Stop() {
+	running.Lock()
+	defer running.Unlock()
+	c.stop()
+}
+
+// StopRunning stops this process's cluster, if one runs; for signal
+// handlers that may fire while Start is still going (they should cancel
+// Start's context first).
+func StopRunning() {
+	running.Lock()
+	defer running.Unlock()
+	if running.c != nil {
+		running.c.stop()
+	}
+}
+
+func (c *Cluster) stop() {
 	for _, n := range c.Nodes {
 		n.mu.Lock()
 		if n.daemon != nil && n.daemon.Process != nil {
@@ -391,7 +430,14 @@ func (c *Cluster) Stop() {
 			_, _ = procs[i].Process.Wait()
 		}
 	}
-	CleanLeftovers()
+	if c.lock != nil {
+		deleteOwn()
+		unlockRun(c.lock)
+		c.lock = nil
+	}
+	if running.c == c {
+		running.c = nil
+	}
 }
 
 // Kubectl runs kubectl as cluster admin inside the control-plane namespace.

@@ -37,7 +37,7 @@ func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node
 	idx := node.nextPod
 	node.mu.Unlock()
 
-	p := &Pod{Namespace: namespace, Name: name, Node: node, NS: fmt.Sprintf("%sp%d", Prefix, seq), hostVeth: fmt.Sprintf("vp%d", seq)}
+	p := &Pod{Namespace: namespace, Name: name, Node: node, NS: nsName(fmt.Sprintf("p%d", seq)), hostVeth: fmt.Sprintf("vp%d", seq)}
 	for _, cidr := range node.PodCIDRs {
 		a := cidr.Addr()
 		for range 10 + idx {
