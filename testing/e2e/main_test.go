@@ -30,7 +30,7 @@ var (
 // Figures the summary line names.
 const (
 	figConvergence = "scenario 5: move convergence"
-	figGap         = "scenario 6: longest gap across SIGKILL+restart"
+	figGap         = "scenario 6: longest gap across SIGKILL and SIGTERM restarts"
 )
 
 // record keeps a measured figure for the summary printed at the end.
@@ -106,6 +106,6 @@ func printFigures() {
 		}
 		return "not measured"
 	}
-	fmt.Printf("E2E SUMMARY: move convergence (new pod Ready -> first packet with the LB IP) %s; longest gap across a daemon SIGKILL+restart (10 ms flow) %s\n",
+	fmt.Printf("E2E SUMMARY: move convergence (new pod Ready -> first packet with the LB IP) %s; longest gap across daemon SIGKILL and SIGTERM restarts (10 ms flow) %s\n",
 		get(figConvergence), get(figGap))
 }

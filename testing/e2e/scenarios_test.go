@@ -261,7 +261,7 @@ func TestDaemonCrashDoesNotInterruptEgress(t *testing.T) {
 		}
 	}
 	t.Logf("sent %d datagrams every %s, %d arrived, longest gap %s", sent, interval, len(hits), longest.Round(time.Millisecond))
-	record("scenario 6: longest gap across SIGKILL and SIGTERM restarts", longest.Round(time.Millisecond).String())
+	record(figGap, longest.Round(time.Millisecond).String())
 	record("scenario 6: datagrams sent/arrived", fmt.Sprintf("%d/%d", sent, len(hits)))
 	if len(wrong) > 0 {
 		t.Errorf("%d packets left with another source, e.g. %v", len(wrong), wrong[:min(3, len(wrong))])
