@@ -20,6 +20,7 @@ import (
 	"github.com/egressvip/egressvip/pkg/cidr"
 	"github.com/egressvip/egressvip/pkg/config"
 	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/metrics"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/node"
 	"github.com/egressvip/egressvip/pkg/snat"
@@ -126,6 +127,7 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		}
 	}, log)
 
+	m := metrics.New()
 	timing := election.Timing{LeaseDuration: cfg.LeaseDuration, RenewDeadline: cfg.RenewDeadline, RetryPeriod: cfg.RetryPeriod}
 	elections := election.NewManager(client, cfg.NodeName, timing, func() {
 		if ctrl != nil {
@@ -145,11 +147,19 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		GlobalLease:     types.NamespacedName{Namespace: globalNS, Name: globalLeaseName},
 		SNATUnavailable: snatUnavailable,
 		Resync:          time.Minute,
+		Metrics:         m,
 	}, client, factory, addrs, snatw, elections, detector, recorder, log)
 	if err != nil {
 		return err
 	}
 	ctrl.AddSynced(detector.HasSynced)
+	if cfg.PrometheusServer != "" {
+		go func() {
+			if err := m.Serve(ctx, cfg.PrometheusServer, ctrl.Ready); err != nil {
+				log.WithError(err).WithField("address", cfg.PrometheusServer).Error("metrics and health endpoints unavailable")
+			}
+		}()
+	}
 	factory.Start(ctx.Done())
 	detector.Start(ctx.Done())
 	err = ctrl.Run(ctx)

@@ -5,6 +5,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -16,6 +17,9 @@ import (
 // DefaultLoadBalancerClass is kube-vip's class name; Services of this class,
 // and by default Services without a class, are ours.
 const DefaultLoadBalancerClass = "kube-vip.io/kube-vip-class"
+
+// DefaultPrometheusServer is kube-vip's metrics address.
+const DefaultPrometheusServer = ":2112"
 
 // Config is the daemon's configuration.
 type Config struct {
@@ -39,6 +43,9 @@ type Config struct {
 	LogFormat          string
 	// Kubeconfig is a kubeconfig path; "" means in-cluster configuration.
 	Kubeconfig string
+	// PrometheusServer is the listen address of /metrics, /healthz and
+	// /readyz; "" disables it.
+	PrometheusServer string
 }
 
 // Load reads the configuration through getenv; hostname is the last
@@ -52,6 +59,13 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 		LogLevel:          strings.TrimSpace(getenv("log_level")),
 		LogFormat:         strings.TrimSpace(getenv("log_format")),
 		Kubeconfig:        strings.TrimSpace(getenv("KUBECONFIG")),
+		PrometheusServer:  strings.TrimSpace(getenv("prometheus_server")),
+	}
+	switch c.PrometheusServer {
+	case "":
+		c.PrometheusServer = DefaultPrometheusServer
+	case "off", "false", "disabled":
+		c.PrometheusServer = ""
 	}
 	if c.LoadBalancerClass == "" {
 		c.LoadBalancerClass = DefaultLoadBalancerClass
@@ -150,6 +164,11 @@ func (c Config) Validate() error {
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		errs = append(errs, fmt.Errorf("log_format: %q is not text or json", c.LogFormat))
+	}
+	if c.PrometheusServer != "" {
+		if _, _, err := net.SplitHostPort(c.PrometheusServer); err != nil {
+			errs = append(errs, fmt.Errorf("prometheus_server: %q is not host:port (e.g. :2112), or off", c.PrometheusServer))
+		}
 	}
 	return errors.Join(errs...)
 }

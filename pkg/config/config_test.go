@@ -23,6 +23,7 @@ func TestLoadDefaults(t *testing.T) {
 		NodeName: "worker-1", ServicesEnabled: true, ServiceElection: true,
 		LeaseDuration: 5 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: time.Second,
 		LoadBalancerClass: DefaultLoadBalancerClass, ARP: true, LogLevel: "info", LogFormat: "text",
+		PrometheusServer: ":2112",
 	}
 	if !equal(c, want) {
 		t.Fatalf("defaults\n got %+v\nwant %+v", c, want)
@@ -62,6 +63,8 @@ func TestLoadVariables(t *testing.T) {
 				return slices.Equal(c.PodCIDRs, []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/56")}) &&
 					slices.Equal(c.ServiceCIDRs, []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")})
 			}},
+		{name: "metrics address", env: map[string]string{"prometheus_server": "127.0.0.1:9100"}, check: func(c Config) bool { return c.PrometheusServer == "127.0.0.1:9100" }},
+		{name: "metrics off", env: map[string]string{"prometheus_server": "off"}, check: func(c Config) bool { return c.PrometheusServer == "" }},
 		{name: "logging and kubeconfig", env: map[string]string{"log_level": "debug", "log_format": "json", "KUBECONFIG": "/k"},
 			check: func(c Config) bool { return c.LogLevel == "debug" && c.LogFormat == "json" && c.Kubeconfig == "/k" }},
 	} {
@@ -91,6 +94,7 @@ func TestBadValuesNameTheVariable(t *testing.T) {
 		{name: "timing relation", variable: "vip_renewdeadline", value: "5", validate: true},
 		{name: "level", variable: "log_level", value: "loud", validate: true},
 		{name: "format", variable: "log_format", value: "xml", validate: true},
+		{name: "metrics address", variable: "prometheus_server", value: "2112", validate: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := Load(env(map[string]string{tc.variable: tc.value}), host("h"))

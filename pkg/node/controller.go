@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/egressvip/egressvip/pkg/desired"
 	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/metrics"
 	"github.com/egressvip/egressvip/pkg/snat"
 )
 
@@ -72,6 +74,8 @@ type Options struct {
 	SNATUnavailable string
 	// Resync is the longest time between two full syncs.
 	Resync time.Duration
+	// Metrics, when set, receives sync figures.
+	Metrics *metrics.Metrics
 }
 
 // Controller is the node's sync loop.
@@ -106,7 +110,12 @@ type Controller struct {
 	reported map[types.NamespacedName]string
 	// lastFull is when the kernel state was last read back in full.
 	lastFull time.Time
+	// ready is set after the first successful sync.
+	ready atomic.Bool
 }
+
+// Ready reports whether the caches synced and one sync succeeded.
+func (c *Controller) Ready() bool { return c.ready.Load() }
 
 const syncKey = "sync"
 
@@ -231,12 +240,21 @@ func (c *Controller) processNext(ctx context.Context) bool {
 		c.snat.Recheck()
 		c.lastFull = time.Now()
 	}
-	if err := c.Sync(ctx); err != nil {
+	start := time.Now()
+	err := c.Sync(ctx)
+	if m := c.opts.Metrics; m != nil {
+		m.SyncDuration.Observe(time.Since(start).Seconds())
+		if err != nil {
+			m.SyncErrors.Inc()
+		}
+	}
+	if err != nil {
 		c.log.WithError(err).Warn("sync failed; retrying")
 		c.queue.AddRateLimited(key)
 		return true
 	}
 	c.queue.Forget(key)
+	c.ready.Store(true)
 	// The periodic full sync repairs what others flushed.
 	c.queue.AddAfter(key, c.opts.Resync)
 	return true

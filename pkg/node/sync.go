@@ -118,6 +118,11 @@ func (c *Controller) Sync(ctx context.Context) error {
 
 	state := desired.Build(owned, c.excl.Exclude())
 	applyErr := c.apply(ctx, state, v)
+	if m := c.opts.Metrics; m != nil {
+		m.OwnedServices.Set(float64(len(owned)))
+		m.Addresses.Set(float64(len(state.Addresses)))
+		m.SNATRules.Set(float64(len(state.SNAT.Rules)))
+	}
 
 	// Withdraw only after the kernel no longer holds what the lease
 	// guarded, so an address is never held by two nodes.

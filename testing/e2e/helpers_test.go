@@ -5,6 +5,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"strings"
 	"testing"
@@ -183,3 +185,16 @@ func waitEvent(t *testing.T, service, reason, contains string) {
 }
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+// httpGet fetches path from the daemon's metrics listener in node's namespace.
+func httpGet(t *testing.T, node *sandbox.Node, path string) string {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: sandbox.DialIn(node.NS)}}
+	resp, err := client.Get("http://127.0.0.1:2112" + path)
+	if err != nil {
+		t.Fatalf("GET %s on %s: %v", path, node.Name, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return string(body)
+}

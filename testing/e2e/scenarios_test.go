@@ -47,6 +47,12 @@ func TestEgressIPv4(t *testing.T) {
 	if h := holders(lb); len(h) != 1 {
 		t.Errorf("address on %v, want exactly one node", h)
 	}
+	if body := httpGet(t, node, "/readyz"); !strings.Contains(body, "ok") {
+		t.Errorf("/readyz on %s: %q", node.Name, body)
+	}
+	if body := httpGet(t, node, "/metrics"); !strings.Contains(body, "egressvip_snat_rules") || strings.Contains(body, "egressvip_owned_services 0") {
+		t.Errorf("/metrics on %s does not show the served Service:\n%s", node.Name, body)
+	}
 }
 
 // Scenario 2.
