@@ -195,8 +195,7 @@ func (c *Cluster) StartDaemon(n *Node) error {
 	cmd := exec.Command("ip", "netns", "exec", n.NS, c.bins.EgressVIP, "run")
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := startKilledWithUs(cmd); err != nil {
 		logFile.Close()
 		return err
 	}

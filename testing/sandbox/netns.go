@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/vishvananda/netns"
@@ -231,4 +232,40 @@ func veth(a, aName, b, bName string) error {
 		[]string{"ip", "-n", a, "link", "set", aName, "up"},
 		[]string{"ip", "-n", b, "link", "set", bName, "up"},
 	)
+}
+
+// startReq asks the spawner thread to start a command.
+type startReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+var (
+	spawnOnce sync.Once
+	spawnReqs chan startReq
+)
+
+// startKilledWithUs starts cmd so that it gets SIGKILL if this process
+// dies. Pdeathsig follows the thread that forked the child, not the
+// process, and Go ends a thread whose goroutine exits while locked to it
+// (as a goroutine that entered a namespace may), which would kill an
+// unrelated child in the middle of a run. So every child is forked from one
+// goroutine locked to its thread for the life of the process.
+func startKilledWithUs(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnReqs = make(chan startReq)
+		go func() {
+			runtime.LockOSThread()
+			for r := range spawnReqs {
+				r.done <- r.cmd.Start()
+			}
+		}()
+	})
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	done := make(chan error, 1)
+	spawnReqs <- startReq{cmd: cmd, done: done}
+	return <-done
 }
