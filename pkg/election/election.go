@@ -60,6 +60,12 @@ type State struct {
 	// LostAt is when this node last stopped leading without withdrawing
 	// (a failed renewal); zero otherwise.
 	LostAt time.Time
+	// Overdue is true while this node still leads but its last successful
+	// renewal is older than the renew deadline. client-go reports the loss
+	// only after it has also tried to release the Lease, up to another
+	// renew deadline later, by when the Lease may have expired and another
+	// node taken it; Overdue comes in time to give the address up first.
+	Overdue bool
 }
 
 // Manager runs the electors of one node.
@@ -78,6 +84,11 @@ type elector struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	state  State
+	// renewedAt is the RenewTime of this node's last successful write of
+	// the Lease; overdue fires a renew deadline after it. Both are guarded
+	// by Manager.mu.
+	renewedAt time.Time
+	overdue   *time.Timer
 }
 
 // NewManager returns a Manager whose electors identify as identity and call
@@ -130,6 +141,11 @@ func (m *Manager) Stand(ctx context.Context, lease types.NamespacedName) {
 	go func() {
 		defer close(e.done)
 		m.run(ctx, lease, e)
+		m.mu.Lock()
+		if e.overdue != nil {
+			e.overdue.Stop()
+		}
+		m.mu.Unlock()
 	}()
 }
 
@@ -161,6 +177,31 @@ func (m *Manager) Abandon(lease types.NamespacedName) {
 	m.mu.Unlock()
 }
 
+// renewed records a successful write of this node's own Lease record with
+// RenewTime at, and arms the overdue timer a renew deadline after it.
+func (m *Manager) renewed(e *elector, at time.Time) {
+	m.update(e, func(s *State) {
+		e.renewedAt = at
+		s.Overdue = false
+		wait := m.timing.RenewDeadline - time.Since(at)
+		if e.overdue == nil {
+			e.overdue = time.AfterFunc(wait, func() { m.checkOverdue(e) })
+		} else {
+			e.overdue.Reset(wait)
+		}
+	})
+}
+
+// checkOverdue runs when the overdue timer fires. A renewal may have
+// landed just before, so it compares the times again under the lock.
+func (m *Manager) checkOverdue(e *elector) {
+	m.update(e, func(s *State) {
+		s.Overdue = s.Leading && time.Since(e.renewedAt) >= m.timing.RenewDeadline
+	})
+}
+
+// update changes e's state under the lock and pokes the sync loop if it
+// changed.
 func (m *Manager) update(e *elector, f func(*State)) {
 	m.mu.Lock()
 	before := e.state
@@ -177,10 +218,13 @@ func (m *Manager) update(e *elector, f func(*State)) {
 func (m *Manager) run(ctx context.Context, lease types.NamespacedName, e *elector) {
 	log := m.log.WithField("lease", lease.String())
 	for ctx.Err() == nil {
-		lock := &resourcelock.LeaseLock{
-			LeaseMeta:  metaFor(lease),
-			Client:     m.client.CoordinationV1(),
-			LockConfig: resourcelock.ResourceLockConfig{Identity: m.identity},
+		lock := renewWatch{
+			Interface: &resourcelock.LeaseLock{
+				LeaseMeta:  metaFor(lease),
+				Client:     m.client.CoordinationV1(),
+				LockConfig: resourcelock.ResourceLockConfig{Identity: m.identity},
+			},
+			renewed: func(at time.Time) { m.renewed(e, at) },
 		}
 		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
 			Lock:            lock,
@@ -210,6 +254,7 @@ func (m *Manager) run(ctx context.Context, lease types.NamespacedName, e *electo
 							s.LostAt = time.Now()
 						}
 						s.Leading = false
+						s.Overdue = false
 					})
 				},
 				OnNewLeader: func(identity string) {
@@ -240,5 +285,36 @@ func (m *Manager) run(ctx context.Context, lease types.NamespacedName, e *electo
 			case <-time.After(m.timing.RetryPeriod):
 			}
 		}
+	}
+}
+
+// renewWatch is the Lease lock with a hook on every successful write of
+// this node's own record (an acquisition or a renewal): client-go does not
+// say when a renewal last succeeded, and the datapath has to stop before
+// the Lease can expire.
+type renewWatch struct {
+	resourcelock.Interface
+	renewed func(at time.Time)
+}
+
+func (l renewWatch) Create(ctx context.Context, r resourcelock.LeaderElectionRecord) error {
+	err := l.Interface.Create(ctx, r)
+	l.observe(r, err)
+	return err
+}
+
+func (l renewWatch) Update(ctx context.Context, r resourcelock.LeaderElectionRecord) error {
+	err := l.Interface.Update(ctx, r)
+	l.observe(r, err)
+	return err
+}
+
+// observe reports a successful write of our own record. Its RenewTime was
+// taken before the request, so the Lease cannot expire earlier than
+// RenewTime plus the lease duration. A release (an empty holder) is not a
+// renewal.
+func (l renewWatch) observe(r resourcelock.LeaderElectionRecord, err error) {
+	if err == nil && r.HolderIdentity == l.Identity() {
+		l.renewed(r.RenewTime.Time)
 	}
 }

@@ -2,14 +2,18 @@ package election
 
 import (
 	"context"
+	"errors"
 	"io"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 )
 
 var fast = Timing{LeaseDuration: 1200 * time.Millisecond, RenewDeadline: 800 * time.Millisecond, RetryPeriod: 100 * time.Millisecond}
@@ -111,4 +115,49 @@ func TestSameIdentityResumesHeldLease(t *testing.T) {
 	default:
 		t.Fatal("state change did not poke the sync loop")
 	}
+}
+
+// An API server that stops answering: the elector says the renewal is
+// overdue a renew deadline after the last renewal, while client-go still
+// reports leading (it gives up only after also failing to release), and
+// the loss follows.
+func TestRenewalOverdueComesBeforeTheLoss(t *testing.T) {
+	client := fake.NewClientset()
+	var hang atomic.Bool
+	unblock := make(chan struct{})
+	client.PrependReactor("*", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if !hang.Load() {
+			return false, nil, nil
+		}
+		// A request to an API server that does not answer hangs.
+		select {
+		case <-unblock:
+		case <-time.After(2 * time.Second):
+		}
+		return true, nil, errors.New("API server unreachable")
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	defer close(unblock)
+	lease := types.NamespacedName{Namespace: "default", Name: LeaseName("web")}
+	m := NewManager(client, "node-a", fast, nil, quietLog())
+	m.Stand(ctx, lease)
+	eventually(t, "node-a leads", func() bool { return m.State(lease).Leading })
+
+	// Renewals that succeed keep it from ever being overdue.
+	for end := time.Now().Add(3 * fast.RenewDeadline); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if st := m.State(lease); st.Overdue || !st.Leading {
+			t.Fatalf("with a working API server: %+v", st)
+		}
+	}
+
+	hang.Store(true)
+	eventually(t, "renewal overdue while client-go still reports leading", func() bool {
+		st := m.State(lease)
+		return st.Leading && st.Overdue
+	})
+	eventually(t, "client-go gives the lease up", func() bool {
+		st := m.State(lease)
+		return !st.Leading && !st.Overdue && !st.LostAt.IsZero()
+	})
 }
