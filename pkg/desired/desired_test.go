@@ -100,8 +100,11 @@ func TestAnalyzeStand(t *testing.T) {
 			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventInvalidAnnotation, wantFatal: true},
 		{name: "ipv6 egress without ipv6 address is fatal", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressIPv6, "true")),
 			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventFamilyMismatch, wantFatal: true},
-		{name: "ipv6 egress with a pod lacking ipv6 is fatal", svc: svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventFamilyMismatch, wantFatal: true},
+		{name: "ipv6 egress with a pod lacking ipv6 is an event, and the service stands", svc: svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
+			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantStand: true, wantEvent: EventFamilyMismatch},
+		{name: "a pod missing from the ipv4 slice is an event, and the service stands", svc: svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
+			slices:    []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})},
+			wantStand: true, wantEvent: EventFamilyMismatch},
 		{name: "egress with cluster policy serves the address without egress", svc: svc("a", false, egressAnn("203.0.113.10")),
 			wantStand: true, wantEvent: EventEgressNotSupported},
 		{name: "egress without election is refused with an event", svc: svc("a", true, egressAnn("203.0.113.10")),
@@ -158,6 +161,8 @@ func TestOwns(t *testing.T) {
 		{name: "api unreachable, pinned: keep", s: pinned, st: election.State{LostAt: lost, Holder: "node-a"}, want: true},
 		{name: "api unreachable, another node could serve: give up", s: shared, st: election.State{LostAt: lost, Holder: "node-a"}, want: false},
 		{name: "api unreachable but another node took over: give up", s: pinned, st: election.State{LostAt: lost, Holder: "node-b"}, want: false},
+		{name: "renewal overdue, pinned: keep", s: pinned, st: election.State{Leading: true, Overdue: true, Holder: "node-a"}, want: true},
+		{name: "renewal overdue, another node could serve: give up before the lease expires", s: shared, st: election.State{Leading: true, Overdue: true, Holder: "node-a"}, want: false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, why := Owns(tc.s, tc.st, "node-a", tc.resuming)
@@ -165,6 +170,20 @@ func TestOwns(t *testing.T) {
 				t.Fatalf("Owns = %v (%s), want %v", got, why, tc.want)
 			}
 		})
+	}
+}
+
+// A pod known in one family only gets that family's SNAT; the Service keeps
+// its addresses.
+func TestBuildPodMissingAFamily(t *testing.T) {
+	s := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
+		[]*discoveryv1.EndpointSlice{slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})}, opts)
+	st := Build([]Service{s}, nil)
+	if len(st.Addresses) != 2 {
+		t.Fatalf("addresses %v, want both LoadBalancer IPs", st.Addresses)
+	}
+	if len(st.SNAT.Rules) != 1 || st.SNAT.Rules[0].PodIP != netip.MustParseAddr("fd00:10:244:1::5") || st.SNAT.Rules[0].SourceIP != netip.MustParseAddr("2001:db8:1::10") {
+		t.Fatalf("rules %+v, want the IPv6 rule only", st.SNAT.Rules)
 	}
 }
 

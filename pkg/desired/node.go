@@ -13,23 +13,28 @@ import (
 
 // Owns decides whether this node programs a Service now, with a reason when
 // it does not (or why it does without leading).
-//   - leading the Lease: yes;
+//   - leading the Lease, last renewed within the renew deadline: yes;
 //   - resuming: on start-up the Service's address is still bound from the
 //     previous run and the elector has not read the Lease yet: yes, so a
 //     restart leaves the datapath alone;
-//   - lost the Lease through failed renewals (API server unreachable) while
-//     no other node could serve the Service and none was seen taking it:
-//     yes, keep what is programmed until the API answers again.
+//   - renewals failing (API server unreachable), overdue or already given
+//     up, while no other node could serve the Service and none was seen
+//     taking it: yes, keep what is programmed until the API answers again;
+//   - renewals overdue while another node could serve it: no, give the
+//     address up before the Lease can expire and another node take it.
 func Owns(s Service, st election.State, identity string, resuming bool) (bool, string) {
+	failing := st.Overdue || !st.LostAt.IsZero()
 	switch {
 	case !s.Stand:
 		return false, s.Reason
-	case st.Leading:
+	case st.Leading && !st.Overdue:
 		return true, "leader"
 	case resuming && !st.Observed:
 		return true, "resuming"
-	case !st.LostAt.IsZero() && s.Pinned() && (st.Holder == "" || st.Holder == identity):
+	case failing && s.Pinned() && (st.Holder == "" || st.Holder == identity):
 		return true, "keptWhileAPIUnreachable"
+	case st.Overdue:
+		return false, ReasonRenewalOverdue
 	default:
 		return false, ReasonNotLeader
 	}

@@ -23,6 +23,7 @@ const (
 	ReasonNoAddress       = "noLoadBalancerIP"
 	ReasonNoLocalEndpoint = "noLocalReadyEndpoint"
 	ReasonNotLeader       = "notLeader"
+	ReasonRenewalOverdue  = "leaseRenewalOverdue"
 )
 
 // Event reasons for problems with a Service's configuration.
@@ -162,7 +163,12 @@ func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Op
 }
 
 // checkFamilies reports egress that asks for a family the Service or its
-// local pods lack.
+// local pods lack. A Service without the LoadBalancer IP of a family it
+// asks for is misconfigured: nothing is programmed for it. A pod without
+// an address of that family only misses that family's SNAT: each family's
+// EndpointSlice is its own object, updated on its own, so a pod may be
+// missing from one for a moment, and that must not tear down the
+// Service's address and its other family's egress.
 func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
 	if s.EgressIPv6 && !s.LBv6.IsValid() {
 		problem(true, EventFamilyMismatch, "%s is true but the Service has no IPv6 LoadBalancer IP", annotations.EgressIPv6)
@@ -172,10 +178,10 @@ func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
 	}
 	for _, ep := range s.LocalEndpoints {
 		if s.LBv4.IsValid() && !ep.V4.IsValid() {
-			problem(true, EventFamilyMismatch, "endpoint %s has no IPv4 address for IPv4 egress", ep.Name)
+			problem(false, EventFamilyMismatch, "endpoint %s has no IPv4 address: no IPv4 egress for it", ep.Name)
 		}
 		if s.EgressIPv6 && !ep.V6.IsValid() {
-			problem(true, EventFamilyMismatch, "%s is true but endpoint %s has no IPv6 address", annotations.EgressIPv6, ep.Name)
+			problem(false, EventFamilyMismatch, "%s is true but endpoint %s has no IPv6 address: no IPv6 egress for it", annotations.EgressIPv6, ep.Name)
 		}
 	}
 }
