@@ -19,6 +19,7 @@ type Metrics struct {
 	Registry      *prometheus.Registry
 	SyncDuration  prometheus.Histogram
 	SyncErrors    prometheus.Counter
+	ReportErrors  prometheus.Counter
 	OwnedServices prometheus.Gauge
 	Addresses     prometheus.Gauge
 	SNATRules     prometheus.Gauge
@@ -34,11 +35,12 @@ func New() *Metrics {
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
 		}),
 		SyncErrors:    prometheus.NewCounter(prometheus.CounterOpts{Name: "egressvip_sync_errors_total", Help: "Syncs that failed and were retried."}),
+		ReportErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "egressvip_report_errors_total", Help: "Writes of a Service's annotations or status that failed and were retried."}),
 		OwnedServices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_owned_services", Help: "LoadBalancer Services this node serves."}),
 		Addresses:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_addresses", Help: "LoadBalancer IPs bound on this node's serviceInterface."}),
 		SNATRules:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_snat_rules", Help: "Egress SNAT rules (pod and family) on this node."}),
 	}
-	m.Registry.MustRegister(m.SyncDuration, m.SyncErrors, m.OwnedServices, m.Addresses, m.SNATRules,
+	m.Registry.MustRegister(m.SyncDuration, m.SyncErrors, m.ReportErrors, m.OwnedServices, m.Addresses, m.SNATRules,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

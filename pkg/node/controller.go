@@ -88,6 +88,7 @@ type Controller struct {
 	elections Elections
 	excl      Exclusions
 	recorder  record.EventRecorder
+	reporter  *reporter
 
 	services   corelisters.ServiceLister
 	sliceIndex cache.Indexer
@@ -144,6 +145,7 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 			func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName })
 	})
 	c.services = svcInformer.Lister()
+	c.reporter = newReporter(client, c.services, opts.Metrics, log)
 	c.sliceIndex = sliceInformer.GetIndexer()
 	poke := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.Poke() },
@@ -222,9 +224,15 @@ func (c *Controller) Run(ctx context.Context) error {
 		for c.processNext(ctx) {
 		}
 	}()
+	reported := make(chan struct{})
+	go func() {
+		defer close(reported)
+		c.reporter.run(ctx)
+	}()
 	<-ctx.Done()
 	c.queue.ShutDown()
 	<-done
+	<-reported
 	c.shutdown()
 	return nil
 }

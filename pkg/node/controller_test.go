@@ -20,6 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
@@ -220,6 +221,14 @@ func (h *harness) sync() {
 	if err := h.ctrl.Sync(context.Background()); err != nil {
 		h.t.Fatalf("sync: %v", err)
 	}
+	h.report()
+}
+
+// report performs the writes the sync queued for the reporter.
+func (h *harness) report() {
+	for h.ctrl.reporter.queue.Len() > 0 {
+		h.ctrl.reporter.processNext(context.Background())
+	}
 }
 
 func (h *harness) service(name string) *corev1.Service {
@@ -329,6 +338,46 @@ func TestLeaderProgramsAndReports(t *testing.T) {
 		t.Fatal("address kept after the Service was deleted")
 	}
 	eventuallyTrue(t, "lease withdrawn", func() bool { return !h.elections.isStanding("web") })
+}
+
+// A write to the API server that hangs does not hold up the sync loop: the
+// address of a Service whose Lease is lost goes at once.
+func TestHangingAPIWriteDoesNotBlockTheDatapath(t *testing.T) {
+	h := newHarness(t, lbService("web", "203.0.113.10", false))
+	unblock := make(chan struct{})
+	defer close(unblock)
+	h.client.PrependReactor("patch", "services", func(k8stesting.Action) (bool, runtime.Object, error) {
+		<-unblock
+		return true, nil, errors.New("API server unreachable")
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go h.ctrl.reporter.run(ctx)
+
+	h.elections.lead("web")
+	time.Sleep(50 * time.Millisecond) // let informer events land in the cache
+	if err := h.ctrl.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !h.addrs.has("203.0.113.10") {
+		t.Fatal("leader did not bind the address")
+	}
+	eventuallyTrue(t, "the report write is stuck", func() bool { return h.ctrl.reporter.queue.Len() == 0 })
+
+	h.elections.follow("web")
+	synced := make(chan error, 1)
+	go func() { synced <- h.ctrl.Sync(context.Background()) }()
+	select {
+	case err := <-synced:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sync loop waited for a hanging API write")
+	}
+	if h.addrs.has("203.0.113.10") {
+		t.Fatal("the address stayed after the Lease was lost")
+	}
 }
 
 func TestFollowerWritesNothing(t *testing.T) {

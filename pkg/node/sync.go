@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -13,7 +12,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -132,16 +130,20 @@ func (c *Controller) Sync(ctx context.Context) error {
 		}
 	}
 
+	reporting := map[types.NamespacedName]bool{}
 	for _, s := range v.analysed {
 		problems := slices.Clone(s.Problems)
 		problems = append(problems, state.Conflicts[s.Key.String()]...)
 		c.emitProblems(v.services[s.Key], problems)
-		if ownedNow[s.Key] && leading[s.Key] && applyErr == nil {
-			if err := c.report(ctx, v.services[s.Key], desired.ReportFor(s, c.opts.Node)); err != nil {
-				applyErr = errors.Join(applyErr, err)
+		if ownedNow[s.Key] && leading[s.Key] {
+			reporting[s.Key] = true
+			// Report only what the kernel holds.
+			if applyErr == nil {
+				c.reporter.set(v.services[s.Key], desired.ReportFor(s, c.opts.Node))
 			}
 		}
 	}
+	c.reporter.retain(reporting)
 
 	for k := range c.reported {
 		if _, ok := v.services[k]; !ok {
@@ -229,45 +231,6 @@ func (c *Controller) emitProblems(svc *corev1.Service, problems []desired.Proble
 		c.log.WithFields(map[string]any{"service": key.String(), "reason": p.Reason}).Error(p.Message)
 		c.recorder.Event(svc, corev1.EventTypeWarning, p.Reason, p.Message)
 	}
-}
-
-// report writes the leader's annotations and status.loadBalancer.ingress,
-// each only when it differs, so a steady state makes no API call.
-func (c *Controller) report(ctx context.Context, svc *corev1.Service, r desired.Report) error {
-	patch := map[string]any{}
-	for k, want := range r.Annotations() {
-		have, ok := svc.Annotations[k]
-		switch {
-		case want == "" && ok:
-			patch[k] = nil
-		case want != "" && have != want:
-			patch[k] = want
-		}
-	}
-	if len(patch) > 0 {
-		body, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": patch}})
-		if _, err := c.client.CoreV1().Services(svc.Namespace).Patch(ctx, svc.Name, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
-			return fmt.Errorf("annotate Service %s/%s: %w", svc.Namespace, svc.Name, err)
-		}
-	}
-	ingress := make([]corev1.LoadBalancerIngress, 0, len(r.Ingress))
-	vip := corev1.LoadBalancerIPModeVIP
-	for _, ip := range r.Ingress {
-		ingress = append(ingress, corev1.LoadBalancerIngress{IP: ip, IPMode: &vip})
-	}
-	if !sameIngress(svc.Status.LoadBalancer.Ingress, ingress) {
-		body, _ := json.Marshal(map[string]any{"status": map[string]any{"loadBalancer": map[string]any{"ingress": ingress}}})
-		if _, err := c.client.CoreV1().Services(svc.Namespace).Patch(ctx, svc.Name, types.MergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
-			return fmt.Errorf("update status of Service %s/%s: %w", svc.Namespace, svc.Name, err)
-		}
-	}
-	return nil
-}
-
-func sameIngress(a, b []corev1.LoadBalancerIngress) bool {
-	return slices.EqualFunc(a, b, func(x, y corev1.LoadBalancerIngress) bool {
-		return x.IP == y.IP && x.Hostname == "" && (x.IPMode == nil || y.IPMode == nil || *x.IPMode == *y.IPMode)
-	})
 }
 
 // shutdown runs once the loop has stopped (SIGTERM). Pinned Services keep

@@ -1,0 +1,178 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/egressvip/egressvip/pkg/desired"
+	"github.com/egressvip/egressvip/pkg/metrics"
+)
+
+// reportTimeout bounds one write of a Service's annotations or status.
+const reportTimeout = 10 * time.Second
+
+// reporter writes what the leader reports on its Services (annotations and
+// status.loadBalancer.ingress) from its own queue, so an API server that
+// hangs never holds up the sync loop: the datapath must react to a lost
+// Lease at once, also while a write is stuck.
+type reporter struct {
+	client   kubernetes.Interface
+	services corelisters.ServiceLister
+	log      *logrus.Entry
+	metrics  *metrics.Metrics
+	queue    workqueue.TypedRateLimitingInterface[types.NamespacedName]
+
+	mu   sync.Mutex
+	want map[types.NamespacedName]desired.Report
+}
+
+func newReporter(client kubernetes.Interface, services corelisters.ServiceLister, m *metrics.Metrics, log *logrus.Entry) *reporter {
+	return &reporter{
+		client: client, services: services, log: log, metrics: m,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedItemExponentialFailureRateLimiter[types.NamespacedName](200*time.Millisecond, 30*time.Second),
+			workqueue.TypedRateLimitingQueueConfig[types.NamespacedName]{Name: "egressvip-report"}),
+		want: map[types.NamespacedName]desired.Report{},
+	}
+}
+
+// set records what this node, as leader, reports on svc, and queues a
+// write if the cached Service shows something else.
+func (r *reporter) set(svc *corev1.Service, rep desired.Report) {
+	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+	r.mu.Lock()
+	r.want[key] = rep
+	r.mu.Unlock()
+	if p := patchFor(svc, rep); p.annotations != nil || p.status != nil {
+		r.queue.Add(key)
+	}
+}
+
+// retain forgets every Service not in keep: this node no longer leads it,
+// and the new leader reports.
+func (r *reporter) retain(keep map[types.NamespacedName]bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for k := range r.want {
+		if !keep[k] {
+			delete(r.want, k)
+		}
+	}
+}
+
+// run writes until ctx ends.
+func (r *reporter) run(ctx context.Context) {
+	go func() {
+		<-ctx.Done()
+		r.queue.ShutDown()
+	}()
+	for r.processNext(ctx) {
+	}
+}
+
+func (r *reporter) processNext(ctx context.Context) bool {
+	key, quit := r.queue.Get()
+	if quit {
+		return false
+	}
+	defer r.queue.Done(key)
+	if err := r.write(ctx, key); err != nil {
+		r.log.WithError(err).WithField("service", key.String()).Warn("reporting on the Service failed; retrying")
+		if r.metrics != nil {
+			r.metrics.ReportErrors.Inc()
+		}
+		r.queue.AddRateLimited(key)
+		return true
+	}
+	r.queue.Forget(key)
+	return true
+}
+
+// write brings one Service's annotations and status to what this node
+// reports, from the cached Service, each only when it differs.
+func (r *reporter) write(ctx context.Context, key types.NamespacedName) error {
+	r.mu.Lock()
+	rep, ok := r.want[key]
+	r.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	svc, err := r.services.Services(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	p := patchFor(svc, rep)
+	ctx, cancel := context.WithTimeout(ctx, reportTimeout)
+	defer cancel()
+	if p.annotations != nil {
+		body, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": p.annotations}})
+		if _, err := r.client.CoreV1().Services(key.Namespace).Patch(ctx, key.Name, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
+			return fmt.Errorf("annotate Service %s: %w", key, err)
+		}
+	}
+	if p.status != nil {
+		body, _ := json.Marshal(map[string]any{"status": map[string]any{"loadBalancer": map[string]any{"ingress": p.status}}})
+		if _, err := r.client.CoreV1().Services(key.Namespace).Patch(ctx, key.Name, types.MergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
+			return fmt.Errorf("update status of Service %s: %w", key, err)
+		}
+	}
+	return nil
+}
+
+// patch is what a Service lacks of a report: annotations to set (a nil
+// value removes one) and the ingress list; nil where nothing differs.
+type patch struct {
+	annotations map[string]any
+	status      []corev1.LoadBalancerIngress
+}
+
+func patchFor(svc *corev1.Service, rep desired.Report) patch {
+	var p patch
+	for k, want := range rep.Annotations() {
+		have, ok := svc.Annotations[k]
+		switch {
+		case want == "" && ok:
+			p.annotationsSet(k, nil)
+		case want != "" && have != want:
+			p.annotationsSet(k, want)
+		}
+	}
+	ingress := make([]corev1.LoadBalancerIngress, 0, len(rep.Ingress))
+	vip := corev1.LoadBalancerIPModeVIP
+	for _, ip := range rep.Ingress {
+		ingress = append(ingress, corev1.LoadBalancerIngress{IP: ip, IPMode: &vip})
+	}
+	if !sameIngress(svc.Status.LoadBalancer.Ingress, ingress) {
+		p.status = ingress
+	}
+	return p
+}
+
+func (p *patch) annotationsSet(k string, v any) {
+	if p.annotations == nil {
+		p.annotations = map[string]any{}
+	}
+	p.annotations[k] = v
+}
+
+func sameIngress(a, b []corev1.LoadBalancerIngress) bool {
+	return slices.EqualFunc(a, b, func(x, y corev1.LoadBalancerIngress) bool {
+		return x.IP == y.IP && x.Hostname == "" && (x.IPMode == nil || y.IPMode == nil || *x.IPMode == *y.IPMode)
+	})
+}
