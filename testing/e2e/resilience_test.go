@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -14,60 +13,36 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/testing/sandbox"
 )
 
-// flow sends a numbered UDP datagram from p every interval until stopped,
-// and then reports what the external host saw.
-type flow struct {
-	prefix string
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	sent   int
-}
-
-func startFlow(t *testing.T, p *sandbox.Pod, interval time.Duration) *flow {
+// startFlow starts a flow of UDP datagrams from p to the external host.
+func startFlow(t *testing.T, p *sandbox.Pod, interval time.Duration) *sandbox.Flow {
 	t.Helper()
-	conn, err := sandbox.OpenUDP(p, netip.AddrPortFrom(sandbox.ExternalAddr(false), sandbox.UDPPort))
+	f, err := cluster.StartFlow(p, netip.AddrPortFrom(sandbox.ExternalAddr(false), sandbox.UDPPort), interval)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("start a flow from %s: %v", p.Name, err)
 	}
-	f := &flow{prefix: fmt.Sprintf("flow-%s-%d-", p.Name, time.Now().UnixNano()), stop: make(chan struct{})}
-	f.wg.Add(1)
-	go func() {
-		defer f.wg.Done()
-		defer conn.Close()
-		tick := time.NewTicker(interval)
-		defer tick.Stop()
-		for {
-			select {
-			case <-f.stop:
-				return
-			case <-tick.C:
-				_, _ = conn.Write([]byte(fmt.Sprintf("%s%d", f.prefix, f.sent)))
-				f.sent++
-			}
-		}
-	}()
 	return f
 }
 
-// end stops the flow and returns the longest gap between arrivals and the
-// datagrams that arrived from another source than want.
-func (f *flow) end(want netip.Addr) (longest time.Duration, arrived int, wrong []string) {
-	close(f.stop)
-	f.wg.Wait()
-	time.Sleep(300 * time.Millisecond)
-	hits := cluster.External.HitsWithPrefix(f.prefix)
-	for i, h := range hits {
-		if h.Source != want {
-			wrong = append(wrong, fmt.Sprintf("%s from %s", h.Payload, h.Source))
-		}
-		if i > 0 {
-			longest = max(longest, h.At.Sub(hits[i-1].At))
-		}
+// checkFlow fails t unless every datagram of the flow arrived with the
+// wanted source and no gap was over one second.
+func checkFlow(t *testing.T, r sandbox.FlowReport, during string) {
+	t.Helper()
+	if r.SendErr != nil {
+		t.Errorf("sending %s: %v", during, r.SendErr)
 	}
-	return longest, len(hits), wrong
+	if r.Arrived == 0 {
+		t.Errorf("no datagram arrived %s", during)
+	}
+	if len(r.Wrong) > 0 {
+		t.Errorf("%d datagrams left with another source %s, e.g. %v", len(r.Wrong), during, r.Wrong[:min(3, len(r.Wrong))])
+	}
+	if r.LongestGap > time.Second {
+		t.Errorf("egress interrupted for %s %s", r.LongestGap.Round(time.Millisecond), during)
+	}
 }
 
 // An API server outage: a Service no other node could serve keeps its
@@ -85,6 +60,14 @@ func TestAPIServerOutage(t *testing.T) {
 		return len(h) == 1, fmt.Sprint(h)
 	})
 
+	// The last renewal the API server saw before the outage: no other
+	// node can take the Lease over before it plus the lease duration.
+	l, err := cluster.Admin.CoordinationV1().Leases(ns).Get(ctx(t), election.LeaseName("outage-shared"), metav1.GetOptions{})
+	if err != nil || l.Spec.RenewTime == nil || l.Spec.LeaseDurationSeconds == nil {
+		t.Fatalf("lease of outage-shared: %v %+v", err, l)
+	}
+	expiry := l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second)
+
 	f := startFlow(t, p, 20*time.Millisecond)
 	if err := cluster.PauseAPIServer(true); err != nil {
 		t.Fatal(err)
@@ -95,29 +78,37 @@ func TestAPIServerOutage(t *testing.T) {
 			_ = cluster.PauseAPIServer(false)
 		}
 	}()
-	// Twice the lease duration (5 s).
-	time.Sleep(10 * time.Second)
+	// Twice the lease duration (5 s), watching the shared address.
+	var released time.Time
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if released.IsZero() && len(holders(sharedLB)) == 0 {
+			released = time.Now()
+		}
+	}
 	pinnedHeld, sharedHolders := node.HasAddress(pinnedLB), holders(sharedLB)
 	rules := node.SNATRulesFor(ns + "/outage-pinned")
 	if err := cluster.PauseAPIServer(false); err != nil {
 		t.Fatal(err)
 	}
 	resumed = true
-	longest, arrived, wrong := f.end(pinnedLB)
-	record("API outage 10 s: pinned egress longest gap", longest.Round(time.Millisecond).String())
-	t.Logf("during a 10 s outage: %d/%d datagrams arrived, longest gap %s", arrived, f.sent, longest.Round(time.Millisecond))
+	r := f.Stop(pinnedLB)
+	record("API outage 10 s: pinned egress longest gap", r.LongestGap.Round(time.Millisecond).String())
+	t.Logf("flow every 20 ms during a 10 s outage: %s", r)
 
 	if !pinnedHeld || len(rules) == 0 {
 		t.Errorf("pinned egress Service lost its datapath during the outage (address %v, rules %v)", pinnedHeld, rules)
 	}
-	if len(wrong) > 0 {
-		t.Errorf("%d datagrams left with another source during the outage, e.g. %v", len(wrong), wrong[:min(3, len(wrong))])
-	}
-	if longest > time.Second {
-		t.Errorf("egress interrupted for %s during the outage", longest)
-	}
-	if len(sharedHolders) != 0 {
+	checkFlow(t, r, "during the outage")
+	if len(sharedHolders) != 0 || released.IsZero() {
 		t.Errorf("a Service another node could serve kept its address through the outage on %v", sharedHolders)
+	} else {
+		margin := expiry.Sub(released)
+		record("API outage: shared address released before the Lease could expire by", margin.Round(time.Millisecond).String())
+		// The safety property itself: released after the Lease could
+		// expire, the address could be held by two nodes at once.
+		if margin <= 0 {
+			t.Errorf("the shared address was released %s after its Lease could expire", -margin)
+		}
 	}
 	// After the outage both are served again.
 	waitServed(t, "outage-pinned", node, true, pinnedLB)
@@ -159,10 +150,9 @@ func TestStaleStateRemovedOnStart(t *testing.T) {
 		return !node.HasAddress(staleLB) && len(node.SNATRulesFor(ns+"/stale")) == 0, fmt.Sprint(node.SNATRulesFor(ns + "/stale"))
 	})
 	time.Sleep(time.Second)
-	longest, _, wrong := f.end(keepLB)
-	if len(wrong) > 0 || longest > time.Second {
-		t.Errorf("the remaining Service was disturbed by the restart: longest gap %s, wrong sources %v", longest, wrong)
-	}
+	r := f.Stop(keepLB)
+	t.Logf("flow of the remaining Service across the restart: %s", r)
+	checkFlow(t, r, "for the remaining Service across the restart")
 	waitServed(t, "stale-keep", node, true, keepLB)
 }
 

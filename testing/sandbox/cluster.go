@@ -31,7 +31,15 @@ const (
 	// ExternalHost4 and ExternalHost6 are the external host's addresses.
 	ExternalHost4 = extNet4 + "250"
 	ExternalHost6 = extNet6 + "250"
-	apiServerIP   = nodeNet4 + "1"
+	// ServiceRangeHost4 and ServiceRangeHost6 are further addresses of the
+	// external host, inside the Service CIDRs; nodes route the Service
+	// CIDRs to it. There is no kube-proxy, so a packet a pod sends to them
+	// shows whether egress SNAT left Service-CIDR traffic alone: the CNI's
+	// MASQUERADE gives it the node address, egress SNAT would give it the
+	// LoadBalancer IP.
+	ServiceRangeHost4 = "10.96.255.250"
+	ServiceRangeHost6 = "fd00:10:96::fffa"
+	apiServerIP       = nodeNet4 + "1"
 )
 
 // This run's fixed namespaces.
@@ -192,6 +200,12 @@ func (c *Cluster) network() error {
 	if err := attach(externalNS, "eth0", "ext0", "br-ext", ExternalHost4, ExternalHost6); err != nil {
 		return err
 	}
+	if err := shAll(
+		[]string{"ip", "-n", externalNS, "addr", "add", ServiceRangeHost4 + "/32", "dev", "eth0"},
+		[]string{"ip", "-n", externalNS, "addr", "add", ServiceRangeHost6 + "/128", "dev", "eth0", "nodad"},
+	); err != nil {
+		return err
+	}
 	for i := 1; i <= c.opts.Nodes; i++ {
 		n := &Node{
 			Name:   fmt.Sprintf("node-%d", i),
@@ -213,6 +227,13 @@ func (c *Cluster) network() error {
 		if _, err := InNS(n.NS, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
 			return err
 		}
+		svc4, svc6, _ := strings.Cut(serviceCIDR, ",")
+		if err := shAll(
+			[]string{"ip", "-n", n.NS, "route", "add", svc4, "via", ExternalHost4, "dev", "eth1"},
+			[]string{"ip", "-n", n.NS, "-6", "route", "add", svc6, "via", ExternalHost6, "dev", "eth1"},
+		); err != nil {
+			return err
+		}
 		c.Nodes = append(c.Nodes, n)
 	}
 	return nil
@@ -229,8 +250,7 @@ func (c *Cluster) spawn(ns, name string, env []string, args ...string) (*exec.Cm
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.Env = env
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := startKilledWithUs(cmd); err != nil {
 		logFile.Close()
 		return nil, err
 	}
