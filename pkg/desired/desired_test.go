@@ -158,6 +158,8 @@ func TestOwns(t *testing.T) {
 		{name: "follower", s: pinned, st: election.State{Observed: true, Holder: "node-b"}, want: false},
 		{name: "resuming before the lease was read", s: pinned, resuming: true, want: true},
 		{name: "resuming ends once another holder is seen", s: pinned, resuming: true, st: election.State{Observed: true, Holder: "node-b"}, want: false},
+		{name: "resuming: the lease names this node, leading not reported yet", s: pinned, resuming: true, st: election.State{Observed: true, Holder: "node-a"}, want: true},
+		{name: "resuming does not keep a shared service whose renewal is overdue", s: shared, resuming: true, st: election.State{Leading: true, Overdue: true, Observed: true, Holder: "node-a"}, want: false},
 		{name: "api unreachable, pinned: keep", s: pinned, st: election.State{LostAt: lost, Holder: "node-a"}, want: true},
 		{name: "api unreachable, another node could serve: give up", s: shared, st: election.State{LostAt: lost, Holder: "node-a"}, want: false},
 		{name: "api unreachable but another node took over: give up", s: pinned, st: election.State{LostAt: lost, Holder: "node-b"}, want: false},

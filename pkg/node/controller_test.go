@@ -162,6 +162,12 @@ func (f *fakeElections) lead(service string) {
 	f.states[lease(service)] = election.State{Standing: true, Leading: true, Observed: true, Holder: nodeName}
 }
 
+func (f *fakeElections) set(service string, st election.State) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.states[lease(service)] = st
+}
+
 func (f *fakeElections) follow(service string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -467,6 +473,13 @@ func TestRestartResumesWithoutRemovingState(t *testing.T) {
 	h.sync()
 	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 1 {
 		t.Fatal("restart removed the datapath before the election decided")
+	}
+	// The elector has read the Lease naming this node; client-go has not
+	// yet said it leads (it reports the two from separate goroutines).
+	h.elections.set("web", election.State{Standing: true, Observed: true, Holder: nodeName})
+	h.sync()
+	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 1 {
+		t.Fatal("restart removed the datapath between reading its own Lease and leading")
 	}
 	// Another node turns out to hold the Lease: give it up.
 	h.elections.follow("web")

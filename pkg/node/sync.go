@@ -99,7 +99,9 @@ func (c *Controller) Sync(ctx context.Context) error {
 			ownedNow[s.Key] = true
 			leading[s.Key] = st.Leading
 		}
-		if st.Observed && resuming {
+		// Resuming ends once the election has decided: this node leads,
+		// or another holds the Lease.
+		if resuming && (st.Leading || (st.Observed && st.Holder != identity)) {
 			for _, a := range s.Addresses() {
 				delete(c.resumable, a)
 			}
