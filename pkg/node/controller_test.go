@@ -15,6 +15,7 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
@@ -552,5 +553,26 @@ func BenchmarkSync1000Services(b *testing.B) {
 		if err := h.ctrl.Sync(ctx); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// A Service deleted between the sync and the write is not retried.
+func TestReportOnDeletedServiceIsNotRetried(t *testing.T) {
+	h := newHarness(t, lbService("web", "203.0.113.10", false))
+	h.client.PrependReactor("patch", "services", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewNotFound(corev1.Resource("services"), "web")
+	})
+	h.elections.lead("web")
+	time.Sleep(50 * time.Millisecond) // let informer events land in the cache
+	if err := h.ctrl.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	key := types.NamespacedName{Namespace: "default", Name: "web"}
+	if h.ctrl.reporter.queue.Len() != 1 {
+		t.Fatal("setup: no write queued")
+	}
+	h.ctrl.reporter.processNext(context.Background())
+	if n := h.ctrl.reporter.queue.NumRequeues(key); n != 0 {
+		t.Fatalf("write to a deleted Service requeued %d times", n)
 	}
 }

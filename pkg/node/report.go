@@ -89,7 +89,8 @@ func (r *reporter) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer r.queue.Done(key)
-	if err := r.write(ctx, key); err != nil {
+	// A Service deleted since the sync has nothing left to report on.
+	if err := r.write(ctx, key); err != nil && !apierrors.IsNotFound(err) {
 		r.log.WithError(err).WithField("service", key.String()).Warn("reporting on the Service failed; retrying")
 		if r.metrics != nil {
 			r.metrics.ReportErrors.Inc()
