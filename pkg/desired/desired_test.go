@@ -180,6 +180,9 @@ func TestOwns(t *testing.T) {
 func TestBuildPodMissingAFamily(t *testing.T) {
 	s := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
 		[]*discoveryv1.EndpointSlice{slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})}, opts)
+	if len(s.Problems) != 1 || s.Problems[0].Reason != EventFamilyMismatch || !s.Problems[0].Transient || s.Problems[0].Fatal {
+		t.Fatalf("problems %+v, want one transient, non-fatal %s", s.Problems, EventFamilyMismatch)
+	}
 	st := Build([]Service{s}, nil)
 	if len(st.Addresses) != 2 {
 		t.Fatalf("addresses %v, want both LoadBalancer IPs", st.Addresses)

@@ -42,6 +42,9 @@ type Problem struct {
 	Reason  string
 	Message string
 	Fatal   bool
+	// Transient problems may clear by themselves within moments (views of
+	// EndpointSlices catching up); they are reported only if they last.
+	Transient bool
 }
 
 // Endpoint is one ready endpoint pod of a Service.
@@ -176,12 +179,15 @@ func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
 	if !s.EgressIPv6 && !s.LBv4.IsValid() && s.LBv6.IsValid() {
 		problem(true, EventFamilyMismatch, "egress with only an IPv6 LoadBalancer IP needs %s: \"true\"", annotations.EgressIPv6)
 	}
+	podLacks := func(format string, args ...any) {
+		s.Problems = append(s.Problems, Problem{Reason: EventFamilyMismatch, Message: fmt.Sprintf(format, args...), Transient: true})
+	}
 	for _, ep := range s.LocalEndpoints {
 		if s.LBv4.IsValid() && !ep.V4.IsValid() {
-			problem(false, EventFamilyMismatch, "endpoint %s has no IPv4 address: no IPv4 egress for it", ep.Name)
+			podLacks("endpoint %s has no IPv4 address: no IPv4 egress for it", ep.Name)
 		}
 		if s.EgressIPv6 && !ep.V6.IsValid() {
-			problem(false, EventFamilyMismatch, "%s is true but endpoint %s has no IPv6 address: no IPv6 egress for it", annotations.EgressIPv6, ep.Name)
+			podLacks("%s is true but endpoint %s has no IPv6 address: no IPv6 egress for it", annotations.EgressIPv6, ep.Name)
 		}
 	}
 }

@@ -109,6 +109,10 @@ type Controller struct {
 	// reported is the last set of problems emitted per Service, so each
 	// Event is emitted once.
 	reported map[types.NamespacedName]string
+	// transientSince is when each transient problem (by Service, reason
+	// and message) was first seen; it is reported once it lasted settle.
+	transientSince map[string]time.Time
+	settle         time.Duration
 	// lastFull is when the kernel state was last read back in full.
 	lastFull time.Time
 	// ready is set after the first successful sync.
@@ -119,6 +123,12 @@ type Controller struct {
 func (c *Controller) Ready() bool { return c.ready.Load() }
 
 const syncKey = "sync"
+
+// transientSettle is how long a problem that may clear by itself must last
+// before it becomes an Event: a pod's IPv4 and IPv6 EndpointSlices are
+// updated one after the other, so every pod start or move of a dual-stack
+// Service shows a pod of one family for a moment.
+const transientSettle = 5 * time.Second
 
 // New wires a Controller to the informer factory; call Run after starting it.
 func New(opts Options, client kubernetes.Interface, factory informers.SharedInformerFactory, addrs Addresses, snatw SNAT,
@@ -136,6 +146,7 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 		last:     map[types.NamespacedName]desired.Service{},
 		owned:    map[types.NamespacedName]bool{},
 		reported: map[types.NamespacedName]string{},
+		settle:   transientSettle,
 	}
 	svcInformer := factory.Core().V1().Services()
 	// Only EndpointSlices that belong to a Service, indexed by it.

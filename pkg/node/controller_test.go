@@ -576,3 +576,44 @@ func TestReportOnDeletedServiceIsNotRetried(t *testing.T) {
 		t.Fatalf("write to a deleted Service requeued %d times", n)
 	}
 }
+
+// A pod seen in one family only is reported once that lasts, not during
+// the moment its two EndpointSlices disagree.
+func TestTransientProblemIsReportedOnlyIfItLasts(t *testing.T) {
+	svc := lbService("dual", "203.0.113.10,2001:db8:1::10", true, annotations.Egress, "true", annotations.EgressIPv6, "true")
+	h := newHarness(t, svc, endpointSlice("dual", "10.244.1.5", nodeName))
+	h.elections.lead("dual")
+	h.ctrl.settle = time.Hour
+	h.sync()
+	h.sync()
+	if evs := h.drainEvents(); slices.ContainsFunc(evs, func(e string) bool { return strings.Contains(e, "EgressFamilyMismatch") }) {
+		t.Fatalf("reported before it lasted: %q", evs)
+	}
+	if !h.addrs.has("203.0.113.10") || !h.addrs.has("2001:db8:1::10") || len(h.snat.rulesFor("default/dual")) != 1 {
+		t.Fatal("the Service lost its addresses or its IPv4 egress while a pod lacked IPv6")
+	}
+	h.ctrl.settle = 0
+	h.sync()
+	if evs := h.drainEvents(); !slices.ContainsFunc(evs, func(e string) bool { return strings.Contains(e, "Warning EgressFamilyMismatch") }) {
+		t.Fatalf("not reported once it lasted: %q", evs)
+	}
+}
+
+// For externalTrafficPolicy Local only nodes with a local ready endpoint
+// report a Service's problems, not every node of the cluster.
+func TestOnlyServingNodesReportProblems(t *testing.T) {
+	h := newHarness(t,
+		lbService("bad-here", "203.0.113.11", true, annotations.Egress, "true", annotations.EgressDestinationPorts, "tcp:0"),
+		endpointSlice("bad-here", "10.244.1.6", nodeName),
+		lbService("bad-elsewhere", "203.0.113.12", true, annotations.Egress, "true", annotations.EgressDestinationPorts, "tcp:0"),
+		endpointSlice("bad-elsewhere", "10.244.2.6", "node-b"),
+		lbService("bad-cluster", "not-an-ip", false))
+	h.sync()
+	evs := strings.Join(h.drainEvents(), "\n")
+	if n := strings.Count(evs, "Warning"); n != 2 {
+		t.Fatalf("want 2 Warnings (bad-here, bad-cluster), got:\n%s", evs)
+	}
+	if !strings.Contains(evs, "InvalidAnnotation") || !strings.Contains(evs, "InvalidLoadBalancerIP") {
+		t.Fatalf("events:\n%s", evs)
+	}
+}

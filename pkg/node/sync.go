@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -133,9 +134,15 @@ func (c *Controller) Sync(ctx context.Context) error {
 	}
 
 	reporting := map[types.NamespacedName]bool{}
+	settled := map[string]time.Time{}
 	for _, s := range v.analysed {
-		problems := slices.Clone(s.Problems)
-		problems = append(problems, state.Conflicts[s.Key.String()]...)
+		var problems []desired.Problem
+		// The nodes that would serve the Service report its problems:
+		// for externalTrafficPolicy Local only those with a local ready
+		// endpoint, not every node of the cluster.
+		if !s.Local || len(s.LocalEndpoints) > 0 {
+			problems = c.lasting(s.Key, append(slices.Clone(s.Problems), state.Conflicts[s.Key.String()]...), settled)
+		}
 		c.emitProblems(v.services[s.Key], problems)
 		if ownedNow[s.Key] && leading[s.Key] {
 			reporting[s.Key] = true
@@ -146,6 +153,7 @@ func (c *Controller) Sync(ctx context.Context) error {
 		}
 	}
 	c.reporter.retain(reporting)
+	c.transientSince = settled
 
 	for k := range c.reported {
 		if _, ok := v.services[k]; !ok {
@@ -211,6 +219,29 @@ func (c *Controller) apply(ctx context.Context, state desired.State, v view) err
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// lasting drops the transient problems that have not lasted c.settle yet
+// and asks for a sync when they will have. since records when each
+// transient problem seen now was first seen.
+func (c *Controller) lasting(key types.NamespacedName, problems []desired.Problem, since map[string]time.Time) []desired.Problem {
+	now := time.Now()
+	return slices.DeleteFunc(problems, func(p desired.Problem) bool {
+		if !p.Transient {
+			return false
+		}
+		id := key.String() + "\x00" + p.Reason + "\x00" + p.Message
+		first, ok := c.transientSince[id]
+		if !ok {
+			first = now
+		}
+		since[id] = first
+		if wait := c.settle - now.Sub(first); wait > 0 {
+			c.queue.AddAfter(syncKey, wait)
+			return true
+		}
+		return false
+	})
 }
 
 // emitProblems turns a Service's problems into Warning Events and log
