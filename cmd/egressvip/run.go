@@ -114,7 +114,9 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		snatw = m
 	}
 
-	var factoryOpts []informers.SharedInformerOption
+	// Nothing reads managedFields; they are often the largest part of a
+	// cached Service or EndpointSlice.
+	factoryOpts := []informers.SharedInformerOption{informers.WithTransform(node.StripManagedFields)}
 	if cfg.Namespace != "" {
 		factoryOpts = append(factoryOpts, informers.WithNamespace(cfg.Namespace))
 	}

@@ -107,7 +107,10 @@ func TestExcludeIsSortedUnion(t *testing.T) {
 }
 
 func TestDetectorFollowsNodes(t *testing.T) {
-	client := fake.NewClientset(node("a", "10.244.1.0/24"))
+	big := node("a", "10.244.1.0/24")
+	big.Labels = map[string]string{"kubernetes.io/hostname": "a"}
+	big.Status.Images = []corev1.ContainerImage{{Names: []string{"registry.example/app:v1"}, SizeBytes: 1 << 30}}
+	client := fake.NewClientset(big)
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	changed := make(chan struct{}, 10)
@@ -126,6 +129,10 @@ func TestDetectorFollowsNodes(t *testing.T) {
 	}
 	if got := d.Current().Pod; !slices.Equal(got, prefixes("10.244.1.0/24")) {
 		t.Fatalf("pod CIDRs %v", got)
+	}
+	// The cache holds only what detection reads.
+	if cached, err := d.nodes.Get("a"); err != nil || len(cached.Status.Images) != 0 || len(cached.Labels) != 0 {
+		t.Fatalf("cached Node is not slimmed: %+v (%v)", cached, err)
 	}
 	if _, err := client.CoreV1().Nodes().Create(ctx, node("b", "10.244.2.0/24"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

@@ -47,7 +47,7 @@ func NewDetector(client kubernetes.Interface, override Override, resync time.Dur
 	if !needPods && !needServices {
 		return d
 	}
-	d.factory = informers.NewSharedInformerFactory(client, resync)
+	d.factory = informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(slimNode))
 	if needPods {
 		inf := d.factory.Core().V1().Nodes()
 		_, _ = inf.Informer().AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
@@ -76,6 +76,21 @@ func NewDetector(client kubernetes.Interface, override Override, resync time.Dur
 	d.kcm = kcm.Lister()
 	d.synced = append(d.synced, kcm.Informer().HasSynced)
 	return d
+}
+
+// slimNode keeps of a Node only what detection reads, its name and pod
+// ranges: a cache of every Node of the cluster, with their status, images
+// and conditions, would otherwise sit in the egressvip process of every
+// node. Other objects pass unchanged.
+func slimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
+		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+	}, nil
 }
 
 // podCIDRsChanged pokes only when a Node's pod ranges changed: Node status

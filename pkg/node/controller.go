@@ -15,6 +15,7 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
@@ -174,6 +175,15 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 	}
 	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.HasSynced}
 	return c, nil
+}
+
+// StripManagedFields is an informer transform that drops managedFields,
+// which the controller never reads.
+func StripManagedFields(obj any) (any, error) {
+	if m, err := meta.Accessor(obj); err == nil {
+		m.SetManagedFields(nil)
+	}
+	return obj, nil
 }
 
 // Poke asks for a sync; bursts collapse into one.

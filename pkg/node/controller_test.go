@@ -202,7 +202,7 @@ type harness struct {
 func newHarness(t testing.TB, objs ...runtime.Object) *harness {
 	t.Helper()
 	client := fake.NewClientset(objs...)
-	factory := informers.NewSharedInformerFactory(client, 0)
+	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(StripManagedFields))
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	h := &harness{t: t, client: client, addrs: &fakeAddrs{bound: map[netip.Addr]bool{}}, snat: &fakeSNAT{},
@@ -615,5 +615,22 @@ func TestOnlyServingNodesReportProblems(t *testing.T) {
 	}
 	if !strings.Contains(evs, "InvalidAnnotation") || !strings.Contains(evs, "InvalidLoadBalancerIP") {
 		t.Fatalf("events:\n%s", evs)
+	}
+}
+
+// The caches hold no managedFields, which nothing reads.
+func TestCachesDropManagedFields(t *testing.T) {
+	svc := lbService("web", "203.0.113.10", false)
+	svc.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
+	sl := endpointSlice("web", "10.244.1.5", nodeName)
+	sl.ManagedFields = svc.ManagedFields
+	h := newHarness(t, svc, sl)
+	cached, err := h.ctrl.services.Services("default").Get("web")
+	if err != nil || len(cached.ManagedFields) != 0 {
+		t.Fatalf("cached Service keeps managedFields: %v (%v)", cached.ManagedFields, err)
+	}
+	objs, err := h.ctrl.sliceIndex.ByIndex(byService, "default/web")
+	if err != nil || len(objs) != 1 || len(objs[0].(*discoveryv1.EndpointSlice).ManagedFields) != 0 {
+		t.Fatalf("cached EndpointSlice keeps managedFields: %v (%v)", objs, err)
 	}
 }
