@@ -56,7 +56,7 @@ func (r *reporter) set(svc *corev1.Service, rep desired.Report) {
 	r.mu.Lock()
 	r.want[key] = rep
 	r.mu.Unlock()
-	if p := patchFor(svc, rep); p.annotations != nil || p.status != nil {
+	if !patchFor(svc, rep).empty() {
 		r.queue.Add(key)
 	}
 }
@@ -143,16 +143,22 @@ type patch struct {
 	status      []corev1.LoadBalancerIngress
 }
 
+func (p patch) empty() bool { return p.annotations == nil && p.status == nil }
+
 func patchFor(svc *corev1.Service, rep desired.Report) patch {
 	var p patch
+	annotations := map[string]any{}
 	for k, want := range rep.Annotations() {
 		have, ok := svc.Annotations[k]
 		switch {
 		case want == "" && ok:
-			p.annotationsSet(k, nil)
+			annotations[k] = nil
 		case want != "" && have != want:
-			p.annotationsSet(k, want)
+			annotations[k] = want
 		}
+	}
+	if len(annotations) > 0 {
+		p.annotations = annotations
 	}
 	ingress := make([]corev1.LoadBalancerIngress, 0, len(rep.Ingress))
 	vip := corev1.LoadBalancerIPModeVIP
@@ -163,13 +169,6 @@ func patchFor(svc *corev1.Service, rep desired.Report) patch {
 		p.status = ingress
 	}
 	return p
-}
-
-func (p *patch) annotationsSet(k string, v any) {
-	if p.annotations == nil {
-		p.annotations = map[string]any{}
-	}
-	p.annotations[k] = v
 }
 
 func sameIngress(a, b []corev1.LoadBalancerIngress) bool {
