@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -120,7 +121,8 @@ func holders(ip netip.Addr) []string {
 }
 
 // waitServed waits until exactly node holds every ip and, for egress
-// Services, has its SNAT rules, and no other node holds any of them.
+// Services, has its SNAT rule to each of them (the families are written
+// one after the other), and no other node holds any of them.
 func waitServed(t *testing.T, service string, node *sandbox.Node, egress bool, ips ...netip.Addr) {
 	t.Helper()
 	eventually(t, 60*time.Second, fmt.Sprintf("%s served by %s", service, node.Name), func() (bool, string) {
@@ -129,8 +131,13 @@ func waitServed(t *testing.T, service string, node *sandbox.Node, egress bool, i
 				return false, fmt.Sprintf("%s held by %v", ip, h)
 			}
 		}
-		if egress && len(node.SNATRulesFor(ns+"/"+service)) == 0 {
-			return false, "no SNAT rules yet"
+		if egress {
+			rules := node.SNATRulesFor(ns + "/" + service)
+			for _, ip := range ips {
+				if !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "--to-source "+ip.String()) }) {
+					return false, fmt.Sprintf("no SNAT rule to %s yet: %v", ip, rules)
+				}
+			}
 		}
 		return true, ""
 	})
