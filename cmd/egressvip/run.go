@@ -89,13 +89,33 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		return fmt.Errorf("kubernetes client configuration: %w", err)
 	}
 	rc.UserAgent = "egressvip/" + version
-	client, err := kubernetes.NewForConfig(rc)
+	// One client per budget, each with its own rate limiter, so that no
+	// write waits behind another kind: watches, the heartbeat, the
+	// election's acquisitions and releases, and the reporter.
+	newClient := func(qps float32, burst int) (kubernetes.Interface, error) {
+		c := rest.CopyConfig(rc)
+		c.QPS, c.Burst = qps, burst
+		return kubernetes.NewForConfig(c)
+	}
+	client, err := newClient(20, 40)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	heartbeatClient, err := newClient(5, 10)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	electionClient, err := newClient(cfg.ElectionQPS, cfg.ElectionBurst)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	reportClient, err := newClient(cfg.ReportQPS, cfg.ReportBurst)
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
 
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
-	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: reportClient.CoreV1().Events("")})
 	defer broadcaster.Shutdown()
 	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressvip", Host: cfg.NodeName})
 
@@ -131,30 +151,39 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 
 	m := metrics.New()
 	timing := election.Timing{LeaseDuration: cfg.LeaseDuration, RenewDeadline: cfg.RenewDeadline, RetryPeriod: cfg.RetryPeriod}
-	elections := election.NewManager(client, cfg.NodeName, timing, func() {
-		if ctrl != nil {
-			ctrl.Poke()
-		}
-	}, log)
+	elections := election.NewManager(election.Config{
+		Identity:         cfg.NodeName,
+		Namespace:        cfg.DaemonNamespace,
+		ServiceNamespace: cfg.Namespace,
+		Timing:           timing,
+		HeartbeatClient:  heartbeatClient,
+		Client:           electionClient,
+		Poke: func() {
+			if ctrl != nil {
+				ctrl.Poke()
+			}
+		},
+		Wrote: func(kind, result string) { m.LeaseWrites.WithLabelValues(kind, result).Inc() },
+		Log:   log,
+	})
 
-	globalNS := os.Getenv("POD_NAMESPACE")
-	if globalNS == "" {
-		globalNS = "egressvip"
-	}
 	ctrl, err = node.New(node.Options{
 		Node:            cfg.NodeName,
 		Namespace:       cfg.Namespace,
 		Owns:            cfg.Owns,
 		Election:        cfg.ServiceElection,
-		GlobalLease:     types.NamespacedName{Namespace: globalNS, Name: globalLeaseName},
+		GlobalLease:     types.NamespacedName{Namespace: cfg.DaemonNamespace, Name: globalLeaseName},
 		SNATUnavailable: snatUnavailable,
 		Resync:          time.Minute,
+		RetryPeriod:     cfg.RetryPeriod,
+		RenewDeadline:   cfg.RenewDeadline,
 		Metrics:         m,
-	}, client, factory, addrs, snatw, elections, detector, recorder, log)
+	}, client, reportClient, factory, addrs, snatw, elections, detector, recorder, log)
 	if err != nil {
 		return err
 	}
 	ctrl.AddSynced(detector.HasSynced)
+	ctrl.AddSynced(elections.HasSynced)
 	if cfg.PrometheusServer != "" {
 		go func() {
 			if err := m.Serve(ctx, cfg.PrometheusServer, ctrl.Ready); err != nil {
@@ -162,6 +191,9 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 			}
 		}()
 	}
+	// The heartbeat starts at once: a restarted daemon renews it before
+	// the previous process's can expire.
+	elections.Run(ctx)
 	factory.Start(ctx.Done())
 	detector.Start(ctx.Done())
 	err = ctrl.Run(ctx)

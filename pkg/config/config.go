@@ -46,7 +46,29 @@ type Config struct {
 	// PrometheusServer is the listen address of /metrics, /healthz and
 	// /readyz; "" disables it.
 	PrometheusServer string
+	// DaemonNamespace (POD_NAMESPACE) holds the heartbeat Leases and the
+	// global Lease.
+	DaemonNamespace string
+	// Client budgets, each a rate limiter of its own: the election's
+	// acquisitions, releases and Lease watches; the reporter's status,
+	// annotation and Event writes. The heartbeat has its own client and
+	// never waits behind either.
+	ElectionQPS   float32
+	ElectionBurst int
+	ReportQPS     float32
+	ReportBurst   int
 }
+
+// Client budget defaults: the election must absorb a burst of
+// acquisitions (every Service of a node that died, or all Services at
+// start-up) without delaying them by seconds; the reporter's writes are
+// off the datapath and may trail.
+const (
+	DefaultElectionQPS   = 200
+	DefaultElectionBurst = 400
+	DefaultReportQPS     = 20
+	DefaultReportBurst   = 40
+)
 
 // Load reads the configuration through getenv; hostname is the last
 // fallback for the node name. Every error names the variable.
@@ -60,6 +82,10 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 		LogFormat:         strings.TrimSpace(getenv("log_format")),
 		Kubeconfig:        strings.TrimSpace(getenv("KUBECONFIG")),
 		PrometheusServer:  strings.TrimSpace(getenv("prometheus_server")),
+		DaemonNamespace:   strings.TrimSpace(getenv("POD_NAMESPACE")),
+	}
+	if c.DaemonNamespace == "" {
+		c.DaemonNamespace = "egressvip"
 	}
 	switch c.PrometheusServer {
 	case "":
@@ -114,6 +140,32 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 		}
 		*dst = time.Duration(n) * time.Second
 	}
+	qpsVar := func(dst *float32, name string, def float32) {
+		*dst = def
+		v := strings.TrimSpace(getenv(name))
+		if v == "" {
+			return
+		}
+		f, err := strconv.ParseFloat(v, 32)
+		if err != nil || f <= 0 || f > 10000 {
+			errs = append(errs, fmt.Errorf("%s: want requests per second between 0 and 10000, got %q", name, v))
+			return
+		}
+		*dst = float32(f)
+	}
+	burstVar := func(dst *int, name string, def int) {
+		*dst = def
+		v := strings.TrimSpace(getenv(name))
+		if v == "" {
+			return
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 || n > 100000 {
+			errs = append(errs, fmt.Errorf("%s: want a whole number of requests between 1 and 100000, got %q", name, v))
+			return
+		}
+		*dst = n
+	}
 	cidrVar := func(dst *[]netip.Prefix, name string) {
 		v := strings.TrimSpace(getenv(name))
 		if v == "" {
@@ -141,6 +193,10 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 	secondsVar(&c.LeaseDuration, "vip_leaseduration", 5)
 	secondsVar(&c.RenewDeadline, "vip_renewdeadline", 3)
 	secondsVar(&c.RetryPeriod, "vip_retryperiod", 1)
+	qpsVar(&c.ElectionQPS, "egressvip_election_qps", DefaultElectionQPS)
+	burstVar(&c.ElectionBurst, "egressvip_election_burst", DefaultElectionBurst)
+	qpsVar(&c.ReportQPS, "egressvip_report_qps", DefaultReportQPS)
+	burstVar(&c.ReportBurst, "egressvip_report_burst", DefaultReportBurst)
 	cidrVar(&c.PodCIDRs, "egress_podcidr")
 	cidrVar(&c.ServiceCIDRs, "egress_servicecidr")
 	return c, errors.Join(errs...)

@@ -23,7 +23,8 @@ func TestLoadDefaults(t *testing.T) {
 		NodeName: "worker-1", ServicesEnabled: true, ServiceElection: true,
 		LeaseDuration: 5 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: time.Second,
 		LoadBalancerClass: DefaultLoadBalancerClass, ARP: true, LogLevel: "info", LogFormat: "text",
-		PrometheusServer: ":2112",
+		PrometheusServer: ":2112", DaemonNamespace: "egressvip",
+		ElectionQPS: DefaultElectionQPS, ElectionBurst: DefaultElectionBurst, ReportQPS: DefaultReportQPS, ReportBurst: DefaultReportBurst,
 	}
 	if !equal(c, want) {
 		t.Fatalf("defaults\n got %+v\nwant %+v", c, want)
@@ -65,6 +66,11 @@ func TestLoadVariables(t *testing.T) {
 			}},
 		{name: "metrics address", env: map[string]string{"prometheus_server": "127.0.0.1:9100"}, check: func(c Config) bool { return c.PrometheusServer == "127.0.0.1:9100" }},
 		{name: "metrics off", env: map[string]string{"prometheus_server": "off"}, check: func(c Config) bool { return c.PrometheusServer == "" }},
+		{name: "client budgets and namespace", env: map[string]string{"egressvip_election_qps": "50.5", "egressvip_election_burst": "100",
+			"egressvip_report_qps": "5", "egressvip_report_burst": "7", "POD_NAMESPACE": "kube-system"},
+			check: func(c Config) bool {
+				return c.ElectionQPS == 50.5 && c.ElectionBurst == 100 && c.ReportQPS == 5 && c.ReportBurst == 7 && c.DaemonNamespace == "kube-system"
+			}},
 		{name: "logging and kubeconfig", env: map[string]string{"log_level": "debug", "log_format": "json", "KUBECONFIG": "/k"},
 			check: func(c Config) bool { return c.LogLevel == "debug" && c.LogFormat == "json" && c.Kubeconfig == "/k" }},
 	} {
@@ -91,6 +97,10 @@ func TestBadValuesNameTheVariable(t *testing.T) {
 		{name: "negative seconds", variable: "vip_retryperiod", value: "-1"},
 		{name: "pod cidr", variable: "egress_podcidr", value: "10.244.0.0"},
 		{name: "host bits", variable: "egress_servicecidr", value: "10.96.0.1/12"},
+		{name: "election qps", variable: "egressvip_election_qps", value: "0"},
+		{name: "report qps", variable: "egressvip_report_qps", value: "fast"},
+		{name: "election burst", variable: "egressvip_election_burst", value: "-3"},
+		{name: "report burst", variable: "egressvip_report_burst", value: "1.5"},
 		{name: "timing relation", variable: "vip_renewdeadline", value: "5", validate: true},
 		{name: "level", variable: "log_level", value: "loud", validate: true},
 		{name: "format", variable: "log_format", value: "xml", validate: true},

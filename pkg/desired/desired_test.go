@@ -5,7 +5,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -13,7 +12,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
-	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/snat"
 )
 
@@ -137,39 +135,6 @@ func TestAnalyzeStand(t *testing.T) {
 			}
 			if !o.Election && s.Lease != o.GlobalLease {
 				t.Fatalf("lease %v, want the global lease", s.Lease)
-			}
-		})
-	}
-}
-
-func TestOwns(t *testing.T) {
-	pinned := Service{Stand: true, Local: true, LocalEndpoints: []Endpoint{{Name: "p"}}}
-	shared := Service{Stand: true, Local: true, LocalEndpoints: []Endpoint{{Name: "p"}}, RemoteReady: 1}
-	lost := time.Now()
-	for _, tc := range []struct {
-		name     string
-		s        Service
-		st       election.State
-		resuming bool
-		want     bool
-	}{
-		{name: "not standing", s: Service{Reason: ReasonNoLocalEndpoint}, st: election.State{Leading: true}, want: false},
-		{name: "leader", s: pinned, st: election.State{Leading: true}, want: true},
-		{name: "follower", s: pinned, st: election.State{Observed: true, Holder: "node-b"}, want: false},
-		{name: "resuming before the lease was read", s: pinned, resuming: true, want: true},
-		{name: "resuming ends once another holder is seen", s: pinned, resuming: true, st: election.State{Observed: true, Holder: "node-b"}, want: false},
-		{name: "resuming: the lease names this node, leading not reported yet", s: pinned, resuming: true, st: election.State{Observed: true, Holder: "node-a"}, want: true},
-		{name: "resuming does not keep a shared service whose renewal is overdue", s: shared, resuming: true, st: election.State{Leading: true, Overdue: true, Observed: true, Holder: "node-a"}, want: false},
-		{name: "api unreachable, pinned: keep", s: pinned, st: election.State{LostAt: lost, Holder: "node-a"}, want: true},
-		{name: "api unreachable, another node could serve: give up", s: shared, st: election.State{LostAt: lost, Holder: "node-a"}, want: false},
-		{name: "api unreachable but another node took over: give up", s: pinned, st: election.State{LostAt: lost, Holder: "node-b"}, want: false},
-		{name: "renewal overdue, pinned: keep", s: pinned, st: election.State{Leading: true, Overdue: true, Holder: "node-a"}, want: true},
-		{name: "renewal overdue, another node could serve: give up before the lease expires", s: shared, st: election.State{Leading: true, Overdue: true, Holder: "node-a"}, want: false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, why := Owns(tc.s, tc.st, "node-a", tc.resuming)
-			if got != tc.want {
-				t.Fatalf("Owns = %v (%s), want %v", got, why, tc.want)
 			}
 		})
 	}

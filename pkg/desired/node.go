@@ -7,40 +7,8 @@ import (
 	"strings"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
-	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/snat"
 )
-
-// Owns decides whether this node programs a Service now, with a reason when
-// it does not (or why it does without leading).
-//   - leading the Lease, last renewed within the renew deadline: yes;
-//   - resuming: on start-up the Service's address is still bound from the
-//     previous run and the elector has not read the Lease yet, or has
-//     read it naming this node but not yet said it leads (client-go
-//     reports the holder and the start of leading from two goroutines, in
-//     either order): yes, so a restart leaves the datapath alone;
-//   - renewals failing (API server unreachable), overdue or already given
-//     up, while no other node could serve the Service and none was seen
-//     taking it: yes, keep what is programmed until the API answers again;
-//   - renewals overdue while another node could serve it: no, give the
-//     address up before the Lease can expire and another node take it.
-func Owns(s Service, st election.State, identity string, resuming bool) (bool, string) {
-	failing := st.Overdue || !st.LostAt.IsZero()
-	switch {
-	case !s.Stand:
-		return false, s.Reason
-	case st.Leading && !st.Overdue:
-		return true, "leader"
-	case resuming && !st.Leading && (!st.Observed || st.Holder == identity):
-		return true, "resuming"
-	case failing && s.Pinned() && (st.Holder == "" || st.Holder == identity):
-		return true, "keptWhileAPIUnreachable"
-	case st.Overdue:
-		return false, ReasonRenewalOverdue
-	default:
-		return false, ReasonNotLeader
-	}
-}
 
 // State is what the node's kernel should hold.
 type State struct {

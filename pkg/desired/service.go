@@ -58,7 +58,9 @@ type Endpoint struct {
 
 // Service is what this node needs to know about one LoadBalancer Service.
 type Service struct {
-	Key   types.NamespacedName
+	Key types.NamespacedName
+	// UID is the Service's, for the ownerReference of its Lease.
+	UID   types.UID
 	Lease types.NamespacedName
 	LBv4  netip.Addr
 	LBv6  netip.Addr
@@ -71,6 +73,9 @@ type Service struct {
 	LocalEndpoints []Endpoint
 	// RemoteReady counts ready endpoints on other nodes.
 	RemoteReady int
+	// ReadyNodes are the nodes with a ready endpoint, sorted: with
+	// externalTrafficPolicy Local the only nodes that may serve it.
+	ReadyNodes []string
 	// Stand says whether this node is a candidate; Reason says why not.
 	Stand    bool
 	Reason   string
@@ -112,6 +117,7 @@ func (s Service) fatal() bool {
 func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Options) Service {
 	s := Service{
 		Key:   types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
+		UID:   svc.UID,
 		Lease: types.NamespacedName{Namespace: svc.Namespace, Name: election.LeaseName(svc.Name)},
 		Local: svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
 	}
@@ -135,7 +141,7 @@ func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Op
 	if s.Ports, err = annotations.ParseDestinationPorts(svc.Annotations[annotations.EgressDestinationPorts]); err != nil {
 		problem(true, EventInvalidAnnotation, "%s: %v", annotations.EgressDestinationPorts, err)
 	}
-	s.LocalEndpoints, s.RemoteReady = readyEndpoints(epSlices, opts.Node)
+	s.LocalEndpoints, s.RemoteReady, s.ReadyNodes = readyEndpoints(epSlices, opts.Node)
 
 	if s.Egress {
 		switch {
@@ -199,8 +205,9 @@ func ready(c discoveryv1.EndpointConditions) bool {
 }
 
 // readyEndpoints joins the IPv4 and IPv6 slices of a Service by pod and
-// splits the ready endpoints into this node's and a count of the others.
-func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpoint, int) {
+// splits the ready endpoints into this node's and a count of the others; it
+// also lists the nodes that have one.
+func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpoint, int, []string) {
 	byName := map[string]*Endpoint{}
 	for _, sl := range epSlices {
 		for _, ep := range sl.Endpoints {
@@ -232,8 +239,12 @@ func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpo
 		}
 	}
 	var local []Endpoint
+	var nodes []string
 	remote := 0
 	for _, e := range byName {
+		if e.Node != "" {
+			nodes = append(nodes, e.Node)
+		}
 		if e.Node == node {
 			local = append(local, *e)
 		} else {
@@ -241,5 +252,6 @@ func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpo
 		}
 	}
 	slices.SortFunc(local, func(a, b Endpoint) int { return strings.Compare(a.Name, b.Name) })
-	return local, remote
+	slices.Sort(nodes)
+	return local, remote, slices.Compact(nodes)
 }

@@ -23,6 +23,7 @@ type Metrics struct {
 	OwnedServices prometheus.Gauge
 	Addresses     prometheus.Gauge
 	SNATRules     prometheus.Gauge
+	LeaseWrites   *prometheus.CounterVec
 }
 
 // New registers egressvip's metrics (and the Go and process collectors) in
@@ -39,8 +40,10 @@ func New() *Metrics {
 		OwnedServices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_owned_services", Help: "LoadBalancer Services this node serves."}),
 		Addresses:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_addresses", Help: "LoadBalancer IPs bound on this node's serviceInterface."}),
 		SNATRules:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_snat_rules", Help: "Egress SNAT rules (pod and family) on this node."}),
+		LeaseWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "egressvip_lease_writes_total",
+			Help: "Lease writes by kind (heartbeat, acquire, release) and result (ok, conflict, error)."}, []string{"kind", "result"}),
 	}
-	m.Registry.MustRegister(m.SyncDuration, m.SyncErrors, m.ReportErrors, m.OwnedServices, m.Addresses, m.SNATRules,
+	m.Registry.MustRegister(m.SyncDuration, m.SyncErrors, m.ReportErrors, m.OwnedServices, m.Addresses, m.SNATRules, m.LeaseWrites,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -26,9 +26,9 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
 
-	"github.com/egressvip/egressvip/pkg/desired"
 	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/metrics"
+	"github.com/egressvip/egressvip/pkg/plan"
 	"github.com/egressvip/egressvip/pkg/snat"
 )
 
@@ -45,14 +45,15 @@ type SNAT interface {
 	Recheck()
 }
 
-// Elections is the per-Service leader election (pkg/election).
+// Elections is the election (pkg/election): a view to plan with, and the
+// writes the plan asks for.
 type Elections interface {
-	Stand(ctx context.Context, lease types.NamespacedName)
-	Withdraw(lease types.NamespacedName)
-	Abandon(lease types.NamespacedName)
-	State(lease types.NamespacedName) election.State
-	Leases() []types.NamespacedName
-	Identity() string
+	View() election.View
+	Acquire(c election.Claim)
+	Release(lease types.NamespacedName)
+	// Drain marks this node as leaving; ReleaseNow releases and waits.
+	Drain(ctx context.Context)
+	ReleaseNow(ctx context.Context, leases []types.NamespacedName)
 }
 
 // Exclusions returns the pod and Service CIDRs never to SNAT (pkg/cidr).
@@ -75,6 +76,10 @@ type Options struct {
 	SNATUnavailable string
 	// Resync is the longest time between two full syncs.
 	Resync time.Duration
+	// RetryPeriod separates candidates' turns for a free Lease;
+	// RenewDeadline bounds the Lease releases at shutdown.
+	RetryPeriod   time.Duration
+	RenewDeadline time.Duration
 	// Metrics, when set, receives sync figures.
 	Metrics *metrics.Metrics
 }
@@ -99,21 +104,14 @@ type Controller struct {
 	// The fields below belong to the sync loop's goroutine (and to
 	// shutdown, which runs after it has stopped).
 
-	// resumable are the addresses found bound at start-up; a Service
-	// whose addresses are among them counts as owned until its elector
-	// has read the Lease.
-	resumable map[netip.Addr]bool
-	// last is every Service of the previous sync, for shutdown.
-	last map[types.NamespacedName]desired.Service
-	// owned is what the previous sync owned.
-	owned map[types.NamespacedName]bool
-	// reported is the last set of problems emitted per Service, so each
-	// Event is emitted once.
-	reported map[types.NamespacedName]string
-	// transientSince is when each transient problem (by Service, reason
-	// and message) was first seen; it is reported once it lasted settle.
-	transientSince map[string]time.Time
-	settle         time.Duration
+	// mem is what the last plan left for the next one.
+	mem plan.Memory
+	// last is the last plan, for shutdown.
+	last plan.Plan
+	// interfaceErr is why the last address sync could not find the
+	// serviceInterface.
+	interfaceErr string
+	settle       time.Duration
 	// lastFull is when the kernel state was last read back in full.
 	lastFull time.Time
 	// ready is set after the first successful sync.
@@ -132,11 +130,17 @@ const syncKey = "sync"
 const transientSettle = 5 * time.Second
 
 // New wires a Controller to the informer factory; call Run after starting it.
-func New(opts Options, client kubernetes.Interface, factory informers.SharedInformerFactory, addrs Addresses, snatw SNAT,
+func New(opts Options, client, reportClient kubernetes.Interface, factory informers.SharedInformerFactory, addrs Addresses, snatw SNAT,
 	elections Elections, excl Exclusions, recorder record.EventRecorder, log *logrus.Entry,
 ) (*Controller, error) {
 	if opts.Resync <= 0 {
 		opts.Resync = time.Minute
+	}
+	if opts.RetryPeriod <= 0 {
+		opts.RetryPeriod = time.Second
+	}
+	if opts.RenewDeadline <= 0 {
+		opts.RenewDeadline = 3 * time.Second
 	}
 	c := &Controller{
 		opts: opts, client: client, log: log, addrs: addrs, snat: snatw, elections: elections,
@@ -144,10 +148,8 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "egressvip"}),
-		last:     map[types.NamespacedName]desired.Service{},
-		owned:    map[types.NamespacedName]bool{},
-		reported: map[types.NamespacedName]string{},
-		settle:   transientSettle,
+		mem:    plan.Start(nil),
+		settle: transientSettle,
 	}
 	svcInformer := factory.Core().V1().Services()
 	// Only EndpointSlices that belong to a Service, indexed by it.
@@ -157,7 +159,7 @@ func New(opts Options, client kubernetes.Interface, factory informers.SharedInfo
 			func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName })
 	})
 	c.services = svcInformer.Lister()
-	c.reporter = newReporter(client, c.services, opts.Metrics, log)
+	c.reporter = newReporter(reportClient, c.services, opts.Metrics, log)
 	c.sliceIndex = sliceInformer.GetIndexer()
 	poke := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.Poke() },
@@ -232,10 +234,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	if err != nil {
 		c.log.WithError(err).Warn("cannot list addresses bound by an earlier run")
 	}
-	c.resumable = map[netip.Addr]bool{}
-	for _, a := range owned {
-		c.resumable[a] = true
-	}
+	c.mem = plan.Start(owned)
 	c.log.WithField("addresses", len(owned)).Info("caches synced; starting sync loop")
 
 	c.Poke()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -27,6 +28,7 @@ import (
 	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/netif"
+	"github.com/egressvip/egressvip/pkg/plan"
 	"github.com/egressvip/egressvip/pkg/snat"
 )
 
@@ -103,82 +105,106 @@ func (f *fakeSNAT) rulesFor(service string) []snat.Rule {
 	return out
 }
 
-// fakeElections decides leadership by table; it records what was asked.
+// fakeElections is a stateful election view: tests set who holds what;
+// acquisitions and releases are recorded (and granted when grant is set).
 type fakeElections struct {
-	mu        sync.Mutex
-	states    map[types.NamespacedName]election.State
-	standing  map[types.NamespacedName]bool
-	withdrawn []types.NamespacedName
-	abandoned []types.NamespacedName
+	mu          sync.Mutex
+	view        election.View
+	grant       bool
+	claims      []election.Claim
+	released    []types.NamespacedName
+	releasedNow []types.NamespacedName
+	drained     bool
 }
 
 func newFakeElections() *fakeElections {
-	return &fakeElections{states: map[types.NamespacedName]election.State{}, standing: map[types.NamespacedName]bool{}}
+	return &fakeElections{view: election.View{
+		Self: nodeName, Established: true,
+		Live: map[string]bool{nodeName: true}, Candidates: map[string]bool{nodeName: true},
+		Leases: map[types.NamespacedName]election.Lease{},
+	}}
 }
 
-func (f *fakeElections) Stand(_ context.Context, l types.NamespacedName) {
+func (f *fakeElections) View() election.View {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.standing[l] = true
+	v := f.view
+	v.Now = time.Now()
+	v.Leases = maps.Clone(f.view.Leases)
+	v.Live = maps.Clone(f.view.Live)
+	v.Candidates = maps.Clone(f.view.Candidates)
+	return v
 }
 
-func (f *fakeElections) Withdraw(l types.NamespacedName) {
+func (f *fakeElections) Acquire(c election.Claim) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	delete(f.standing, l)
-	f.withdrawn = append(f.withdrawn, l)
-}
-
-func (f *fakeElections) Abandon(l types.NamespacedName) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	delete(f.standing, l)
-	f.abandoned = append(f.abandoned, l)
-}
-
-func (f *fakeElections) State(l types.NamespacedName) election.State {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.standing[l] {
-		return election.State{}
+	f.claims = append(f.claims, c)
+	if f.grant {
+		f.view.Leases[c.Lease] = election.Lease{Holder: nodeName, Current: true, OwnerUID: ownerUID(c)}
 	}
-	return f.states[l]
 }
 
-func (f *fakeElections) Leases() []types.NamespacedName {
+func ownerUID(c election.Claim) types.UID {
+	if c.Owner == nil {
+		return ""
+	}
+	return c.Owner.UID
+}
+
+func (f *fakeElections) Release(l types.NamespacedName) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	var out []types.NamespacedName
-	for l := range f.standing {
-		out = append(out, l)
-	}
-	return out
+	f.released = append(f.released, l)
+	f.view.Leases[l] = election.Lease{}
 }
 
-func (f *fakeElections) Identity() string { return nodeName }
+func (f *fakeElections) Drain(context.Context) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.drained = true
+	f.view.Draining = true
+}
 
+func (f *fakeElections) ReleaseNow(_ context.Context, leases []types.NamespacedName) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, l := range leases {
+		f.releasedNow = append(f.releasedNow, l)
+		f.view.Leases[l] = election.Lease{}
+	}
+}
+
+func (f *fakeElections) set(service string, l election.Lease) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.view.Leases[lease(service)] = l
+}
+
+// lead makes this node the current holder of service's Lease.
 func (f *fakeElections) lead(service string) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.states[lease(service)] = election.State{Standing: true, Leading: true, Observed: true, Holder: nodeName}
+	f.set(service, election.Lease{Holder: nodeName, Current: true})
 }
 
-func (f *fakeElections) set(service string, st election.State) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.states[lease(service)] = st
-}
-
+// follow makes node-b, alive, the holder of service's Lease.
 func (f *fakeElections) follow(service string) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.states[lease(service)] = election.State{Standing: true, Observed: true, Holder: "node-b"}
+	f.view.Live["node-b"] = true
+	f.view.Candidates["node-b"] = true
+	f.mu.Unlock()
+	f.set(service, election.Lease{Holder: "node-b"})
 }
 
-func (f *fakeElections) isStanding(service string) bool {
+func (f *fakeElections) claimed(service string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.standing[lease(service)]
+	return slices.ContainsFunc(f.claims, func(c election.Claim) bool { return c.Lease == lease(service) })
+}
+
+func (f *fakeElections) wasReleased(service string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Contains(f.released, lease(service)) || slices.Contains(f.releasedNow, lease(service))
 }
 
 func lease(service string) types.NamespacedName {
@@ -208,7 +234,7 @@ func newHarness(t testing.TB, objs ...runtime.Object) *harness {
 	h := &harness{t: t, client: client, addrs: &fakeAddrs{bound: map[netip.Addr]bool{}}, snat: &fakeSNAT{},
 		elections: newFakeElections(), events: record.NewFakeRecorder(10000)}
 	ctrl, err := New(Options{Node: nodeName, Owns: func(c *string) bool { return c == nil || *c == "kube-vip.io/kube-vip-class" }, Election: true},
-		client, factory, h.addrs, h.snat, h.elections, staticExclusions{netip.MustParsePrefix("10.244.0.0/16")}, h.events, logrus.NewEntry(log))
+		client, client, factory, h.addrs, h.snat, h.elections, staticExclusions{netip.MustParsePrefix("10.244.0.0/16")}, h.events, logrus.NewEntry(log))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,7 +243,6 @@ func newHarness(t testing.TB, objs ...runtime.Object) *harness {
 	t.Cleanup(cancel)
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
-	ctrl.resumable = map[netip.Addr]bool{}
 	return h
 }
 
@@ -290,11 +315,14 @@ func TestLeaderProgramsAndReports(t *testing.T) {
 		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
 		endpointSlice("web", "10.244.1.5", nodeName))
 	h.sync()
-	if !h.elections.isStanding("web") {
-		t.Fatal("node with a local ready endpoint must stand")
+	if !h.elections.claimed("web") {
+		t.Fatal("the only node with a local ready endpoint must acquire the free Lease")
+	}
+	if c := h.elections.claims[0]; c.Owner == nil || c.Owner.Kind != "Service" || c.Owner.Name != "web" {
+		t.Fatalf("the Lease must be owned by its Service: %+v", c.Owner)
 	}
 	if h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 0 {
-		t.Fatal("programmed before leading")
+		t.Fatal("programmed before the Lease was written")
 	}
 	h.elections.lead("web")
 	h.sync()
@@ -336,7 +364,8 @@ func TestLeaderProgramsAndReports(t *testing.T) {
 		t.Fatal("active-endpoint not cleared")
 	}
 
-	// Service deleted: address gone, lease withdrawn.
+	// Service deleted: address gone; the Lease goes with the Service
+	// (ownerReference), so it is not written.
 	if err := h.client.CoreV1().Services("default").Delete(context.Background(), "web", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -344,7 +373,36 @@ func TestLeaderProgramsAndReports(t *testing.T) {
 	if h.addrs.has("203.0.113.10") {
 		t.Fatal("address kept after the Service was deleted")
 	}
-	eventuallyTrue(t, "lease withdrawn", func() bool { return !h.elections.isStanding("web") })
+}
+
+// The pod leaves the node: the Lease is released only once the kernel no
+// longer holds the address, never while a failed removal may have left it.
+func TestLeaseReleasedOnlyAfterTheKernelLetGo(t *testing.T) {
+	h := newHarness(t,
+		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
+		endpointSlice("web", "10.244.1.5", nodeName))
+	h.elections.lead("web")
+	h.sync()
+	if !h.addrs.has("203.0.113.10") {
+		t.Fatal("setup: leader did not bind the address")
+	}
+	moved := endpointSlice("web", "10.244.2.5", "node-b")
+	if _, err := h.client.DiscoveryV1().EndpointSlices("default").Update(context.Background(), moved, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	h.addrs.missing = true
+	if err := h.ctrl.Sync(context.Background()); err == nil {
+		t.Fatal("setup: the address sync should fail")
+	}
+	if h.elections.wasReleased("web") {
+		t.Fatal("released the Lease although removing the address failed")
+	}
+	h.addrs.missing = false
+	h.sync()
+	if h.addrs.has("203.0.113.10") || !h.elections.wasReleased("web") {
+		t.Fatalf("after a successful removal: bound %v, released %v", h.addrs.has("203.0.113.10"), h.elections.released)
+	}
 }
 
 // A write to the API server that hangs does not hold up the sync loop: the
@@ -406,8 +464,8 @@ func TestLocalPolicyWithoutLocalEndpointDoesNotStand(t *testing.T) {
 		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
 		endpointSlice("web", "10.244.2.5", "node-b"))
 	h.sync()
-	if h.elections.isStanding("web") {
-		t.Fatal("stood without a local endpoint")
+	if h.elections.claimed("web") {
+		t.Fatal("acquired without a local endpoint")
 	}
 }
 
@@ -418,7 +476,7 @@ func TestForeignClassIgnored(t *testing.T) {
 	h := newHarness(t, svc)
 	h.elections.lead("web")
 	h.sync()
-	if h.elections.isStanding("web") || h.addrs.has("203.0.113.10") {
+	if h.elections.claimed("web") || h.addrs.has("203.0.113.10") {
 		t.Fatal("a Service of another class was served")
 	}
 }
@@ -443,7 +501,7 @@ func TestBadInputIsAnEventOnceAndOthersKeepWorking(t *testing.T) {
 	if bad != 1 {
 		t.Fatalf("want one InvalidAnnotation event over two syncs, got %d in %q", bad, events)
 	}
-	if h.addrs.has("203.0.113.11") || len(h.snat.rulesFor("default/bad")) != 0 || h.elections.isStanding("bad") {
+	if h.addrs.has("203.0.113.11") || len(h.snat.rulesFor("default/bad")) != 0 || h.elections.claimed("bad") {
 		t.Fatal("the malformed Service got something programmed")
 	}
 	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/good")) != 1 {
@@ -451,15 +509,26 @@ func TestBadInputIsAnEventOnceAndOthersKeepWorking(t *testing.T) {
 	}
 }
 
-func TestMissingInterfaceIsAnEvent(t *testing.T) {
+// A missing interface is one Warning per Service while it lasts, not one
+// per sync.
+func TestMissingInterfaceIsAnEventOnce(t *testing.T) {
 	h := newHarness(t, lbService("web", "203.0.113.10", false))
 	h.addrs.missing = true
 	h.elections.lead("web")
-	if err := h.ctrl.Sync(context.Background()); !errors.Is(err, netif.ErrInterfaceNotFound) {
-		t.Fatalf("Sync error %v, want ErrInterfaceNotFound", err)
+	time.Sleep(50 * time.Millisecond)
+	count := 0
+	for range 4 {
+		if err := h.ctrl.Sync(context.Background()); !errors.Is(err, netif.ErrInterfaceNotFound) {
+			t.Fatalf("Sync error %v, want ErrInterfaceNotFound", err)
+		}
+		for _, e := range h.drainEvents() {
+			if strings.Contains(e, "Warning InterfaceNotFound") {
+				count++
+			}
+		}
 	}
-	if !slices.ContainsFunc(h.drainEvents(), func(e string) bool { return strings.Contains(e, "InterfaceNotFound") }) {
-		t.Fatal("no InterfaceNotFound event")
+	if count != 1 {
+		t.Fatalf("want one InterfaceNotFound Warning over four syncs, got %d", count)
 	}
 }
 
@@ -467,26 +536,34 @@ func TestRestartResumesWithoutRemovingState(t *testing.T) {
 	h := newHarness(t,
 		lbService("web", "203.0.113.10", true, annotations.Egress, "true"),
 		endpointSlice("web", "10.244.1.5", nodeName))
-	// The previous process left the address bound; the elector has not
-	// read the Lease yet.
+	// The previous process left the address bound and the Lease naming
+	// this node; the new process has not renewed its heartbeat yet.
 	h.addrs.bound[netip.MustParseAddr("203.0.113.10")] = true
-	h.ctrl.resumable = map[netip.Addr]bool{netip.MustParseAddr("203.0.113.10"): true}
+	h.ctrl.mem = plan.Start([]netip.Addr{netip.MustParseAddr("203.0.113.10")})
+	h.elections.view.Established = false
+	h.elections.set("web", election.Lease{Holder: nodeName})
 	h.sync()
 	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 1 {
 		t.Fatal("restart removed the datapath before the election decided")
 	}
-	// The elector has read the Lease naming this node; client-go has not
-	// yet said it leads (it reports the two from separate goroutines).
-	h.elections.set("web", election.State{Standing: true, Observed: true, Holder: nodeName})
+	if evs := h.drainEvents(); len(evs) != 0 {
+		t.Fatalf("a restart that changes nothing raised Events: %q", evs)
+	}
+	// Heartbeat written, but after a gap: the holding must be confirmed
+	// by writing it again; the datapath stays meanwhile.
+	h.elections.view.Established = true
 	h.sync()
+	if !h.elections.claimed("web") {
+		t.Fatal("an unconfirmed holding was not written again")
+	}
 	if !h.addrs.has("203.0.113.10") || len(h.snat.rulesFor("default/web")) != 1 {
-		t.Fatal("restart removed the datapath between reading its own Lease and leading")
+		t.Fatal("restart removed the datapath while confirming its Lease")
 	}
 	// Another node turns out to hold the Lease: give it up.
 	h.elections.follow("web")
 	h.sync()
 	if h.addrs.has("203.0.113.10") {
-		t.Fatal("kept the address although another node leads")
+		t.Fatal("kept the address although another node holds the Lease")
 	}
 }
 
@@ -508,8 +585,11 @@ func TestShutdownKeepsPinnedEgressAndReleasesTheRest(t *testing.T) {
 	if h.addrs.has("203.0.113.20") {
 		t.Fatal("shutdown kept the address of a Service another node can serve")
 	}
-	if !slices.Contains(h.elections.abandoned, lease("pinned")) || !slices.Contains(h.elections.withdrawn, lease("shared")) {
-		t.Fatalf("abandoned %v withdrawn %v", h.elections.abandoned, h.elections.withdrawn)
+	if !h.elections.drained {
+		t.Fatal("shutdown did not mark the node as draining")
+	}
+	if h.elections.wasReleased("pinned") || !h.elections.wasReleased("shared") {
+		t.Fatalf("released %v, want only the shared Service's Lease", h.elections.releasedNow)
 	}
 }
 

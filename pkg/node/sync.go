@@ -4,11 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
-	"slices"
 	"sort"
-	"strings"
-	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -18,6 +14,7 @@ import (
 
 	"github.com/egressvip/egressvip/pkg/desired"
 	"github.com/egressvip/egressvip/pkg/netif"
+	"github.com/egressvip/egressvip/pkg/plan"
 )
 
 const byService = "byService"
@@ -72,139 +69,92 @@ func (c *Controller) snapshot() (view, error) {
 	return v, nil
 }
 
-// Sync recomputes and applies the whole node state once.
+// Sync recomputes and applies the whole node state once: snapshot, plan,
+// apply, emit. Every decision is the planner's (pkg/plan).
 func (c *Controller) Sync(ctx context.Context) error {
 	v, err := c.snapshot()
 	if err != nil {
 		return err
 	}
-	identity := c.elections.Identity()
-
-	standing := map[types.NamespacedName]bool{}
-	for _, s := range v.analysed {
-		if s.Stand {
-			standing[s.Lease] = true
-			c.elections.Stand(ctx, s.Lease)
-		}
+	p, mem := plan.Decide(c.mem, plan.Input{
+		Node:         c.opts.Node,
+		Services:     v.analysed,
+		Election:     c.elections.View(),
+		GlobalLease:  c.opts.GlobalLease,
+		RetryPeriod:  c.opts.RetryPeriod,
+		Settle:       c.settle,
+		Exclude:      c.excl.Exclude(),
+		InterfaceErr: c.interfaceErr,
+	})
+	for _, cl := range p.Acquire {
+		c.elections.Acquire(cl)
 	}
-
-	var owned []desired.Service
-	ownedNow := map[types.NamespacedName]bool{}
-	leading := map[types.NamespacedName]bool{}
-	for _, s := range v.analysed {
-		st := c.elections.State(s.Lease)
-		resuming := c.resuming(s)
-		ok, why := desired.Owns(s, st, identity, resuming)
-		if ok {
-			owned = append(owned, s)
-			ownedNow[s.Key] = true
-			leading[s.Key] = st.Leading
-		}
-		// Resuming ends once the election has decided: this node leads,
-		// or another holds the Lease.
-		if resuming && (st.Leading || (st.Observed && st.Holder != identity)) {
-			for _, a := range s.Addresses() {
-				delete(c.resumable, a)
-			}
-		}
-		if ok != c.owned[s.Key] {
-			c.log.WithFields(map[string]any{"service": s.Key.String(), "owned": ok, "reason": why}).Info("ownership changed")
-			if ok {
-				c.recorder.Eventf(v.services[s.Key], corev1.EventTypeNormal, "EgressVIPBound", "node %s serves %s (%s)", c.opts.Node, joinAddrs(s.Addresses()), why)
-			} else {
-				c.recorder.Eventf(v.services[s.Key], corev1.EventTypeNormal, "EgressVIPReleased", "node %s released %s (%s)", c.opts.Node, joinAddrs(s.Addresses()), why)
-			}
-		}
+	applyErr := c.apply(ctx, p.State)
+	// Release only what the kernel no longer holds, so an address is
+	// never held by two nodes.
+	mem, release := plan.Settle(mem, p, applyErr == nil)
+	for _, lease := range release {
+		c.log.WithField("lease", lease.String()).Debug("releasing")
+		c.elections.Release(lease)
 	}
+	c.mem = mem
+	c.emit(v, p.Events)
 
-	state := desired.Build(owned, c.excl.Exclude())
-	applyErr := c.apply(ctx, state, v)
-	if m := c.opts.Metrics; m != nil {
-		m.OwnedServices.Set(float64(len(owned)))
-		m.Addresses.Set(float64(len(state.Addresses)))
-		m.SNATRules.Set(float64(len(state.SNAT.Rules)))
-	}
-
-	// Withdraw only after the kernel no longer holds what the lease
-	// guarded, so an address is never held by two nodes.
-	for _, lease := range c.elections.Leases() {
-		if !standing[lease] {
-			go c.elections.Withdraw(lease)
-		}
-	}
-
-	reporting := map[types.NamespacedName]bool{}
-	settled := map[string]time.Time{}
-	for _, s := range v.analysed {
-		var problems []desired.Problem
-		// The nodes that would serve the Service report its problems:
-		// for externalTrafficPolicy Local only those with a local ready
-		// endpoint, not every node of the cluster.
-		if !s.Local || len(s.LocalEndpoints) > 0 {
-			problems = c.lasting(s.Key, append(slices.Clone(s.Problems), state.Conflicts[s.Key.String()]...), settled)
-		}
-		c.emitProblems(v.services[s.Key], problems)
-		if ownedNow[s.Key] && leading[s.Key] {
-			reporting[s.Key] = true
+	leaders := map[types.NamespacedName]bool{}
+	for _, s := range p.Own {
+		if p.Decisions[s.Key].Leader {
+			leaders[s.Key] = true
 			// Report only what the kernel holds.
 			if applyErr == nil {
 				c.reporter.set(v.services[s.Key], desired.ReportFor(s, c.opts.Node))
 			}
 		}
 	}
-	c.reporter.retain(reporting)
-	c.transientSince = settled
-
-	for k := range c.reported {
-		if _, ok := v.services[k]; !ok {
-			delete(c.reported, k)
-		}
+	c.reporter.retain(leaders)
+	if m := c.opts.Metrics; m != nil {
+		m.OwnedServices.Set(float64(len(p.Own)))
+		m.Addresses.Set(float64(len(p.State.Addresses)))
+		m.SNATRules.Set(float64(len(p.State.SNAT.Rules)))
 	}
-	c.owned = ownedNow
-	c.last = map[types.NamespacedName]desired.Service{}
-	for _, s := range v.analysed {
-		c.last[s.Key] = s
+	if !p.Wake.IsZero() {
+		c.queue.AddAfter(syncKey, time.Until(p.Wake))
 	}
+	c.last = p
 	return applyErr
 }
 
-func joinAddrs(addrs []netip.Addr) string {
-	out := make([]string, len(addrs))
-	for i, a := range addrs {
-		out[i] = a.String()
-	}
-	return strings.Join(out, ",")
-}
-
-// resuming reports whether s's addresses were all bound when the process
-// started.
-func (c *Controller) resuming(s desired.Service) bool {
-	addrs := s.Addresses()
-	if len(addrs) == 0 || len(c.resumable) == 0 {
-		return false
-	}
-	for _, a := range addrs {
-		if !c.resumable[a] {
-			return false
+// emit raises the plan's Events and logs them.
+func (c *Controller) emit(v view, events []plan.Event) {
+	for _, e := range events {
+		svc := v.services[e.Service]
+		log := c.log.WithFields(map[string]any{"service": e.Service.String(), "reason": e.Reason})
+		if e.Warning {
+			log.Error(e.Message)
+		} else {
+			log.Info(e.Message)
 		}
+		if svc == nil {
+			continue
+		}
+		kind := corev1.EventTypeNormal
+		if e.Warning {
+			kind = corev1.EventTypeWarning
+		}
+		c.recorder.Event(svc, kind, e.Reason, e.Message)
 	}
-	return true
 }
 
 // apply writes addresses and rules. A failure of one part does not stop
-// the other; a missing interface becomes an Event on every Service that
-// needed it.
-func (c *Controller) apply(ctx context.Context, state desired.State, v view) error {
+// the other; a missing interface is remembered for the next plan, which
+// raises it as an Event on the Services that needed it.
+func (c *Controller) apply(ctx context.Context, state desired.State) error {
 	var errs []error
 	added, removed, err := c.addrs.Sync(ctx, state.Addresses)
+	c.interfaceErr = ""
 	if err != nil {
 		errs = append(errs, fmt.Errorf("addresses: %w", err))
 		if errors.Is(err, netif.ErrInterfaceNotFound) {
-			for _, s := range v.analysed {
-				if c.owned[s.Key] || slices.ContainsFunc(s.Addresses(), func(a netip.Addr) bool { return slices.Contains(state.Addresses, a) }) {
-					c.emitProblems(v.services[s.Key], append(slices.Clone(s.Problems), desired.Problem{Reason: "InterfaceNotFound", Message: err.Error()}))
-				}
-			}
+			c.interfaceErr = err.Error()
 		}
 	}
 	for _, a := range added {
@@ -221,92 +171,49 @@ func (c *Controller) apply(ctx context.Context, state desired.State, v view) err
 	return errors.Join(errs...)
 }
 
-// lasting drops the transient problems that have not lasted c.settle yet
-// and asks for a sync when they will have. since records when each
-// transient problem seen now was first seen.
-func (c *Controller) lasting(key types.NamespacedName, problems []desired.Problem, since map[string]time.Time) []desired.Problem {
-	now := time.Now()
-	return slices.DeleteFunc(problems, func(p desired.Problem) bool {
-		if !p.Transient {
-			return false
+// shutdown runs once the loop has stopped (SIGTERM). The heartbeat says
+// the node is draining; pinned egress Services keep Lease, address and
+// rules so the next process resumes them without a gap; every other
+// Service's address and rules are removed first and then its Lease is
+// released, so another node takes over at once.
+func (c *Controller) shutdown() {
+	ctx, cancel := context.WithTimeout(context.Background(), c.opts.RenewDeadline)
+	defer cancel()
+	c.elections.Drain(ctx)
+	var keep []desired.Service
+	kept := map[types.NamespacedName]bool{}
+	for _, s := range c.last.Own {
+		if s.Pinned() && s.Egress {
+			keep = append(keep, s)
+			kept[s.Lease] = true
 		}
-		id := key.String() + "\x00" + p.Reason + "\x00" + p.Message
-		first, ok := c.transientSince[id]
-		if !ok {
-			first = now
+	}
+	state := desired.Build(keep, c.excl.Exclude())
+	applyErr := c.apply(ctx, state)
+	if applyErr != nil {
+		c.log.WithError(applyErr).Error("shutdown: removing addresses and rules failed; keeping their Leases")
+	}
+	ev := c.elections.View()
+	var release []types.NamespacedName
+	for key, l := range ev.Leases {
+		if l.Holder != ev.Self || kept[key] {
+			continue
 		}
-		since[id] = first
-		if wait := c.settle - now.Sub(first); wait > 0 {
-			c.queue.AddAfter(syncKey, wait)
+		if applyErr != nil && c.heldProgrammed(key) {
+			continue
+		}
+		release = append(release, key)
+	}
+	c.elections.ReleaseNow(ctx, release)
+	c.log.WithFields(map[string]any{"kept": len(keep), "released": len(release)}).Info("shutdown complete")
+}
+
+// heldProgrammed reports whether a Service of lease may be in the kernel.
+func (c *Controller) heldProgrammed(lease types.NamespacedName) bool {
+	for _, s := range c.last.Own {
+		if s.Lease == lease {
 			return true
 		}
-		return false
-	})
-}
-
-// emitProblems turns a Service's problems into Warning Events and log
-// lines, once per distinct set of problems.
-func (c *Controller) emitProblems(svc *corev1.Service, problems []desired.Problem) {
-	if svc == nil {
-		return
 	}
-	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
-	var msgs []string
-	for _, p := range problems {
-		msgs = append(msgs, p.Reason+": "+p.Message)
-	}
-	sig := strings.Join(msgs, "\n")
-	if c.reported[key] == sig {
-		return
-	}
-	c.reported[key] = sig
-	for _, p := range problems {
-		c.log.WithFields(map[string]any{"service": key.String(), "reason": p.Reason}).Error(p.Message)
-		c.recorder.Event(svc, corev1.EventTypeWarning, p.Reason, p.Message)
-	}
-}
-
-// shutdown runs once the loop has stopped (SIGTERM). Pinned Services keep
-// lease, address and rules so the next process resumes them without a gap;
-// every other Service's address and rules are removed first and then its
-// lease is released, so another node takes over at once.
-func (c *Controller) shutdown() {
-	var keep []desired.Service
-	keepLease := map[types.NamespacedName]bool{}
-	for k, s := range c.last {
-		if c.owned[k] && s.Pinned() && s.Egress {
-			keep = append(keep, s)
-			keepLease[s.Lease] = true
-		}
-	}
-	for k, s := range c.last {
-		if c.owned[k] && !keepLease[s.Lease] {
-			c.log.WithField("service", k.String()).Info("shutting down: releasing Service")
-		}
-	}
-
-	state := desired.Build(keep, c.excl.Exclude())
-	if err := c.apply(context.Background(), state, view{}); err != nil {
-		c.log.WithError(err).Error("shutdown: removing addresses and rules failed")
-	}
-	done := make(chan struct{})
-	leases := c.elections.Leases()
-	go func() {
-		defer close(done)
-		var wg sync.WaitGroup
-		for _, lease := range leases {
-			if keepLease[lease] {
-				c.elections.Abandon(lease)
-				continue
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				c.elections.Withdraw(lease)
-			}()
-		}
-		wg.Wait()
-	}()
-	<-done
-	c.log.WithField("kept", len(keep)).Info("shutdown complete")
+	return false
 }

@@ -1,0 +1,396 @@
+package election
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	coordinationinformers "k8s.io/client-go/informers/coordination/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// Config configures a Manager.
+type Config struct {
+	// Identity is this node's name, written as holder.
+	Identity string
+	// Namespace is the daemon's namespace: heartbeats and the global
+	// Lease live there.
+	Namespace string
+	// ServiceNamespace limits the Service Leases watched ("" for all).
+	ServiceNamespace string
+	Timing           Timing
+	// HeartbeatClient renews the heartbeat only, so that no other write
+	// can delay it behind a rate limiter.
+	HeartbeatClient kubernetes.Interface
+	// Client watches Leases and writes acquisitions and releases.
+	Client kubernetes.Interface
+	// Workers bounds the acquisitions and releases in flight.
+	Workers int
+	// Poke asks the sync loop to plan again.
+	Poke func()
+	// Wrote, when set, counts Lease writes by kind (heartbeat, acquire,
+	// release) and result (ok, conflict, error).
+	Wrote func(kind, result string)
+	Log   *logrus.Entry
+}
+
+// Manager keeps the election view of one node and performs its writes.
+type Manager struct {
+	cfg       Config
+	heartbeat string // this node's heartbeat Lease name
+	peers     cache.SharedIndexInformer
+	leases    cache.SharedIndexInformer
+	sem       chan struct{}
+	now       func() time.Time
+
+	mu sync.Mutex
+	// hb is the last heartbeat written (or found at start-up).
+	hb *coordinationv1.Lease
+	// renewedAt is the RenewTime of the last successful renewal: taken
+	// before the request, so no other node can see the heartbeat expire
+	// before renewedAt + LeaseDuration. At start-up it is the previous
+	// process's last renewal.
+	renewedAt time.Time
+	prevRenew time.Time
+	// epoch counts the stretches of time this node's heartbeat stayed
+	// valid without a gap: 0 before the first renewal, then 1, and one
+	// more after every renewal that came a lease duration or more after
+	// the previous one. A holding is current only if written in the
+	// current epoch (or adopted from the previous process in epoch 1).
+	epoch    uint64
+	adopted  bool
+	draining bool
+	// nodes is what the heartbeat informer showed of every other node.
+	nodes map[string]*peer
+	// overlay holds the results of this node's own writes (and of reads
+	// after a conflict) until the informer has caught up with them.
+	overlay   map[types.NamespacedName]*coordinationv1.Lease
+	confirmed map[types.NamespacedName]uint64
+	pending   map[types.NamespacedName]bool
+	backoff   map[types.NamespacedName]time.Time
+	// checked is when a holder's heartbeat was last read from the API
+	// server and found expired, before taking its Services over.
+	checked map[string]time.Time
+	// signature is the last liveness summary; a change pokes the loop.
+	signature string
+}
+
+// peer is another node's heartbeat as seen by this node. seenAt is this
+// node's clock when the renewal was first seen, as in client-go: clocks of
+// different nodes are never compared.
+type peer struct {
+	renew    time.Time
+	holder   string
+	seenAt   time.Time
+	duration time.Duration
+	draining bool
+}
+
+func (p *peer) live(now time.Time) bool {
+	return p.holder != "" && now.Before(p.seenAt.Add(p.duration))
+}
+
+// errHolderAlive stops a takeover whose holder's heartbeat turned out to be
+// renewed after all.
+var errHolderAlive = errors.New("holder's heartbeat was renewed")
+
+// NewManager builds a Manager; call Run to start it.
+func NewManager(cfg Config) *Manager {
+	if cfg.Workers <= 0 {
+		cfg.Workers = 16
+	}
+	if cfg.Poke == nil {
+		cfg.Poke = func() {}
+	}
+	if cfg.Wrote == nil {
+		cfg.Wrote = func(string, string) {}
+	}
+	m := &Manager{
+		cfg:       cfg,
+		heartbeat: HeartbeatName(cfg.Identity),
+		sem:       make(chan struct{}, cfg.Workers),
+		now:       time.Now,
+		nodes:     map[string]*peer{},
+		overlay:   map[types.NamespacedName]*coordinationv1.Lease{},
+		confirmed: map[types.NamespacedName]uint64{},
+		pending:   map[types.NamespacedName]bool{},
+		backoff:   map[types.NamespacedName]time.Time{},
+		checked:   map[string]time.Time{},
+	}
+	// The caches keep no managedFields. A Lease is small: it is copied
+	// rather than changed in place, since the object may be shared with
+	// whoever delivered it.
+	strip := func(obj any) (any, error) {
+		if l, ok := obj.(*coordinationv1.Lease); ok && len(l.ManagedFields) > 0 {
+			l = l.DeepCopy()
+			l.ManagedFields = nil
+			return l, nil
+		}
+		return obj, nil
+	}
+	m.peers = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.Namespace, 0, cache.Indexers{},
+		func(o *metav1.ListOptions) {
+			o.LabelSelector = LabelRole + " in (" + RoleHeartbeat + "," + RoleGlobal + ")"
+		})
+	m.leases = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.ServiceNamespace, 0, cache.Indexers{},
+		func(o *metav1.ListOptions) { o.LabelSelector = LabelRole + "=" + RoleService })
+	_ = m.peers.SetTransform(strip)
+	_ = m.leases.SetTransform(strip)
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { m.observe(obj, false) },
+		UpdateFunc: func(_, obj any) { m.observe(obj, false) },
+		DeleteFunc: func(obj any) { m.observe(obj, true) },
+	}
+	_, _ = m.peers.AddEventHandler(handler)
+	_, _ = m.leases.AddEventHandler(handler)
+	return m
+}
+
+// Identity is the holder identity this node writes into Leases.
+func (m *Manager) Identity() string { return m.cfg.Identity }
+
+// HasSynced reports whether both Lease informers have synced.
+func (m *Manager) HasSynced() bool { return m.peers.HasSynced() && m.leases.HasSynced() }
+
+// Run starts the informers, the heartbeat and the liveness check; it
+// returns at once. Everything stops when ctx ends.
+func (m *Manager) Run(ctx context.Context) {
+	go m.peers.RunWithContext(ctx)
+	go m.leases.RunWithContext(ctx)
+	go m.heartbeatLoop(ctx)
+	go m.watchLiveness(ctx)
+}
+
+// observe takes an informer event: a heartbeat updates the peer it
+// belongs to, a Service Lease drops the overlay it has caught up with.
+func (m *Manager) observe(obj any, deleted bool) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
+	}
+	l, ok := obj.(*coordinationv1.Lease)
+	if !ok {
+		return
+	}
+	if l.Labels[LabelRole] == RoleHeartbeat {
+		node, ok := strings.CutPrefix(l.Name, HeartbeatPrefix)
+		if !ok || node == m.cfg.Identity {
+			return
+		}
+		m.mu.Lock()
+		if deleted {
+			delete(m.nodes, node)
+		} else {
+			m.observePeer(node, l)
+		}
+		m.mu.Unlock()
+		// Liveness changes are noticed by watchLiveness; a renewal is
+		// no news.
+		return
+	}
+	key := types.NamespacedName{Namespace: l.Namespace, Name: l.Name}
+	m.mu.Lock()
+	if o, ok := m.overlay[key]; ok && !rvNewer(o.ResourceVersion, l.ResourceVersion) {
+		delete(m.overlay, key)
+	}
+	m.mu.Unlock()
+	m.cfg.Poke()
+}
+
+// observePeer records a heartbeat; m.mu is held.
+func (m *Manager) observePeer(node string, l *coordinationv1.Lease) {
+	p := m.nodes[node]
+	if p == nil {
+		p = &peer{}
+		m.nodes[node] = p
+	}
+	var renew time.Time
+	if l.Spec.RenewTime != nil {
+		renew = l.Spec.RenewTime.Time
+	}
+	holder := ""
+	if l.Spec.HolderIdentity != nil {
+		holder = *l.Spec.HolderIdentity
+	}
+	if !renew.Equal(p.renew) || holder != p.holder || p.seenAt.IsZero() {
+		p.seenAt = m.now()
+	}
+	p.renew, p.holder = renew, holder
+	p.duration = m.cfg.Timing.LeaseDuration
+	if l.Spec.LeaseDurationSeconds != nil && *l.Spec.LeaseDurationSeconds > 0 {
+		// A heartbeat says how long it lasts; it never counts for less
+		// than this node's own setting.
+		p.duration = max(p.duration, time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second)
+	}
+	p.draining = l.Annotations[AnnotationDraining] == "true"
+}
+
+// watchLiveness pokes the sync loop whenever a node's heartbeat expires or
+// comes back, or this node's own renewal becomes overdue: a few checks a
+// retry period, whatever the number of Services.
+func (m *Manager) watchLiveness(ctx context.Context) {
+	tick := min(max(m.cfg.Timing.RetryPeriod/4, 20*time.Millisecond), 250*time.Millisecond)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		v := m.View()
+		var b strings.Builder
+		for _, n := range sortedKeys(v.Live) {
+			b.WriteString(n)
+			if !v.Candidates[n] {
+				b.WriteString("(draining)")
+			}
+			b.WriteByte(',')
+		}
+		if v.Overdue {
+			b.WriteString("overdue")
+		}
+		m.mu.Lock()
+		changed := b.String() != m.signature
+		m.signature = b.String()
+		m.mu.Unlock()
+		if changed {
+			m.cfg.Poke()
+		}
+	}
+}
+
+func sortedKeys(set map[string]bool) []string {
+	out := make([]string, 0, len(set))
+	for k, ok := range set {
+		if ok {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// View returns the election as this node sees it now.
+func (m *Manager) View() View {
+	now := m.now()
+	v := View{
+		Self:       m.cfg.Identity,
+		Now:        now,
+		Live:       map[string]bool{},
+		Candidates: map[string]bool{},
+		Leases:     map[types.NamespacedName]Lease{},
+	}
+	objs := m.leases.GetStore().List()
+	objs = append(objs, m.peers.GetStore().List()...)
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v.Established = m.epoch > 0
+	v.Overdue = m.renewedAt.IsZero() || now.Sub(m.renewedAt) >= m.cfg.Timing.RenewDeadline
+	v.Draining = m.draining
+	for n, p := range m.nodes {
+		if p.live(now) {
+			v.Live[n] = true
+			if !p.draining {
+				v.Candidates[n] = true
+			}
+		}
+	}
+	if v.Established && !v.Overdue {
+		v.Live[m.cfg.Identity] = true
+		if !m.draining {
+			v.Candidates[m.cfg.Identity] = true
+		}
+	}
+	add := func(key types.NamespacedName, l *coordinationv1.Lease) {
+		if o, ok := m.overlay[key]; ok && (l == nil || rvNewer(o.ResourceVersion, l.ResourceVersion)) {
+			l = o
+		}
+		v.Leases[key] = m.leaseView(key, l, now)
+	}
+	for _, obj := range objs {
+		l, ok := obj.(*coordinationv1.Lease)
+		if !ok || l.Labels[LabelRole] == RoleHeartbeat {
+			continue
+		}
+		add(types.NamespacedName{Namespace: l.Namespace, Name: l.Name}, l)
+	}
+	for key := range m.overlay {
+		if _, ok := v.Leases[key]; !ok {
+			add(key, nil)
+		}
+	}
+	for key := range m.pending {
+		if _, ok := v.Leases[key]; !ok {
+			v.Leases[key] = Lease{Pending: true}
+		}
+	}
+	for key, until := range m.backoff {
+		if now.Before(until) {
+			if _, ok := v.Leases[key]; !ok {
+				v.Leases[key] = Lease{Pending: true}
+			}
+		} else {
+			delete(m.backoff, key)
+		}
+	}
+	return v
+}
+
+// leaseView summarises one Lease object; m.mu is held.
+func (m *Manager) leaseView(key types.NamespacedName, l *coordinationv1.Lease, now time.Time) Lease {
+	var out Lease
+	if l != nil {
+		if l.Spec.HolderIdentity != nil {
+			out.Holder = *l.Spec.HolderIdentity
+		}
+		out.Legacy = l.Labels[LabelRole] == ""
+		for _, o := range l.OwnerReferences {
+			if o.Kind == "Service" {
+				out.OwnerUID = o.UID
+			}
+		}
+	}
+	if out.Holder == m.cfg.Identity && !out.Legacy && m.epoch > 0 {
+		out.Current = m.confirmed[key] == m.epoch || (m.adopted && m.epoch == 1)
+	}
+	out.Pending = m.pending[key] || now.Before(m.backoff[key])
+	return out
+}
+
+// current returns the newest copy of a Lease this node knows, or nil.
+func (m *Manager) current(key types.NamespacedName) *coordinationv1.Lease {
+	var l *coordinationv1.Lease
+	for _, inf := range []cache.SharedIndexInformer{m.leases, m.peers} {
+		if obj, ok, err := inf.GetStore().GetByKey(key.String()); err == nil && ok {
+			l = obj.(*coordinationv1.Lease)
+			break
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if o, ok := m.overlay[key]; ok && (l == nil || rvNewer(o.ResourceVersion, l.ResourceVersion)) {
+		l = o
+	}
+	if l == nil {
+		return nil
+	}
+	return l.DeepCopy()
+}
+
+func (m *Manager) setOverlay(l *coordinationv1.Lease) {
+	if l == nil {
+		return
+	}
+	m.mu.Lock()
+	m.overlay[types.NamespacedName{Namespace: l.Namespace, Name: l.Name}] = l
+	m.mu.Unlock()
+}
