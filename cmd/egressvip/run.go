@@ -176,6 +176,7 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		SNATUnavailable: snatUnavailable,
 		Resync:          time.Minute,
 		RetryPeriod:     cfg.RetryPeriod,
+		Allowed:         cfg.AllowedCIDRs,
 		RenewDeadline:   cfg.RenewDeadline,
 		Metrics:         m,
 	}, client, reportClient, factory, addrs, snatw, elections, detector, recorder, log)

@@ -20,7 +20,7 @@ import (
 const KCMSelector = "component=kube-controller-manager"
 
 // Detector keeps Detect's inputs in informer caches, so Current costs no
-// API call. Nodes are watched only for their podCIDRs.
+// API call. Nodes are watched only for their pod ranges and addresses.
 type Detector struct {
 	override Override
 	log      *logrus.Entry
@@ -44,19 +44,20 @@ func NewDetector(client kubernetes.Interface, override Override, resync time.Dur
 		DeleteFunc: func(any) { onChange() },
 	}
 	needPods, needServices := len(override.Pod) == 0, len(override.Service) == 0
+	d.factory = informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(slimNode))
+	// Nodes are always watched: their addresses are never admitted as
+	// LoadBalancer IPs nor egressed; their pod ranges are detected unless
+	// overridden.
+	nodes := d.factory.Core().V1().Nodes()
+	_, _ = nodes.Informer().AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
+		AddFunc:    func(any, bool) { onChange() },
+		UpdateFunc: func(oldObj, newObj any) { nodeChanged(oldObj, newObj, onChange) },
+		DeleteFunc: func(any) { onChange() },
+	})
+	d.nodes = nodes.Lister()
+	d.synced = append(d.synced, nodes.Informer().HasSynced)
 	if !needPods && !needServices {
 		return d
-	}
-	d.factory = informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(slimNode))
-	if needPods {
-		inf := d.factory.Core().V1().Nodes()
-		_, _ = inf.Informer().AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
-			AddFunc:    func(any, bool) { onChange() },
-			UpdateFunc: func(oldObj, newObj any) { podCIDRsChanged(oldObj, newObj, onChange) },
-			DeleteFunc: func(any) { onChange() },
-		})
-		d.nodes = inf.Lister()
-		d.synced = append(d.synced, inf.Informer().HasSynced)
 	}
 	if needServices {
 		if served(client, "networking.k8s.io/v1", "servicecidrs") {
@@ -78,8 +79,8 @@ func NewDetector(client kubernetes.Interface, override Override, resync time.Dur
 	return d
 }
 
-// slimNode keeps of a Node only what detection reads, its name and pod
-// ranges: a cache of every Node of the cluster, with their status, images
+// slimNode keeps of a Node only what is read, its name, pod ranges and
+// addresses: a cache of every Node of the cluster, with their status, images
 // and conditions, would otherwise sit in the egressvip process of every
 // node. Other objects pass unchanged.
 func slimNode(obj any) (any, error) {
@@ -90,15 +91,28 @@ func slimNode(obj any) (any, error) {
 	return &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
 		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+		Status:     corev1.NodeStatus{Addresses: ipAddresses(n.Status.Addresses)},
 	}, nil
 }
 
-// podCIDRsChanged pokes only when a Node's pod ranges changed: Node status
-// heartbeats must not wake the sync loop.
-func podCIDRsChanged(oldObj, newObj any, onChange func()) {
+// ipAddresses keeps the addresses of a Node that are IPs (not host names).
+func ipAddresses(in []corev1.NodeAddress) []corev1.NodeAddress {
+	var out []corev1.NodeAddress
+	for _, a := range in {
+		if _, err := netip.ParseAddr(a.Address); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// nodeChanged pokes only when a Node's pod ranges or addresses changed:
+// Node status heartbeats must not wake the sync loop.
+func nodeChanged(oldObj, newObj any, onChange func()) {
 	o, ok1 := oldObj.(*corev1.Node)
 	n, ok2 := newObj.(*corev1.Node)
-	if !ok1 || !ok2 || fmt.Sprint(o.Spec.PodCIDRs) != fmt.Sprint(n.Spec.PodCIDRs) || o.Spec.PodCIDR != n.Spec.PodCIDR {
+	if !ok1 || !ok2 || fmt.Sprint(o.Spec.PodCIDRs) != fmt.Sprint(n.Spec.PodCIDRs) || o.Spec.PodCIDR != n.Spec.PodCIDR ||
+		fmt.Sprint(o.Status.Addresses) != fmt.Sprint(n.Status.Addresses) {
 		onChange()
 	}
 }
@@ -120,8 +134,8 @@ func served(client kubernetes.Interface, groupVersion, resource string) bool {
 
 // Start starts the informers.
 func (d *Detector) Start(stop <-chan struct{}) {
-	if d.factory != nil {
-		d.factory.Start(stop)
+	d.factory.Start(stop)
+	if d.kcmFactory != nil {
 		d.kcmFactory.Start(stop)
 	}
 }
@@ -161,3 +175,20 @@ func (d *Detector) Current() Result {
 
 // Exclude is Current().Exclude(), for the sync loop.
 func (d *Detector) Exclude() []netip.Prefix { return d.Current().Exclude() }
+
+// PodCIDRs are the pod ranges in use (Current().Pod).
+func (d *Detector) PodCIDRs() []netip.Prefix { return d.Current().Pod }
+
+// NodeAddresses are the IP addresses of every Node.
+func (d *Detector) NodeAddresses() map[netip.Addr]bool {
+	out := map[netip.Addr]bool{}
+	nodes, _ := d.nodes.List(labels.Everything())
+	for _, n := range nodes {
+		for _, a := range n.Status.Addresses {
+			if ip, err := netip.ParseAddr(a.Address); err == nil {
+				out[ip.Unmap()] = true
+			}
+		}
+	}
+	return out
+}

@@ -35,8 +35,11 @@ type Config struct {
 	LoadBalancerClass     string
 	LoadBalancerClassOnly bool
 	// PodCIDRs and ServiceCIDRs override detection when non-empty.
-	PodCIDRs           []netip.Prefix
-	ServiceCIDRs       []netip.Prefix
+	PodCIDRs     []netip.Prefix
+	ServiceCIDRs []netip.Prefix
+	// AllowedCIDRs, when not empty, are the only ranges LoadBalancer IPs
+	// may come from (egressvip_allowed_cidrs).
+	AllowedCIDRs       []netip.Prefix
 	EgressWithNFTables bool
 	ARP                bool
 	LogLevel           string
@@ -199,6 +202,7 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 	burstVar(&c.ReportBurst, "egressvip_report_burst", DefaultReportBurst)
 	cidrVar(&c.PodCIDRs, "egress_podcidr")
 	cidrVar(&c.ServiceCIDRs, "egress_servicecidr")
+	cidrVar(&c.AllowedCIDRs, "egressvip_allowed_cidrs")
 	return c, errors.Join(errs...)
 }
 

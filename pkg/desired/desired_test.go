@@ -17,7 +17,9 @@ import (
 
 const node = "node-a"
 
-var opts = Options{Node: node, Election: true}
+var podCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/56")}
+
+var opts = Options{Node: node, Election: true, PodCIDRs: podCIDRs}
 
 func svc(name string, local bool, ann map[string]string) *corev1.Service {
 	s := &corev1.Service{
@@ -36,6 +38,7 @@ type ep struct {
 	pod, node, addr string
 	ready           bool
 	terminating     bool
+	serving         *bool
 }
 
 func slice(svcName string, family discoveryv1.AddressType, eps ...ep) *discoveryv1.EndpointSlice {
@@ -48,7 +51,7 @@ func slice(svcName string, family discoveryv1.AddressType, eps ...ep) *discovery
 			Addresses:  []string{e.addr},
 			NodeName:   &e.node,
 			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Name: e.pod},
-			Conditions: discoveryv1.EndpointConditions{Ready: &e.ready, Terminating: &e.terminating},
+			Conditions: discoveryv1.EndpointConditions{Ready: &e.ready, Terminating: &e.terminating, Serving: e.serving},
 		})
 	}
 	return sl
@@ -79,7 +82,7 @@ func TestAnalyzeStand(t *testing.T) {
 			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantStand: true},
 		{name: "local policy with only remote pod does not stand", svc: svc("a", true, egressAnn("203.0.113.10")),
 			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, remotePod)}, wantReason: ReasonNoLocalEndpoint},
-		{name: "terminating local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
+		{name: "terminating local pod that no longer serves does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
 			slices:     []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true, terminating: true})},
 			wantReason: ReasonNoLocalEndpoint},
 		{name: "unready local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
@@ -107,7 +110,7 @@ func TestAnalyzeStand(t *testing.T) {
 			wantStand: true, wantEvent: EventEgressNotSupported},
 		{name: "egress without election is refused with an event", svc: svc("a", true, egressAnn("203.0.113.10")),
 			slices:    []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)},
-			opts:      Options{Node: node, Election: false, GlobalLease: types.NamespacedName{Namespace: "egressvip", Name: "egressvip.services"}},
+			opts:      Options{Node: node, Election: false, GlobalLease: types.NamespacedName{Namespace: "egressvip", Name: "egressvip.services"}, PodCIDRs: podCIDRs},
 			wantStand: true, wantEvent: EventEgressNotSupported},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -219,5 +222,94 @@ func TestReportFor(t *testing.T) {
 	noEgress := Analyze(svc("plain", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
 	if a := ReportFor(noEgress, node).Annotations(); a[annotations.ActiveEndpoint] != "" || a[annotations.VIPHost] != node {
 		t.Fatalf("annotations %v", a)
+	}
+}
+
+// Like kube-proxy: a terminating pod that still serves keeps its egress
+// (and the node standing) while this node has no ready endpoint.
+func TestTerminatingEndpoints(t *testing.T) {
+	yes := true
+	term := ep{pod: "old", node: node, addr: "10.244.1.5", terminating: true, serving: &yes}
+	fresh := ep{pod: "new", node: node, addr: "10.244.1.6", ready: true}
+	elsewhere := ep{pod: "other", node: "node-b", addr: "10.244.2.6", ready: true}
+	for _, tc := range []struct {
+		name      string
+		eps       []ep
+		wantStand bool
+		wantLocal []string
+	}{
+		{name: "only a serving terminating pod: it keeps egress", eps: []ep{term}, wantStand: true, wantLocal: []string{"old"}},
+		{name: "a ready pod elsewhere does not end it here", eps: []ep{term, elsewhere}, wantStand: true, wantLocal: []string{"old"}},
+		{name: "a ready pod on this node replaces it", eps: []ep{term, fresh}, wantStand: true, wantLocal: []string{"new"}},
+		{name: "gone", eps: nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, tc.eps...)}, opts)
+			var local []string
+			for _, e := range s.LocalEndpoints {
+				local = append(local, e.Name)
+			}
+			if s.Stand != tc.wantStand || !slices.Equal(local, tc.wantLocal) {
+				t.Fatalf("stand %v local %v, want %v %v", s.Stand, local, tc.wantStand, tc.wantLocal)
+			}
+			st := Build([]Service{s}, nil)
+			if len(st.SNAT.Rules) != len(tc.wantLocal) {
+				t.Fatalf("rules %+v, want one per local endpoint %v", st.SNAT.Rules, tc.wantLocal)
+			}
+		})
+	}
+}
+
+// An endpoint is egressed only if it is shown to be a pod of the Service's
+// namespace on this node; anything else keeps the node address, with an
+// Event.
+func TestEndpointTrust(t *testing.T) {
+	podIP := netip.MustParseAddr("10.244.1.5")
+	own := map[netip.Addr]PodRef{podIP: {Namespace: "default", Name: "p1"}}
+	for _, tc := range []struct {
+		name          string
+		targetRef     *corev1.ObjectReference
+		addr          string
+		nodeAddrs     map[netip.Addr]bool
+		pods          map[netip.Addr]PodRef
+		wantEgress    bool
+		wantTransient bool
+	}{
+		{name: "a pod of the namespace on this node", targetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "default", Name: "p1"}, addr: "10.244.1.5", pods: own, wantEgress: true},
+		{name: "no targetRef", addr: "10.244.1.5", pods: own},
+		{name: "targetRef not a Pod", targetRef: &corev1.ObjectReference{Kind: "Node", Name: "node-a"}, addr: "10.244.1.5", pods: own},
+		{name: "targetRef in another namespace", targetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "victim", Name: "p1"}, addr: "10.244.1.5", pods: own},
+		{name: "a Node's address (hostNetwork)", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
+			nodeAddrs: map[netip.Addr]bool{podIP: true}, pods: own},
+		{name: "outside the pod CIDRs", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "198.51.100.11",
+			pods: map[netip.Addr]PodRef{netip.MustParseAddr("198.51.100.11"): {Namespace: "default", Name: "p1"}}},
+		{name: "the address of another namespace's pod (hand-written slice)", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
+			pods: map[netip.Addr]PodRef{podIP: {Namespace: "victim", Name: "db"}}},
+		{name: "a hostNetwork pod", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
+			pods: map[netip.Addr]PodRef{podIP: {Namespace: "default", Name: "p1", HostNetwork: true}}},
+		{name: "no such pod on this node yet", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
+			pods: map[netip.Addr]PodRef{}, wantTransient: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sl := slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: tc.addr, ready: true})
+			sl.Endpoints[0].TargetRef = tc.targetRef
+			o := opts
+			o.NodeAddresses, o.LocalPods = tc.nodeAddrs, tc.pods
+			s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{sl}, o)
+			if !s.Stand {
+				t.Fatalf("the node must still stand for the address: %+v", s)
+			}
+			rules := Build([]Service{s}, nil).SNAT.Rules
+			if (len(rules) == 1) != tc.wantEgress {
+				t.Fatalf("rules %+v, want egress %v", rules, tc.wantEgress)
+			}
+			problem := slices.IndexFunc(s.Problems, func(p Problem) bool { return p.Reason == EventEndpointNotEgressed })
+			if tc.wantEgress != (problem < 0) {
+				t.Fatalf("problems %+v", s.Problems)
+			}
+			if problem >= 0 && s.Problems[problem].Transient != tc.wantTransient {
+				t.Fatalf("transient %v, want %v", s.Problems[problem].Transient, tc.wantTransient)
+			}
+		})
 	}
 }

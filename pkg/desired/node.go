@@ -36,6 +36,9 @@ func Build(owned []Service, exclude []netip.Prefix) State {
 		}
 		key := s.Key.String()
 		for _, ep := range s.LocalEndpoints {
+			if ep.NoEgress != "" {
+				continue
+			}
 			for _, pair := range [][2]netip.Addr{{ep.V4, s.LBv4}, {ep.V6, s.LBv6}} {
 				pod, lb := pair[0], pair[1]
 				if !pod.IsValid() || !lb.IsValid() || (pod.Is6() && !s.EgressIPv6) {

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -24,16 +25,20 @@ const (
 	ReasonNoLocalEndpoint = "noLocalReadyEndpoint"
 	ReasonNotLeader       = "notLeader"
 	ReasonRenewalOverdue  = "leaseRenewalOverdue"
+	ReasonRefused         = "loadBalancerIPRefused"
 )
 
 // Event reasons for problems with a Service's configuration.
 const (
-	EventInvalidAnnotation  = "InvalidAnnotation"
-	EventInvalidAddress     = "InvalidLoadBalancerIP"
-	EventNoAddress          = "NoLoadBalancerIP"
-	EventFamilyMismatch     = "EgressFamilyMismatch"
-	EventEgressNotSupported = "EgressNotSupported"
-	EventEgressConflict     = "EgressConflict"
+	EventInvalidAnnotation   = "InvalidAnnotation"
+	EventInvalidAddress      = "InvalidLoadBalancerIP"
+	EventNoAddress           = "NoLoadBalancerIP"
+	EventFamilyMismatch      = "EgressFamilyMismatch"
+	EventEgressNotSupported  = "EgressNotSupported"
+	EventEgressConflict      = "EgressConflict"
+	EventEndpointNotEgressed = "EndpointNotEgressed"
+	EventAddressRefused      = "LoadBalancerIPRefused"
+	EventAddressConflict     = "LoadBalancerIPConflict"
 )
 
 // Problem is something wrong with a Service that the user should see as an
@@ -54,11 +59,31 @@ type Endpoint struct {
 	Node string
 	V4   netip.Addr
 	V6   netip.Addr
+	// Terminating is true for an endpoint that is terminating but still
+	// serving: it is egressed only while the Service has no ready
+	// endpoint on this node.
+	Terminating bool
+	// NoEgress says why the endpoint is not egressed ("" when it is): it
+	// could not be shown to be a pod of the Service's namespace.
+	NoEgress  string
+	namespace string
+	kind      string
+}
+
+// PodRef is what this node knows of one of its pods.
+type PodRef struct {
+	Namespace, Name string
+	HostNetwork     bool
 }
 
 // Service is what this node needs to know about one LoadBalancer Service.
 type Service struct {
 	Key types.NamespacedName
+	// Created is the Service's creationTimestamp; StatusIPs are the
+	// addresses its status shows. Both decide which of two namespaces
+	// claiming one address keeps it.
+	Created   time.Time
+	StatusIPs []netip.Addr
 	// UID is the Service's, for the ownerReference of its Lease.
 	UID   types.UID
 	Lease types.NamespacedName
@@ -89,6 +114,15 @@ type Options struct {
 	// for every Service, and egress is refused.
 	Election    bool
 	GlobalLease types.NamespacedName
+	// PodCIDRs are the cluster's pod ranges: an endpoint outside them is
+	// not egressed.
+	PodCIDRs []netip.Prefix
+	// NodeAddresses are every Node's addresses: never egressed.
+	NodeAddresses map[netip.Addr]bool
+	// LocalPods are this node's pods by address: an endpoint is egressed
+	// only if its address is one of a pod of the Service's namespace.
+	// Nil disables that check (unit tests of other things).
+	LocalPods map[netip.Addr]PodRef
 }
 
 // Addresses returns the Service's LoadBalancer IPs, IPv4 first.
@@ -116,10 +150,16 @@ func (s Service) fatal() bool {
 // Analyze reads one Service and its EndpointSlices from this node's view.
 func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Options) Service {
 	s := Service{
-		Key:   types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
-		UID:   svc.UID,
-		Lease: types.NamespacedName{Namespace: svc.Namespace, Name: election.LeaseName(svc.Name)},
-		Local: svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
+		Key:     types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
+		UID:     svc.UID,
+		Lease:   types.NamespacedName{Namespace: svc.Namespace, Name: election.LeaseName(svc.Name)},
+		Local:   svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
+		Created: svc.CreationTimestamp.Time,
+	}
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(ing.IP); err == nil {
+			s.StatusIPs = append(s.StatusIPs, a.Unmap())
+		}
 	}
 	if !opts.Election {
 		s.Lease = opts.GlobalLease
@@ -142,6 +182,9 @@ func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Op
 		problem(true, EventInvalidAnnotation, "%s: %v", annotations.EgressDestinationPorts, err)
 	}
 	s.LocalEndpoints, s.RemoteReady, s.ReadyNodes = readyEndpoints(epSlices, opts.Node)
+	if s.Egress {
+		s.checkTrust(svc.Namespace, opts)
+	}
 
 	if s.Egress {
 		switch {
@@ -189,6 +232,9 @@ func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
 		s.Problems = append(s.Problems, Problem{Reason: EventFamilyMismatch, Message: fmt.Sprintf(format, args...), Transient: true})
 	}
 	for _, ep := range s.LocalEndpoints {
+		if ep.NoEgress != "" {
+			continue
+		}
 		if s.LBv4.IsValid() && !ep.V4.IsValid() {
 			podLacks("endpoint %s has no IPv4 address: no IPv4 egress for it", ep.Name)
 		}
@@ -198,20 +244,83 @@ func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
 	}
 }
 
+// checkTrust marks the local endpoints that are not egressed: an egress
+// address is an identity, so it is lent only to pods of the Service's own
+// namespace. A hand-written EndpointSlice may name any address and any
+// targetRef; the address must belong to a pod of this node in the
+// Service's namespace, lie inside the pod CIDRs and not be a Node's (a
+// hostNetwork pod's traffic is the node's own).
+func (s *Service) checkTrust(namespace string, opts Options) {
+	for i := range s.LocalEndpoints {
+		ep := &s.LocalEndpoints[i]
+		why, transient := endpointTrust(*ep, namespace, opts)
+		if why == "" {
+			continue
+		}
+		ep.NoEgress = why
+		s.Problems = append(s.Problems, Problem{
+			Reason:    EventEndpointNotEgressed,
+			Message:   fmt.Sprintf("endpoint %s is not egressed: %s; its traffic keeps the node address", ep.Name, why),
+			Transient: transient,
+		})
+	}
+}
+
+// endpointTrust says why an endpoint may not be egressed ("" if it may);
+// transient is true when the node's pod cache may only be behind.
+func endpointTrust(ep Endpoint, namespace string, opts Options) (string, bool) {
+	if ep.kind != "Pod" || (ep.namespace != "" && ep.namespace != namespace) {
+		return "its targetRef is not a Pod of namespace " + namespace, false
+	}
+	for _, a := range []netip.Addr{ep.V4, ep.V6} {
+		if !a.IsValid() {
+			continue
+		}
+		if opts.NodeAddresses[a] {
+			return a.String() + " is a Node's address (hostNetwork)", false
+		}
+		if !slices.ContainsFunc(opts.PodCIDRs, func(p netip.Prefix) bool { return p.Contains(a) }) {
+			return a.String() + " is outside the pod CIDRs", false
+		}
+		if opts.LocalPods == nil {
+			continue
+		}
+		pod, ok := opts.LocalPods[a]
+		switch {
+		case !ok:
+			return a.String() + " is not the address of a pod on this node", true
+		case pod.HostNetwork:
+			return a.String() + " belongs to a hostNetwork pod", false
+		case pod.Namespace != namespace:
+			return a.String() + " belongs to a pod of another namespace", false
+		}
+	}
+	return "", false
+}
+
 // ready is the EndpointSlice rule for "may receive new traffic": ready
 // (nil counts as ready) and not terminating.
 func ready(c discoveryv1.EndpointConditions) bool {
 	return (c.Ready == nil || *c.Ready) && (c.Terminating == nil || !*c.Terminating)
 }
 
+// servingTerminating is an endpoint that is going away but still serves
+// (kube-proxy's rule for terminating endpoints).
+func servingTerminating(c discoveryv1.EndpointConditions) bool {
+	return c.Terminating != nil && *c.Terminating && c.Serving != nil && *c.Serving
+}
+
 // readyEndpoints joins the IPv4 and IPv6 slices of a Service by pod and
 // splits the ready endpoints into this node's and a count of the others; it
-// also lists the nodes that have one.
+// also lists the nodes that have one. Like kube-proxy, terminating
+// endpoints that still serve stand in for ready ones while this node has
+// no ready endpoint: a pod keeps its egress address for its grace period.
 func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpoint, int, []string) {
 	byName := map[string]*Endpoint{}
 	for _, sl := range epSlices {
 		for _, ep := range sl.Endpoints {
-			if !ready(ep.Conditions) || len(ep.Addresses) == 0 {
+			isReady := ready(ep.Conditions)
+			if (!isReady && !servingTerminating(ep.Conditions)) || len(ep.Addresses) == 0 {
 				continue
 			}
 			addr, err := netip.ParseAddr(ep.Addresses[0])
@@ -225,8 +334,14 @@ func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpo
 			}
 			e, ok := byName[name]
 			if !ok {
-				e = &Endpoint{Name: name}
+				e = &Endpoint{Name: name, Terminating: !isReady}
+				if ep.TargetRef != nil {
+					e.kind, e.namespace = ep.TargetRef.Kind, ep.TargetRef.Namespace
+				}
 				byName[name] = e
+			}
+			if !isReady {
+				e.Terminating = true
 			}
 			if ep.NodeName != nil {
 				e.Node = *ep.NodeName
@@ -238,18 +353,27 @@ func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpo
 			}
 		}
 	}
-	var local []Endpoint
+	var local, terminating []Endpoint
 	var nodes []string
 	remote := 0
 	for _, e := range byName {
-		if e.Node != "" {
-			nodes = append(nodes, e.Node)
-		}
-		if e.Node == node {
+		switch {
+		case e.Terminating && e.Node == node:
+			terminating = append(terminating, *e)
+		case e.Terminating:
+		case e.Node == node:
 			local = append(local, *e)
-		} else {
+			nodes = append(nodes, e.Node)
+		default:
 			remote++
+			if e.Node != "" {
+				nodes = append(nodes, e.Node)
+			}
 		}
+	}
+	if len(local) == 0 && len(terminating) > 0 {
+		local = terminating
+		nodes = append(nodes, node)
 	}
 	slices.SortFunc(local, func(a, b Endpoint) int { return strings.Compare(a.Name, b.Name) })
 	slices.Sort(nodes)

@@ -245,3 +245,57 @@ func (m *Manager) Cleanup() error {
 
 // Wait blocks until running announcements have ended.
 func (m *Manager) Wait() { m.wg.Wait() }
+
+// Host is what the node itself uses on the serviceInterface: addresses
+// egressvip did not add, their on-link subnets, and the gateways of routes
+// through the interface. None of them may be claimed by a Service.
+type Host struct {
+	Own      []netip.Addr
+	Subnets  []netip.Prefix
+	Gateways []netip.Addr
+}
+
+// Host reads the interface's own addresses and gateways.
+func (m *Manager) Host() (Host, error) {
+	var h Host
+	l, err := m.link()
+	if err != nil {
+		return h, err
+	}
+	list, err := m.addrs(l)
+	if err != nil {
+		return h, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+	}
+	for _, a := range list {
+		if Owned(a, m.cfg.Interface) || a.IPNet == nil {
+			continue
+		}
+		ip := ipOf(a)
+		ones, _ := a.Mask.Size()
+		h.Own = append(h.Own, ip)
+		h.Subnets = append(h.Subnets, netip.PrefixFrom(ip, ones).Masked())
+	}
+	var routes []netlink.Route
+	for range 5 {
+		routes, err = m.h.RouteList(l, netlink.FAMILY_ALL)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	if err != nil {
+		return h, fmt.Errorf("list routes of %s: %w", m.cfg.Interface, err)
+	}
+	for _, r := range routes {
+		if gw, ok := netip.AddrFromSlice(r.Gw); ok && r.Gw != nil {
+			h.Gateways = append(h.Gateways, gw.Unmap())
+		}
+		for _, nh := range r.MultiPath {
+			if gw, ok := netip.AddrFromSlice(nh.Gw); ok && nh.Gw != nil {
+				h.Gateways = append(h.Gateways, gw.Unmap())
+			}
+		}
+	}
+	slices.SortFunc(h.Gateways, netip.Addr.Compare)
+	h.Gateways = slices.Compact(h.Gateways)
+	return h, nil
+}

@@ -234,3 +234,33 @@ func BenchmarkSync(b *testing.B) {
 		}
 	})
 }
+
+// Host reports the interface's own addresses, subnets and gateway, never
+// the addresses egressvip added.
+func TestPrivilegedHostReportsTheNodesOwnAddresses(t *testing.T) {
+	tp := newTopology(t)
+	tp.node.Exec(t, "ip", "link", "set", "eth1", "up")
+	tp.node.Exec(t, "ip", "route", "add", "default", "via", "203.0.113.250", "dev", "eth1")
+	m := tp.manager(t, "eth1", false)
+	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4, lb6}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := m.Host()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"203.0.113.2", "203.0.113.99", "2001:db8:1::2"} {
+		if !slices.Contains(h.Own, netip.MustParseAddr(want)) {
+			t.Errorf("Own %v lacks %s", h.Own, want)
+		}
+	}
+	if slices.Contains(h.Own, lb4) || slices.Contains(h.Own, lb6) {
+		t.Errorf("Own %v lists an address egressvip added", h.Own)
+	}
+	if !slices.Contains(h.Subnets, netip.MustParsePrefix("203.0.113.0/24")) {
+		t.Errorf("Subnets %v lack 203.0.113.0/24", h.Subnets)
+	}
+	if !slices.Contains(h.Gateways, netip.MustParseAddr("203.0.113.250")) {
+		t.Errorf("Gateways %v lack 203.0.113.250", h.Gateways)
+	}
+}

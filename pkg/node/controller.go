@@ -28,6 +28,7 @@ import (
 
 	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/metrics"
+	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/plan"
 	"github.com/egressvip/egressvip/pkg/snat"
 )
@@ -36,6 +37,8 @@ import (
 type Addresses interface {
 	Sync(ctx context.Context, want []netip.Addr) (added, removed []netip.Addr, err error)
 	Owned() ([]netip.Addr, error)
+	// Host is the node's own addresses, subnets and gateways there.
+	Host() (netif.Host, error)
 }
 
 // SNAT writes the egress rules (pkg/snat).
@@ -56,9 +59,15 @@ type Elections interface {
 	ReleaseNow(ctx context.Context, leases []types.NamespacedName)
 }
 
-// Exclusions returns the pod and Service CIDRs never to SNAT (pkg/cidr).
-type Exclusions interface {
+// Cluster is what the node knows of the cluster's ranges and Nodes
+// (pkg/cidr).
+type Cluster interface {
+	// Exclude are the pod and Service CIDRs, never SNATed.
 	Exclude() []netip.Prefix
+	// PodCIDRs are the pod ranges: only endpoints inside are egressed.
+	PodCIDRs() []netip.Prefix
+	// NodeAddresses are every Node's addresses.
+	NodeAddresses() map[netip.Addr]bool
 }
 
 // Options configure a Controller.
@@ -80,6 +89,9 @@ type Options struct {
 	// RenewDeadline bounds the Lease releases at shutdown.
 	RetryPeriod   time.Duration
 	RenewDeadline time.Duration
+	// Allowed, when not empty, are the only ranges LoadBalancer IPs may
+	// come from (egressvip_allowed_cidrs).
+	Allowed []netip.Prefix
 	// Metrics, when set, receives sync figures.
 	Metrics *metrics.Metrics
 }
@@ -92,12 +104,13 @@ type Controller struct {
 	addrs     Addresses
 	snat      SNAT
 	elections Elections
-	excl      Exclusions
+	excl      Cluster
 	recorder  record.EventRecorder
 	reporter  *reporter
 
 	services   corelisters.ServiceLister
 	sliceIndex cache.Indexer
+	pods       cache.Indexer
 	hasSynced  []cache.InformerSynced
 	queue      workqueue.TypedRateLimitingInterface[string]
 
@@ -131,7 +144,7 @@ const transientSettle = 5 * time.Second
 
 // New wires a Controller to the informer factory; call Run after starting it.
 func New(opts Options, client, reportClient kubernetes.Interface, factory informers.SharedInformerFactory, addrs Addresses, snatw SNAT,
-	elections Elections, excl Exclusions, recorder record.EventRecorder, log *logrus.Entry,
+	elections Elections, excl Cluster, recorder record.EventRecorder, log *logrus.Entry,
 ) (*Controller, error) {
 	if opts.Resync <= 0 {
 		opts.Resync = time.Minute
@@ -158,6 +171,10 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 			cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc, byService: indexByService},
 			func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName })
 	})
+	podInformer := factory.InformerFor(&corev1.Pod{}, func(client kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
+		return localPodInformer(client, opts.Namespace, opts.Node, resync)
+	})
+	c.pods = podInformer.GetIndexer()
 	c.services = svcInformer.Lister()
 	c.reporter = newReporter(reportClient, c.services, opts.Metrics, log)
 	c.sliceIndex = sliceInformer.GetIndexer()
@@ -175,13 +192,27 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 	}); err != nil {
 		return nil, fmt.Errorf("watch EndpointSlices: %w", err)
 	}
-	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.HasSynced}
+	if _, err := podInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { c.Poke() },
+		UpdateFunc: func(o, n any) {
+			if podAddressesChanged(o, n) {
+				c.Poke()
+			}
+		},
+		DeleteFunc: func(any) { c.Poke() },
+	}); err != nil {
+		return nil, fmt.Errorf("watch this node's pods: %w", err)
+	}
+	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.HasSynced, podInformer.HasSynced}
 	return c, nil
 }
 
 // StripManagedFields is an informer transform that drops managedFields,
-// which the controller never reads.
+// which the controller never reads, and cuts Pods down to what is read.
 func StripManagedFields(obj any) (any, error) {
+	if p, ok := obj.(*corev1.Pod); ok {
+		return slimPod(p), nil
+	}
 	if m, err := meta.Accessor(obj); err == nil {
 		m.SetManagedFields(nil)
 	}

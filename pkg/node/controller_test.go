@@ -73,6 +73,11 @@ func (f *fakeAddrs) Owned() ([]netip.Addr, error) {
 	return out, nil
 }
 
+func (f *fakeAddrs) Host() (netif.Host, error) {
+	return netif.Host{Own: []netip.Addr{netip.MustParseAddr("203.0.113.2")}, Subnets: []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")},
+		Gateways: []netip.Addr{netip.MustParseAddr("203.0.113.1")}}, nil
+}
+
 func (f *fakeAddrs) has(ip string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -211,9 +216,36 @@ func lease(service string) types.NamespacedName {
 	return types.NamespacedName{Namespace: "default", Name: election.LeaseName(service)}
 }
 
+// staticExclusions are pod ranges used as the only exclusions, with no
+// Node addresses.
 type staticExclusions []netip.Prefix
 
-func (s staticExclusions) Exclude() []netip.Prefix { return s }
+func (s staticExclusions) Exclude() []netip.Prefix            { return s }
+func (s staticExclusions) PodCIDRs() []netip.Prefix           { return s }
+func (s staticExclusions) NodeAddresses() map[netip.Addr]bool { return nil }
+
+// podsFor returns the Pods behind the EndpointSlices' endpoints on this
+// node, so that they pass the trust check like real pods.
+func podsFor(objs []runtime.Object) []runtime.Object {
+	var out []runtime.Object
+	for _, o := range objs {
+		sl, ok := o.(*discoveryv1.EndpointSlice)
+		if !ok {
+			continue
+		}
+		for _, ep := range sl.Endpoints {
+			if ep.NodeName == nil || *ep.NodeName != nodeName || ep.TargetRef == nil {
+				continue
+			}
+			out = append(out, &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Namespace: sl.Namespace, Name: ep.TargetRef.Name},
+				Spec:       corev1.PodSpec{NodeName: nodeName},
+				Status:     corev1.PodStatus{PodIPs: []corev1.PodIP{{IP: ep.Addresses[0]}}},
+			})
+		}
+	}
+	return out
+}
 
 type harness struct {
 	t         testing.TB
@@ -227,7 +259,7 @@ type harness struct {
 
 func newHarness(t testing.TB, objs ...runtime.Object) *harness {
 	t.Helper()
-	client := fake.NewClientset(objs...)
+	client := fake.NewClientset(append(objs, podsFor(objs)...)...)
 	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(StripManagedFields))
 	log := logrus.New()
 	log.SetOutput(io.Discard)

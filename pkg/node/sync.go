@@ -44,7 +44,8 @@ func (c *Controller) snapshot() (view, error) {
 		return view{}, fmt.Errorf("list Services from cache: %w", err)
 	}
 	v := view{services: map[types.NamespacedName]*corev1.Service{}}
-	opts := desired.Options{Node: c.opts.Node, Election: c.opts.Election, GlobalLease: c.opts.GlobalLease}
+	opts := desired.Options{Node: c.opts.Node, Election: c.opts.Election, GlobalLease: c.opts.GlobalLease,
+		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: c.excl.NodeAddresses(), LocalPods: c.localPods()}
 	for _, svc := range all {
 		if !c.ours(svc) {
 			continue
@@ -66,6 +67,16 @@ func (c *Controller) snapshot() (view, error) {
 		v.analysed = append(v.analysed, s)
 	}
 	sort.Slice(v.analysed, func(i, j int) bool { return v.analysed[i].Key.String() < v.analysed[j].Key.String() })
+	host, err := c.addrs.Host()
+	if err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
+		c.log.WithError(err).Warn("cannot read the serviceInterface's own addresses")
+	}
+	v.analysed = desired.Admit(v.analysed, desired.Admission{
+		NodeAddresses: opts.NodeAddresses,
+		Host:          desired.Host{Own: host.Own, Subnets: host.Subnets, Gateways: host.Gateways},
+		Exclude:       c.excl.Exclude(),
+		Allowed:       c.opts.Allowed,
+	})
 	return v, nil
 }
 
