@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
@@ -162,6 +163,10 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 			if ctrl != nil {
 				ctrl.Poke()
 			}
+		},
+		HostAddresses: func() []netip.Addr {
+			h, _ := addrs.Host()
+			return h.Own
 		},
 		Wrote: func(kind, result string) { m.LeaseWrites.WithLabelValues(kind, result).Inc() },
 		Log:   log,

@@ -52,6 +52,10 @@ const (
 	// its holdings stay valid until it releases them, but it is no
 	// candidate for anything new.
 	AnnotationDraining = "egressvip.io/draining"
+	// AnnotationAddresses on a heartbeat lists the node's own addresses on
+	// its serviceInterface, which may be missing from its Node's status:
+	// no node binds them as a LoadBalancer IP.
+	AnnotationAddresses = "egressvip.io/interface-addresses"
 )
 
 // LeaseName is the Lease that records the node serving a Service.

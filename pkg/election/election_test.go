@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -317,6 +318,24 @@ func TestRestartAdoptsHoldingsWithoutAGap(t *testing.T) {
 	eventually(t, "the Lease is seen", func() bool { return late.View().Leases[web].Holder == "node-a" })
 	if late.View().Leases[web].Current {
 		t.Fatal("a restart after a heartbeat gap counts its old holding as current")
+	}
+}
+
+// A node publishes its interface addresses in its heartbeat; the others
+// learn them.
+func TestHeartbeatPublishesInterfaceAddresses(t *testing.T) {
+	api := newAPIServer()
+	a, _ := start(t, api, "node-a")
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	b := NewManager(Config{Identity: "node-b", Namespace: daemonNS, Timing: fast, HeartbeatClient: api, Client: api, Log: quietLog(),
+		HostAddresses: func() []netip.Addr {
+			return []netip.Addr{netip.MustParseAddr("203.0.113.12"), netip.MustParseAddr("fe80::1")}
+		}})
+	b.Run(ctx)
+	eventually(t, "node-a learns node-b's address", func() bool { return a.PeerAddresses()[netip.MustParseAddr("203.0.113.12")] })
+	if a.PeerAddresses()[netip.MustParseAddr("fe80::1")] {
+		t.Fatal("a link-local address was published")
 	}
 }
 

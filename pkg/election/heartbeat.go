@@ -3,6 +3,7 @@ package election
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -53,8 +54,9 @@ func (m *Manager) heartbeatLoop(ctx context.Context) {
 func (m *Manager) renew(ctx context.Context, start time.Time) error {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.Timing.RenewDeadline)
 	defer cancel()
+	addrs := m.hostAddresses()
 	m.mu.Lock()
-	l := m.heartbeatRecord(start)
+	l := m.heartbeatRecord(start, addrs)
 	m.mu.Unlock()
 	leases := m.cfg.HeartbeatClient.CoordinationV1().Leases(m.cfg.Namespace)
 	var out *coordinationv1.Lease
@@ -78,7 +80,7 @@ func (m *Manager) renew(ctx context.Context, start time.Time) error {
 		default:
 			m.mu.Lock()
 			m.hb = cur
-			l = m.heartbeatRecord(start)
+			l = m.heartbeatRecord(start, addrs)
 			m.mu.Unlock()
 			out, err = leases.Update(ctx, l, metav1.UpdateOptions{})
 		}
@@ -93,7 +95,7 @@ func (m *Manager) renew(ctx context.Context, start time.Time) error {
 }
 
 // heartbeatRecord is the heartbeat to write; m.mu is held.
-func (m *Manager) heartbeatRecord(renew time.Time) *coordinationv1.Lease {
+func (m *Manager) heartbeatRecord(renew time.Time, addrs []string) *coordinationv1.Lease {
 	var l *coordinationv1.Lease
 	if m.hb != nil {
 		l = m.hb.DeepCopy()
@@ -105,13 +107,16 @@ func (m *Manager) heartbeatRecord(renew time.Time) *coordinationv1.Lease {
 	}
 	l.Labels[LabelManagedBy] = ManagedBy
 	l.Labels[LabelRole] = RoleHeartbeat
+	if l.Annotations == nil {
+		l.Annotations = map[string]string{}
+	}
 	if m.draining {
-		if l.Annotations == nil {
-			l.Annotations = map[string]string{}
-		}
 		l.Annotations[AnnotationDraining] = "true"
 	} else {
 		delete(l.Annotations, AnnotationDraining)
+	}
+	if addrs != nil {
+		l.Annotations[AnnotationAddresses] = strings.Join(addrs, ",")
 	}
 	holder := m.cfg.Identity
 	seconds := int32((m.cfg.Timing.LeaseDuration + time.Second - 1) / time.Second)
@@ -122,6 +127,21 @@ func (m *Manager) heartbeatRecord(renew time.Time) *coordinationv1.Lease {
 	l.Spec.LeaseDurationSeconds = &seconds
 	l.Spec.RenewTime = &metav1.MicroTime{Time: renew}
 	return l
+}
+
+// hostAddresses are the addresses published in the heartbeat (nil when
+// the daemon publishes none).
+func (m *Manager) hostAddresses() []string {
+	if m.cfg.HostAddresses == nil {
+		return nil
+	}
+	addrs := []string{}
+	for _, a := range m.cfg.HostAddresses() {
+		if !a.IsLinkLocalUnicast() {
+			addrs = append(addrs, a.String())
+		}
+	}
+	return addrs
 }
 
 // renewed records a successful renewal whose RenewTime is start.

@@ -3,6 +3,7 @@ package election
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -36,6 +37,9 @@ type Config struct {
 	Workers int
 	// Poke asks the sync loop to plan again.
 	Poke func()
+	// HostAddresses, when set, are this node's own addresses on its
+	// serviceInterface, published in the heartbeat.
+	HostAddresses func() []netip.Addr
 	// Wrote, when set, counts Lease writes by kind (heartbeat, acquire,
 	// release) and result (ok, conflict, error).
 	Wrote func(kind, result string)
@@ -87,6 +91,7 @@ type Manager struct {
 // node's clock when the renewal was first seen, as in client-go: clocks of
 // different nodes are never compared.
 type peer struct {
+	addrs    []netip.Addr
 	renew    time.Time
 	holder   string
 	seenAt   time.Time
@@ -230,6 +235,27 @@ func (m *Manager) observePeer(node string, l *coordinationv1.Lease) {
 		p.duration = max(p.duration, time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second)
 	}
 	p.draining = l.Annotations[AnnotationDraining] == "true"
+	p.addrs = p.addrs[:0]
+	for _, f := range strings.Split(l.Annotations[AnnotationAddresses], ",") {
+		if a, err := netip.ParseAddr(strings.TrimSpace(f)); err == nil {
+			p.addrs = append(p.addrs, a.Unmap())
+		}
+	}
+}
+
+// PeerAddresses are the serviceInterface addresses other nodes publish in
+// their heartbeats (expired ones included: a node that stopped renewing
+// still has its addresses).
+func (m *Manager) PeerAddresses() map[netip.Addr]bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := map[netip.Addr]bool{}
+	for _, p := range m.nodes {
+		for _, a := range p.addrs {
+			out[a] = true
+		}
+	}
+	return out
 }
 
 // watchLiveness pokes the sync loop whenever a node's heartbeat expires or
@@ -245,7 +271,8 @@ func (m *Manager) watchLiveness(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		v := m.View()
+		m.mu.Lock()
+		v := m.liveness(m.now())
 		var b strings.Builder
 		for _, n := range sortedKeys(v.Live) {
 			b.WriteString(n)
@@ -257,7 +284,6 @@ func (m *Manager) watchLiveness(ctx context.Context) {
 		if v.Overdue {
 			b.WriteString("overdue")
 		}
-		m.mu.Lock()
 		changed := b.String() != m.signature
 		m.signature = b.String()
 		m.mu.Unlock()
@@ -281,35 +307,14 @@ func sortedKeys(set map[string]bool) []string {
 // View returns the election as this node sees it now.
 func (m *Manager) View() View {
 	now := m.now()
-	v := View{
-		Self:       m.cfg.Identity,
-		Now:        now,
-		Live:       map[string]bool{},
-		Candidates: map[string]bool{},
-		Leases:     map[types.NamespacedName]Lease{},
-	}
+	v := View{Self: m.cfg.Identity, Now: now, Leases: map[types.NamespacedName]Lease{}}
 	objs := m.leases.GetStore().List()
 	objs = append(objs, m.peers.GetStore().List()...)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v.Established = m.epoch > 0
-	v.Overdue = m.renewedAt.IsZero() || now.Sub(m.renewedAt) >= m.cfg.Timing.RenewDeadline
-	v.Draining = m.draining
-	for n, p := range m.nodes {
-		if p.live(now) {
-			v.Live[n] = true
-			if !p.draining {
-				v.Candidates[n] = true
-			}
-		}
-	}
-	if v.Established && !v.Overdue {
-		v.Live[m.cfg.Identity] = true
-		if !m.draining {
-			v.Candidates[m.cfg.Identity] = true
-		}
-	}
+	live := m.liveness(now)
+	v.Established, v.Overdue, v.Draining, v.Live, v.Candidates = live.Established, live.Overdue, live.Draining, live.Live, live.Candidates
 	add := func(key types.NamespacedName, l *coordinationv1.Lease) {
 		if o, ok := m.overlay[key]; ok && (l == nil || rvNewer(o.ResourceVersion, l.ResourceVersion)) {
 			l = o
@@ -340,6 +345,34 @@ func (m *Manager) View() View {
 			}
 		} else {
 			delete(m.backoff, key)
+		}
+	}
+	return v
+}
+
+// liveness is the View without its Leases; m.mu is held.
+func (m *Manager) liveness(now time.Time) View {
+	v := View{
+		Self:        m.cfg.Identity,
+		Now:         now,
+		Established: m.epoch > 0,
+		Overdue:     m.renewedAt.IsZero() || now.Sub(m.renewedAt) >= m.cfg.Timing.RenewDeadline,
+		Draining:    m.draining,
+		Live:        map[string]bool{},
+		Candidates:  map[string]bool{},
+	}
+	for n, p := range m.nodes {
+		if p.live(now) {
+			v.Live[n] = true
+			if !p.draining {
+				v.Candidates[n] = true
+			}
+		}
+	}
+	if v.Established && !v.Overdue {
+		v.Live[m.cfg.Identity] = true
+		if !m.draining {
+			v.Candidates[m.cfg.Identity] = true
 		}
 	}
 	return v

@@ -57,6 +57,9 @@ type Elections interface {
 	// Drain marks this node as leaving; ReleaseNow releases and waits.
 	Drain(ctx context.Context)
 	ReleaseNow(ctx context.Context, leases []types.NamespacedName)
+	// PeerAddresses are other nodes' serviceInterface addresses, from
+	// their heartbeats.
+	PeerAddresses() map[netip.Addr]bool
 }
 
 // Cluster is what the node knows of the cluster's ranges and Nodes

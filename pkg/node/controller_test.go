@@ -180,6 +180,10 @@ func (f *fakeElections) ReleaseNow(_ context.Context, leases []types.NamespacedN
 	}
 }
 
+func (f *fakeElections) PeerAddresses() map[netip.Addr]bool {
+	return map[netip.Addr]bool{netip.MustParseAddr("203.0.113.12"): true}
+}
+
 func (f *fakeElections) set(service string, l election.Lease) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -744,5 +748,40 @@ func TestCachesDropManagedFields(t *testing.T) {
 	objs, err := h.ctrl.sliceIndex.ByIndex(byService, "default/web")
 	if err != nil || len(objs) != 1 || len(objs[0].(*discoveryv1.EndpointSlice).ManagedFields) != 0 {
 		t.Fatalf("cached EndpointSlice keeps managedFields: %v (%v)", objs, err)
+	}
+}
+
+// Addresses of Nodes, of this node's interface and of other nodes'
+// interfaces (from their heartbeats) are refused with one Event.
+func TestClaimsOfNodeAddressesAreRefused(t *testing.T) {
+	h := newHarness(t,
+		lbService("own-iface", "203.0.113.2", false),
+		lbService("peer-iface", "203.0.113.12", false),
+		lbService("gateway", "203.0.113.1", false),
+		lbService("fine", "203.0.113.10", false))
+	for _, s := range []string{"own-iface", "peer-iface", "gateway", "fine"} {
+		h.elections.lead(s)
+	}
+	h.sync()
+	h.sync()
+	for _, ip := range []string{"203.0.113.2", "203.0.113.12", "203.0.113.1"} {
+		if h.addrs.has(ip) {
+			t.Errorf("bound the refused address %s", ip)
+		}
+	}
+	if !h.addrs.has("203.0.113.10") {
+		t.Error("an admitted Service lost its address")
+	}
+	refused := 0
+	for _, e := range h.drainEvents() {
+		if strings.Contains(e, "Warning LoadBalancerIPRefused") {
+			refused++
+		}
+	}
+	if refused != 3 {
+		t.Fatalf("want 3 LoadBalancerIPRefused Warnings over two syncs, got %d", refused)
+	}
+	if ing := h.service("peer-iface").Status.LoadBalancer.Ingress; len(ing) != 0 {
+		t.Fatalf("status of a refused Service shows %v", ing)
 	}
 }

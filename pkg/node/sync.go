@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sort"
 	"time"
 
@@ -44,8 +45,15 @@ func (c *Controller) snapshot() (view, error) {
 		return view{}, fmt.Errorf("list Services from cache: %w", err)
 	}
 	v := view{services: map[types.NamespacedName]*corev1.Service{}}
+	nodeAddrs := c.excl.NodeAddresses()
+	if nodeAddrs == nil {
+		nodeAddrs = map[netip.Addr]bool{}
+	}
+	for a := range c.elections.PeerAddresses() {
+		nodeAddrs[a] = true
+	}
 	opts := desired.Options{Node: c.opts.Node, Election: c.opts.Election, GlobalLease: c.opts.GlobalLease,
-		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: c.excl.NodeAddresses(), LocalPods: c.localPods()}
+		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: nodeAddrs, LocalPods: c.localPods()}
 	for _, svc := range all {
 		if !c.ours(svc) {
 			continue
