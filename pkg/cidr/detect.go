@@ -86,23 +86,68 @@ func Detect(in Inputs) Result {
 		kcmSvc = append(kcmSvc, parseAll(flagValues(p, serviceRangeFlag))...)
 	}
 
-	r.Pod, r.PodSource = pick(
-		candidate{SourceOverride, in.Override.Pod},
-		candidate{SourceNodes, podObjs},
-		candidate{SourceKCM, kcmPod},
-		candidate{SourceDefault, []netip.Prefix{DefaultPodCIDR}})
-	r.Service, r.ServiceSource = pick(
-		candidate{SourceOverride, in.Override.Service},
-		candidate{SourceObjects, svcObjs},
-		candidate{SourceKCM, kcmSvc},
-		candidate{SourceDefault, []netip.Prefix{DefaultServiceCIDR}})
-	if r.PodSource == SourceDefault {
+	// Each kind and family is picked on its own: an IPv4-only override
+	// must not drop the detected IPv6 range, and nodes with IPv4 pod
+	// ranges only must not hide kube-controller-manager's IPv6 one.
+	var podSources, svcSources []string
+	for _, v6 := range []bool{false, true} {
+		def := []netip.Prefix{DefaultPodCIDR}
+		defSvc := []netip.Prefix{DefaultServiceCIDR}
+		if v6 {
+			def, defSvc = nil, nil
+		}
+		pod, src := pick(
+			candidate{SourceOverride, family(in.Override.Pod, v6)},
+			candidate{SourceNodes, family(podObjs, v6)},
+			candidate{SourceKCM, family(kcmPod, v6)},
+			candidate{SourceDefault, def})
+		if src != "" {
+			r.Pod = append(r.Pod, pod...)
+			podSources = append(podSources, src)
+		}
+		svc, src := pick(
+			candidate{SourceOverride, family(in.Override.Service, v6)},
+			candidate{SourceObjects, family(svcObjs, v6)},
+			candidate{SourceKCM, family(kcmSvc, v6)},
+			candidate{SourceDefault, defSvc})
+		if src != "" {
+			r.Service = append(r.Service, svc...)
+			svcSources = append(svcSources, src)
+		}
+	}
+	r.PodSource = strings.Join(slices.Compact(podSources), ",")
+	r.ServiceSource = strings.Join(slices.Compact(svcSources), ",")
+	if slices.Contains(podSources, SourceDefault) {
 		r.Warnings = append(r.Warnings, fmt.Sprintf("could not detect the pod CIDR; using default %s; set egress_podcidr", DefaultPodCIDR))
 	}
-	if r.ServiceSource == SourceDefault {
+	if slices.Contains(svcSources, SourceDefault) {
 		r.Warnings = append(r.Warnings, fmt.Sprintf("could not detect the Service CIDR; using default %s; set egress_servicecidr", DefaultServiceCIDR))
 	}
 	return r
+}
+
+// family keeps the IPv6 (v6) or IPv4 prefixes.
+func family(ps []netip.Prefix, v6 bool) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if p.Addr().Is6() == v6 {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Missing names the exclusions a family lacks ("pod", "Service"): egress
+// of that family would SNAT traffic to pods or Services.
+func (r Result) Missing(v6 bool) []string {
+	var out []string
+	if len(family(r.Pod, v6)) == 0 {
+		out = append(out, "pod")
+	}
+	if len(family(r.Service, v6)) == 0 {
+		out = append(out, "Service")
+	}
+	return out
 }
 
 type candidate struct {

@@ -79,6 +79,23 @@ func TestDetect(t *testing.T) {
 				KCMPods:  []*corev1.Pod{kcmPod(nil, "--service-cluster-ip-range=172.20.0.0/16")},
 			},
 			wantPod: prefixes("10.1.0.0/16"), wantSvc: prefixes("172.20.0.0/16"), wantPodSrc: SourceOverride, wantSvcSrc: SourceKCM},
+		{name: "an IPv4-only override keeps the detected IPv6 range",
+			in: Inputs{
+				Override: Override{Pod: prefixes("10.244.0.0/16")},
+				Nodes:    []*corev1.Node{node("a", "10.244.1.0/24", "fd00:10:244:1::/64")},
+				KCMPods:  []*corev1.Pod{kcmPod(nil, "--service-cluster-ip-range=10.96.0.0/12,fd00:10:96::/112")},
+			},
+			wantPod:    prefixes("10.244.0.0/16", "fd00:10:244:1::/64"),
+			wantSvc:    prefixes("10.96.0.0/12", "fd00:10:96::/112"),
+			wantPodSrc: SourceOverride + "," + SourceNodes, wantSvcSrc: SourceKCM},
+		{name: "nodes with IPv4 ranges only: IPv6 from kube-controller-manager",
+			in: Inputs{
+				Nodes:   []*corev1.Node{node("a", "10.244.1.0/24")},
+				KCMPods: []*corev1.Pod{kcmPod(nil, "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56", "--service-cluster-ip-range=10.96.0.0/12")},
+			},
+			wantPod:    prefixes("10.244.1.0/24", "fd00:10:244::/56"),
+			wantSvc:    prefixes("10.96.0.0/12"),
+			wantPodSrc: SourceNodes + "," + SourceKCM, wantSvcSrc: SourceKCM},
 		{name: "only pods unknown: one warning",
 			in:      Inputs{Override: Override{Service: prefixes("10.96.0.0/12")}},
 			wantPod: prefixes("10.0.0.0/16"), wantSvc: prefixes("10.96.0.0/12"), wantPodSrc: SourceDefault, wantSvcSrc: SourceOverride, wantWarnings: 1},
@@ -95,6 +112,16 @@ func TestDetect(t *testing.T) {
 				t.Errorf("warnings %v, want %d", r.Warnings, tc.wantWarnings)
 			}
 		})
+	}
+}
+
+func TestMissingPerFamily(t *testing.T) {
+	r := Detect(Inputs{Override: Override{Pod: prefixes("10.244.0.0/16"), Service: prefixes("10.96.0.0/12", "fd00:10:96::/112")}})
+	if m := r.Missing(true); !slices.Equal(m, []string{"pod"}) {
+		t.Fatalf("IPv6 missing %v, want [pod]", m)
+	}
+	if m := r.Missing(false); len(m) != 0 {
+		t.Fatalf("IPv4 missing %v", m)
 	}
 }
 

@@ -176,6 +176,9 @@ func (d *Detector) Current() Result {
 // Exclude is Current().Exclude(), for the sync loop.
 func (d *Detector) Exclude() []netip.Prefix { return d.Current().Exclude() }
 
+// Missing names the exclusions a family lacks (Current().Missing).
+func (d *Detector) Missing(v6 bool) []string { return d.Current().Missing(v6) }
+
 // PodCIDRs are the pod ranges in use (Current().Pod).
 func (d *Detector) PodCIDRs() []netip.Prefix { return d.Current().Pod }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -41,9 +42,13 @@ type Config struct {
 	// may come from (egressvip_allowed_cidrs).
 	AllowedCIDRs       []netip.Prefix
 	EgressWithNFTables bool
-	ARP                bool
-	LogLevel           string
-	LogFormat          string
+	// Backend is egress_backend: auto (nftables where nft works, else
+	// iptables; egress_withnftables=true means iptables-nft, kube-vip's
+	// meaning), nftables, iptables-nft or iptables-legacy.
+	Backend   string
+	ARP       bool
+	LogLevel  string
+	LogFormat string
 	// Kubeconfig is a kubeconfig path; "" means in-cluster configuration.
 	Kubeconfig string
 	// PrometheusServer is the listen address of /metrics, /healthz and
@@ -61,6 +66,13 @@ type Config struct {
 	ReportQPS     float32
 	ReportBurst   int
 }
+
+// maxSeconds bounds the lease timings: a day is far beyond any sensible
+// setting, and larger numbers of seconds overflow a time.Duration.
+const maxSeconds = 86400
+
+// Backends of egress SNAT (egress_backend).
+var Backends = []string{"auto", "nftables", "iptables-nft", "iptables-legacy"}
 
 // Client budget defaults: the election must absorb a burst of
 // acquisitions (every Service of a node that died, or all Services at
@@ -86,6 +98,10 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 		Kubeconfig:        strings.TrimSpace(getenv("KUBECONFIG")),
 		PrometheusServer:  strings.TrimSpace(getenv("prometheus_server")),
 		DaemonNamespace:   strings.TrimSpace(getenv("POD_NAMESPACE")),
+		Backend:           strings.ToLower(strings.TrimSpace(getenv("egress_backend"))),
+	}
+	if c.Backend == "" {
+		c.Backend = "auto"
 	}
 	if c.DaemonNamespace == "" {
 		c.DaemonNamespace = "egressvip"
@@ -137,8 +153,8 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 			return
 		}
 		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			errs = append(errs, fmt.Errorf("%s: want a positive whole number of seconds, got %q", name, v))
+		if err != nil || n <= 0 || n > maxSeconds {
+			errs = append(errs, fmt.Errorf("%s: want a whole number of seconds from 1 to %d, got %q", name, maxSeconds, v))
 			return
 		}
 		*dst = time.Duration(n) * time.Second
@@ -226,9 +242,13 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("log_format: %q is not text or json", c.LogFormat))
 	}
 	if c.PrometheusServer != "" {
-		if _, _, err := net.SplitHostPort(c.PrometheusServer); err != nil {
-			errs = append(errs, fmt.Errorf("prometheus_server: %q is not host:port (e.g. :2112), or off", c.PrometheusServer))
+		_, port, err := net.SplitHostPort(c.PrometheusServer)
+		if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
+			errs = append(errs, fmt.Errorf("prometheus_server: %q is not host:port with a port from 1 to 65535 (e.g. :2112), or off", c.PrometheusServer))
 		}
+	}
+	if !slices.Contains(Backends, c.Backend) {
+		errs = append(errs, fmt.Errorf("egress_backend: %q is not one of %s", c.Backend, strings.Join(Backends, ", ")))
 	}
 	return errors.Join(errs...)
 }

@@ -23,7 +23,7 @@ func TestLoadDefaults(t *testing.T) {
 		NodeName: "worker-1", ServicesEnabled: true, ServiceElection: true,
 		LeaseDuration: 5 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: time.Second,
 		LoadBalancerClass: DefaultLoadBalancerClass, ARP: true, LogLevel: "info", LogFormat: "text",
-		PrometheusServer: ":2112", DaemonNamespace: "egressvip",
+		PrometheusServer: ":2112", DaemonNamespace: "egressvip", Backend: "auto",
 		ElectionQPS: DefaultElectionQPS, ElectionBurst: DefaultElectionBurst, ReportQPS: DefaultReportQPS, ReportBurst: DefaultReportBurst,
 	}
 	if !equal(c, want) {
@@ -66,6 +66,7 @@ func TestLoadVariables(t *testing.T) {
 			}},
 		{name: "metrics address", env: map[string]string{"prometheus_server": "127.0.0.1:9100"}, check: func(c Config) bool { return c.PrometheusServer == "127.0.0.1:9100" }},
 		{name: "metrics off", env: map[string]string{"prometheus_server": "off"}, check: func(c Config) bool { return c.PrometheusServer == "" }},
+		{name: "backend", env: map[string]string{"egress_backend": "IPtables-legacy"}, check: func(c Config) bool { return c.Backend == "iptables-legacy" }},
 		{name: "client budgets and namespace", env: map[string]string{"egressvip_election_qps": "50.5", "egressvip_election_burst": "100",
 			"egressvip_report_qps": "5", "egressvip_report_burst": "7", "POD_NAMESPACE": "kube-system"},
 			check: func(c Config) bool {
@@ -97,6 +98,10 @@ func TestBadValuesNameTheVariable(t *testing.T) {
 		{name: "negative seconds", variable: "vip_retryperiod", value: "-1"},
 		{name: "pod cidr", variable: "egress_podcidr", value: "10.244.0.0"},
 		{name: "host bits", variable: "egress_servicecidr", value: "10.96.0.1/12"},
+		{name: "seconds that overflow a duration", variable: "vip_leaseduration", value: "18446744080"},
+		{name: "metrics port out of range", variable: "prometheus_server", value: ":99999", validate: true},
+		{name: "metrics port zero", variable: "prometheus_server", value: ":0", validate: true},
+		{name: "unknown backend", variable: "egress_backend", value: "ebpf", validate: true},
 		{name: "election qps", variable: "egressvip_election_qps", value: "0"},
 		{name: "report qps", variable: "egressvip_report_qps", value: "fast"},
 		{name: "election burst", variable: "egressvip_election_burst", value: "-3"},

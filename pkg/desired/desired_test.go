@@ -313,3 +313,13 @@ func TestEndpointTrust(t *testing.T) {
 		})
 	}
 }
+
+// An IP allocator writes the address moments after the Service is created:
+// a missing address is reported only if it lasts.
+func TestMissingAddressIsTransient(t *testing.T) {
+	s := Analyze(svc("a", false, nil), nil, opts)
+	i := slices.IndexFunc(s.Problems, func(p Problem) bool { return p.Reason == EventNoAddress })
+	if i < 0 || !s.Problems[i].Transient || s.Problems[i].Fatal {
+		t.Fatalf("problems %+v, want one transient NoLoadBalancerIP", s.Problems)
+	}
+}

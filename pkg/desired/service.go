@@ -39,6 +39,7 @@ const (
 	EventEndpointNotEgressed = "EndpointNotEgressed"
 	EventAddressRefused      = "LoadBalancerIPRefused"
 	EventAddressConflict     = "LoadBalancerIPConflict"
+	EventExclusionMissing    = "EgressExclusionMissing"
 )
 
 // Problem is something wrong with a Service that the user should see as an
@@ -205,7 +206,11 @@ func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Op
 		s.Reason = ReasonInvalid
 	case !s.LBv4.IsValid() && !s.LBv6.IsValid():
 		s.Reason = ReasonNoAddress
-		problem(false, EventNoAddress, "no LoadBalancer IP: set %s or spec.loadBalancerIP", annotations.LoadBalancerIPs)
+		// An IP allocator (kube-vip-cloud-provider) writes the address
+		// tens of milliseconds after the Service is created: reported
+		// only if it lasts.
+		s.Problems = append(s.Problems, Problem{Reason: EventNoAddress, Transient: true,
+			Message: fmt.Sprintf("no LoadBalancer IP: set %s or spec.loadBalancerIP", annotations.LoadBalancerIPs)})
 	case s.Local && len(s.LocalEndpoints) == 0:
 		s.Reason = ReasonNoLocalEndpoint
 	default:

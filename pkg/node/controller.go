@@ -71,6 +71,8 @@ type Cluster interface {
 	PodCIDRs() []netip.Prefix
 	// NodeAddresses are every Node's addresses.
 	NodeAddresses() map[netip.Addr]bool
+	// Missing names the exclusions (pod, Service) a family lacks.
+	Missing(v6 bool) []string
 }
 
 // Options configure a Controller.

@@ -227,6 +227,14 @@ type staticExclusions []netip.Prefix
 func (s staticExclusions) Exclude() []netip.Prefix            { return s }
 func (s staticExclusions) PodCIDRs() []netip.Prefix           { return s }
 func (s staticExclusions) NodeAddresses() map[netip.Addr]bool { return nil }
+func (s staticExclusions) Missing(v6 bool) []string {
+	for _, p := range s {
+		if p.Addr().Is6() == v6 {
+			return nil
+		}
+	}
+	return []string{"pod", "Service"}
+}
 
 // podsFor returns the Pods behind the EndpointSlices' endpoints on this
 // node, so that they pass the trust check like real pods.
@@ -783,5 +791,17 @@ func TestClaimsOfNodeAddressesAreRefused(t *testing.T) {
 	}
 	if ing := h.service("peer-iface").Status.LoadBalancer.Ingress; len(ing) != 0 {
 		t.Fatalf("status of a refused Service shows %v", ing)
+	}
+}
+
+// IPv6 egress without an IPv6 pod range known is reported: it would SNAT
+// pod-to-pod traffic.
+func TestIPv6EgressWithoutIPv6ExclusionsIsReported(t *testing.T) {
+	svc := lbService("v6", "203.0.113.10,2001:db8:1::10", true, annotations.Egress, "true", annotations.EgressIPv6, "true")
+	h := newHarness(t, svc, endpointSlice("v6", "10.244.1.5", nodeName))
+	h.elections.lead("v6")
+	h.sync()
+	if !slices.ContainsFunc(h.drainEvents(), func(e string) bool { return strings.Contains(e, "Warning EgressExclusionMissing") }) {
+		t.Fatal("no EgressExclusionMissing Warning")
 	}
 }

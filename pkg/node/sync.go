@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -67,6 +68,13 @@ func (c *Controller) snapshot() (view, error) {
 			epSlices = append(epSlices, o.(*discoveryv1.EndpointSlice))
 		}
 		s := desired.Analyze(svc, epSlices, opts)
+		if s.EgressIPv6 {
+			if missing := c.excl.Missing(true); len(missing) > 0 {
+				s.Problems = append(s.Problems, desired.Problem{Reason: desired.EventExclusionMissing, Message: fmt.Sprintf(
+					"no IPv6 %s CIDR is known, so IPv6 egress would also SNAT traffic to those: set egress_podcidr / egress_servicecidr with IPv6 ranges",
+					strings.Join(missing, " or "))})
+			}
+		}
 		if s.Egress && c.snat == nil {
 			s.Problems = append(s.Problems, desired.Problem{Reason: desired.EventEgressNotSupported, Message: "egress unavailable on node " + c.opts.Node + ": " + c.opts.SNATUnavailable})
 			s.Egress, s.EgressIPv6 = false, false
