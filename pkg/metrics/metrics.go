@@ -24,6 +24,7 @@ type Metrics struct {
 	Addresses     prometheus.Gauge
 	SNATRules     prometheus.Gauge
 	LeaseWrites   *prometheus.CounterVec
+	Repairs       *prometheus.CounterVec
 }
 
 // New registers egressvip's metrics (and the Go and process collectors) in
@@ -42,8 +43,10 @@ func New() *Metrics {
 		SNATRules:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "egressvip_snat_rules", Help: "Egress SNAT rules (pod and family) on this node."}),
 		LeaseWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "egressvip_lease_writes_total",
 			Help: "Lease writes by kind (heartbeat, acquire, release) and result (ok, conflict, error)."}, []string{"kind", "result"}),
+		Repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "egressvip_repairs_total",
+			Help: "Times what egressvip owns in the kernel was found changed by someone else and rewritten, by kind (firewall, address)."}, []string{"kind"}),
 	}
-	m.Registry.MustRegister(m.SyncDuration, m.SyncErrors, m.ReportErrors, m.OwnedServices, m.Addresses, m.SNATRules, m.LeaseWrites,
+	m.Registry.MustRegister(m.SyncDuration, m.SyncErrors, m.ReportErrors, m.OwnedServices, m.Addresses, m.SNATRules, m.LeaseWrites, m.Repairs,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

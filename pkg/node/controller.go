@@ -139,7 +139,43 @@ type Controller struct {
 // Ready reports whether the caches synced and one sync succeeded.
 func (c *Controller) Ready() bool { return c.ready.Load() }
 
-const syncKey = "sync"
+const (
+	syncKey  = "sync"
+	checkKey = "check"
+)
+
+// checkInterval is how often the firewall state egressvip owns is compared
+// with what it wrote: CNIs, kube-proxy and admins change the same tables,
+// and what egressvip owns must come back within a second.
+const checkInterval = time.Second
+
+// Checker is the SNAT writer's cheap comparison of the kernel with what it
+// last wrote (pkg/snat).
+type Checker interface {
+	Check(ctx context.Context) (bool, error)
+}
+
+// check runs on the sync loop's goroutine, so it never interleaves with
+// an Apply: a difference makes the next sync rewrite everything.
+func (c *Controller) check(ctx context.Context) {
+	defer c.queue.AddAfter(checkKey, checkInterval)
+	ch, ok := c.snat.(Checker)
+	if !ok || !c.ready.Load() {
+		return
+	}
+	intact, err := ch.Check(ctx)
+	if err != nil {
+		c.log.WithError(err).Debug("firewall check failed")
+	}
+	if !intact {
+		c.log.Warn("egress rules changed by someone else; rewriting them")
+		if m := c.opts.Metrics; m != nil {
+			m.Repairs.WithLabelValues("firewall").Inc()
+		}
+		c.snat.Recheck()
+		c.Poke()
+	}
+}
 
 // transientSettle is how long a problem that may clear by itself must last
 // before it becomes an Event: a pod's IPv4 and IPv6 EndpointSlices are
@@ -274,6 +310,9 @@ func (c *Controller) Run(ctx context.Context) error {
 	c.log.WithField("addresses", len(owned)).Info("caches synced; starting sync loop")
 
 	c.Poke()
+	if c.snat != nil {
+		c.queue.AddAfter(checkKey, checkInterval)
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -299,6 +338,10 @@ func (c *Controller) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer c.queue.Done(key)
+	if key == checkKey {
+		c.check(ctx)
+		return true
+	}
 	if c.snat != nil && time.Since(c.lastFull) >= c.opts.Resync {
 		// The periodic full sync also repairs chains others flushed.
 		c.snat.Recheck()

@@ -85,18 +85,36 @@ func (f *fakeAddrs) has(ip string) bool {
 }
 
 type fakeSNAT struct {
-	mu   sync.Mutex
-	last snat.Desired
+	mu       sync.Mutex
+	last     snat.Desired
+	tampered bool
+	rechecks int
+	applies  int
+}
+
+// Check reports whether someone changed the rules since the last Apply.
+func (f *fakeSNAT) Check(context.Context) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return !f.tampered, nil
 }
 
 func (f *fakeSNAT) Apply(_ context.Context, d snat.Desired) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.last = d
+	f.applies++
+	if f.rechecks > 0 {
+		f.tampered = false
+	}
 	return nil
 }
 
-func (f *fakeSNAT) Recheck() {}
+func (f *fakeSNAT) Recheck() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.rechecks++
+}
 
 func (f *fakeSNAT) rulesFor(service string) []snat.Rule {
 	f.mu.Lock()
@@ -804,4 +822,30 @@ func TestIPv6EgressWithoutIPv6ExclusionsIsReported(t *testing.T) {
 	if !slices.ContainsFunc(h.drainEvents(), func(e string) bool { return strings.Contains(e, "Warning EgressExclusionMissing") }) {
 		t.Fatal("no EgressExclusionMissing Warning")
 	}
+}
+
+// The firewall check runs on the sync loop: rules changed by someone else
+// make the next sync compare with the kernel and rewrite them.
+func TestTamperedRulesAreRewritten(t *testing.T) {
+	h := newHarness(t, lbService("web", "203.0.113.10", true, annotations.Egress, "true"), endpointSlice("web", "10.244.1.5", nodeName))
+	h.elections.lead("web")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = h.ctrl.Run(ctx) }()
+	eventuallyTrue(t, "ready", h.ctrl.Ready)
+	h.snat.mu.Lock()
+	h.snat.tampered = true
+	before := h.snat.applies
+	h.snat.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		h.snat.mu.Lock()
+		done := h.snat.rechecks > 0 && h.snat.applies > before && !h.snat.tampered
+		h.snat.mu.Unlock()
+		if done {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("tampered rules were not rechecked and rewritten")
 }
