@@ -5,11 +5,17 @@ GO ?= go
 BIN := bin/egressvip
 APT_PACKAGES := iptables nftables conntrack etcd-server iproute2
 E2E_TIMEOUT ?= 50m
+# make bench-scale: Service counts of the egress rounds, Services of the
+# externalTrafficPolicy: Cluster run (0 skips it), further flags (go run
+# ./testing/cmd/benchscale -h lists them).
+BENCH_N ?= 50,500,2000
+BENCH_CLUSTER ?= 50
+BENCH_ARGS ?=
 
-.PHONY: help build test test-unit test-privileged e2e demo bench lint deps clean
+.PHONY: help build test test-unit test-privileged e2e demo bench bench-scale lint deps clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 build: ## build bin/egressvip
 	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/egressvip
@@ -38,6 +44,9 @@ demo: deps ## run the product on the built-in local sandbox cluster (root)
 
 bench: ## benchmarks that print speed and memory figures
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+bench-scale: deps ## scale figures on the sandbox (root): convergence, API requests/s, heartbeats, memory; BENCH_N=50 BENCH_ARGS='-steady 10s'
+	$(GO) run ./testing/cmd/benchscale -n '$(BENCH_N)' -cluster $(BENCH_CLUSTER) $(BENCH_ARGS)
 
 lint: ## gofmt, go vet (with e2e tag), go mod tidy check, Dockerfile lint
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }

@@ -109,6 +109,17 @@ func leaseHolder(t *testing.T, service string) string {
 	return *l.Spec.HolderIdentity
 }
 
+// heartbeatExpiry is the earliest moment node's heartbeat, as the API
+// server has it now, can expire: its renewTime plus its duration.
+func heartbeatExpiry(t *testing.T, node string) time.Time {
+	t.Helper()
+	l, err := cluster.Admin.CoordinationV1().Leases("egressvip").Get(ctx(t), election.HeartbeatName(node), metav1.GetOptions{})
+	if err != nil || l.Spec.RenewTime == nil || l.Spec.LeaseDurationSeconds == nil {
+		t.Fatalf("heartbeat of %q: %v %+v", node, err, l)
+	}
+	return l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second)
+}
+
 // holders lists the nodes whose serviceInterface holds ip.
 func holders(ip netip.Addr) []string {
 	var out []string

@@ -66,6 +66,9 @@ func TestMain(m *testing.M) {
 		Nodes:     3,
 		Logf:      func(f string, a ...any) { fmt.Printf("sandbox: "+f+"\n", a...) },
 		DaemonEnv: map[string]string{"log_level": "debug"},
+		// Service Leases are owned by their Service: the garbage
+		// collector removes them with it.
+		Controllers: []string{"garbagecollector"},
 	})
 	cancel()
 	if err != nil {

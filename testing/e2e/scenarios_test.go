@@ -14,9 +14,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/testing/sandbox"
 )
 
@@ -301,9 +303,11 @@ func TestRemovalCleansEveryNode(t *testing.T) {
 		h := holders(lb)
 		return len(h) == 0, fmt.Sprint(h)
 	})
-	eventually(t, 30*time.Second, "lease released", func() (bool, string) {
-		h := leaseHolder(t, "gone")
-		return h == "", h
+	// The Lease names the Service as its owner: the garbage collector
+	// deletes it with the Service.
+	eventually(t, 30*time.Second, "Lease deleted with its Service", func() (bool, string) {
+		_, err := cluster.Admin.CoordinationV1().Leases(ns).Get(ctx(t), election.LeaseName("gone"), metav1.GetOptions{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
 	})
 }
 

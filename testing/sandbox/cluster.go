@@ -65,6 +65,23 @@ type Options struct {
 	Logf func(format string, args ...any)
 	// DaemonEnv is added to (and overrides) the DaemonSet's environment.
 	DaemonEnv map[string]string
+	// ControllerManagerQPS, when positive, is kube-controller-manager's
+	// --kube-api-qps (burst twice that), and the EndpointSlice controller
+	// gets more workers, so that thousands of Services are not throttled
+	// by the controller manager. 0 keeps kube-controller-manager's defaults.
+	ControllerManagerQPS int
+	// NodeCIDRMaskSizeIPv4 and NodeCIDRMaskSizeIPv6 are the sizes of the
+	// pod ranges node-ipam gives each node (inside PodCIDR4 and PodCIDR6);
+	// 0 means /24 and /64. A smaller IPv4 mask (such as 20) leaves room
+	// for thousands of pods per node; PodCIDR4 then holds fewer nodes.
+	NodeCIDRMaskSizeIPv4, NodeCIDRMaskSizeIPv6 int
+	// Controllers are added to the controllers kube-controller-manager
+	// runs (endpointslice, serviceaccount, serviceaccount-token, nodeipam);
+	// for example "namespace", so that deleted namespaces go away.
+	Controllers []string
+	// AdminQPS is the Admin client's client-side rate limit (burst twice
+	// that); 0 means 100.
+	AdminQPS int
 }
 
 // Cluster is a running sandbox.
@@ -301,14 +318,18 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		"--profiling=false"); err != nil {
 		return err
 	}
+	adminQPS := 100
+	if c.opts.AdminQPS > 0 {
+		adminQPS = c.opts.AdminQPS
+	}
 	c.AdminConfig = &rest.Config{
 		Host: "https://" + apiServerIP + ":6443",
 		TLSClientConfig: rest.TLSClientConfig{
 			CAFile: p.path("ca.crt"), CertFile: p.path("admin.crt"), KeyFile: p.path("admin.key"),
 		},
 		Dial:    DialIn(controlNS),
-		QPS:     100,
-		Burst:   200,
+		QPS:     float32(adminQPS),
+		Burst:   2 * adminQPS,
 		Timeout: 20 * time.Second,
 	}
 	admin, err := kubernetes.NewForConfig(c.AdminConfig)
@@ -329,15 +350,35 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 	if err := writeKubeconfig(kcmConfig, "https://127.0.0.1:6443", p.path("ca.crt"), p.path("kcm.crt"), p.path("kcm.key"), ""); err != nil {
 		return err
 	}
-	_, err = c.spawn(controlNS, "kube-controller-manager", env, c.bins.ControllerManager,
-		"--kubeconfig="+kcmConfig,
-		"--controllers=endpointslice,serviceaccount,serviceaccount-token,nodeipam",
-		"--allocate-node-cidrs", "--cluster-cidr="+clusterCIDR, "--service-cluster-ip-range="+serviceCIDR,
-		"--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64",
-		"--service-account-private-key-file="+p.path("sa.key"), "--root-ca-file="+p.path("ca.crt"),
-		"--leader-elect=false", "--secure-port=0",
-		"--concurrent-service-endpoint-syncs=10")
+	_, err = c.spawn(controlNS, "kube-controller-manager", env, append([]string{c.bins.ControllerManager}, c.controllerManagerArgs(kcmConfig, p)...)...)
 	return err
+}
+
+// controllerManagerArgs are kube-controller-manager's flags for the
+// options.
+func (c *Cluster) controllerManagerArgs(kubeconfig string, p *pki) []string {
+	mask4, mask6 := 24, 64
+	if c.opts.NodeCIDRMaskSizeIPv4 > 0 {
+		mask4 = c.opts.NodeCIDRMaskSizeIPv4
+	}
+	if c.opts.NodeCIDRMaskSizeIPv6 > 0 {
+		mask6 = c.opts.NodeCIDRMaskSizeIPv6
+	}
+	controllers := append([]string{"endpointslice", "serviceaccount", "serviceaccount-token", "nodeipam"}, c.opts.Controllers...)
+	endpointSyncs := 10
+	args := []string{
+		"--kubeconfig=" + kubeconfig,
+		"--controllers=" + strings.Join(controllers, ","),
+		"--allocate-node-cidrs", "--cluster-cidr=" + clusterCIDR, "--service-cluster-ip-range=" + serviceCIDR,
+		fmt.Sprintf("--node-cidr-mask-size-ipv4=%d", mask4), fmt.Sprintf("--node-cidr-mask-size-ipv6=%d", mask6),
+		"--service-account-private-key-file=" + p.path("sa.key"), "--root-ca-file=" + p.path("ca.crt"),
+		"--leader-elect=false", "--secure-port=0",
+	}
+	if q := c.opts.ControllerManagerQPS; q > 0 {
+		args = append(args, fmt.Sprintf("--kube-api-qps=%d", q), fmt.Sprintf("--kube-api-burst=%d", 2*q))
+		endpointSyncs = 20
+	}
+	return append(args, fmt.Sprintf("--concurrent-service-endpoint-syncs=%d", endpointSyncs))
 }
 
 // registerNodes creates the Node objects, waits for their podCIDRs and

@@ -49,17 +49,7 @@ func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node
 			p.IP6 = a
 		}
 	}
-	automount := false
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Labels: labels},
-		Spec: corev1.PodSpec{
-			NodeName:                      node.Name,
-			AutomountServiceAccountToken:  &automount,
-			TerminationGracePeriodSeconds: new(int64),
-			Containers:                    []corev1.Container{{Name: "app", Image: "sandbox.invalid/app:latest"}},
-		},
-	}
-	created, err := c.Admin.CoreV1().Pods(namespace).Create(ctx, pod, metav1.CreateOptions{})
+	created, err := c.Admin.CoreV1().Pods(namespace).Create(ctx, podObject(namespace, name, node, labels), metav1.CreateOptions{})
 	if err != nil {
 		return nil, err
 	}
@@ -70,13 +60,38 @@ func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node
 	c.pods[namespace+"/"+name] = p
 	c.mu.Unlock()
 
+	created.Status = readyStatus(node, p.IP4, p.IP6)
+	if _, err := c.Admin.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		return nil, fmt.Errorf("pod %s status: %w", name, err)
+	}
+	return p, nil
+}
+
+// podObject is the Pod the sandbox creates: bound to node, one container,
+// no ServiceAccount token, deleted at once.
+func podObject(namespace, name string, node *Node, labels map[string]string) *corev1.Pod {
+	automount := false
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Labels: labels},
+		Spec: corev1.PodSpec{
+			NodeName:                      node.Name,
+			AutomountServiceAccountToken:  &automount,
+			TerminationGracePeriodSeconds: new(int64),
+			Containers:                    []corev1.Container{{Name: "app", Image: "sandbox.invalid/app:latest"}},
+		},
+	}
+}
+
+// readyStatus is the status the sandbox's "kubelet" reports for a pod on
+// node with addresses ip4 and ip6: Running and Ready.
+func readyStatus(node *Node, ip4, ip6 netip.Addr) corev1.PodStatus {
 	now := metav1.Now()
-	created.Status = corev1.PodStatus{
+	return corev1.PodStatus{
 		Phase:     corev1.PodRunning,
 		HostIP:    node.IP4.String(),
 		HostIPs:   []corev1.HostIP{{IP: node.IP4.String()}, {IP: node.IP6.String()}},
-		PodIP:     p.IP4.String(),
-		PodIPs:    []corev1.PodIP{{IP: p.IP4.String()}, {IP: p.IP6.String()}},
+		PodIP:     ip4.String(),
+		PodIPs:    []corev1.PodIP{{IP: ip4.String()}, {IP: ip6.String()}},
 		StartTime: &now,
 		Conditions: []corev1.PodCondition{
 			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
@@ -87,10 +102,6 @@ func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node
 		ContainerStatuses: []corev1.ContainerStatus{{Name: "app", Ready: true, Image: "sandbox.invalid/app:latest",
 			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}}},
 	}
-	if _, err := c.Admin.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
-		return nil, fmt.Errorf("pod %s status: %w", name, err)
-	}
-	return p, nil
 }
 
 // plumb is the CNI ADD: a veth from the node into the pod, /32 and /128

@@ -1,0 +1,29 @@
+package sandbox
+
+import "testing"
+
+func TestMetricSamples(t *testing.T) {
+	text := `# HELP apiserver_request_total Counter of apiserver requests.
+# TYPE apiserver_request_total counter
+apiserver_request_total{code="200",component="apiserver",group="coordination.k8s.io",resource="leases",scope="resource",subresource="",verb="PUT",version="v1"} 12
+apiserver_request_total{code="409",component="apiserver",group="coordination.k8s.io",resource="leases",scope="resource",subresource="",verb="PUT",version="v1"} 3
+apiserver_request_total{code="200",component="apiserver",group="",resource="services",scope="resource",subresource="status",verb="PUT",version="v1"} 1e+03
+apiserver_request_total{code="200",component="",group="",resource="",scope="",subresource="/metrics",verb="GET",version=""} 7 1712345678000
+apiserver_request_total_other{verb="PUT"} 99
+apiserver_request_total{path="a \"quoted\", value}",verb="PUT"} 1
+go_goroutines 42
+`
+	got := MetricSamples(text, "apiserver_request_total")
+	if len(got) != 5 {
+		t.Fatalf("got %d samples, want 5: %+v", len(got), got)
+	}
+	if got[2].Value != 1000 || got[2].Labels["subresource"] != "status" {
+		t.Errorf("sample 2 = %+v", got[2])
+	}
+	if got[4].Labels["path"] != `a "quoted", value}` || got[4].Value != 1 {
+		t.Errorf("sample 4 = %+v", got[4])
+	}
+	if g := MetricSamples(text, "go_goroutines"); len(g) != 1 || g[0].Value != 42 {
+		t.Errorf("go_goroutines = %+v", g)
+	}
+}
