@@ -35,8 +35,9 @@ type Admission struct {
 // namespace claimed first. Every node decides the same for addresses the
 // cluster knows (Nodes, CIDRs, other Services); the host checks use this
 // node's own interface.
+// It changes services in place and returns it.
 func Admit(services []Service, a Admission) []Service {
-	out := slices.Clone(services)
+	out := services
 	for i := range out {
 		s := &out[i]
 		for _, ip := range s.Addresses() {
@@ -50,13 +51,16 @@ func Admit(services []Service, a Admission) []Service {
 	// (written by egressvip, which a namespace admin cannot write), then
 	// the oldest, then by namespace and name. Services of one namespace
 	// may share an address.
-	claims := map[netip.Addr][]int{}
+	claims := make(map[netip.Addr][]int, len(out))
 	for i, s := range out {
 		for _, ip := range s.Addresses() {
 			claims[ip] = append(claims[ip], i)
 		}
 	}
 	for ip, idx := range claims {
+		if len(idx) == 1 {
+			continue
+		}
 		winner := slices.MinFunc(idx, func(x, y int) int { return compareClaims(out[x], out[y], ip) })
 		for _, i := range idx {
 			if out[i].Key.Namespace != out[winner].Key.Namespace {

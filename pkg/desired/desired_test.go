@@ -294,7 +294,8 @@ func TestEndpointTrust(t *testing.T) {
 			sl := slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: tc.addr, ready: true})
 			sl.Endpoints[0].TargetRef = tc.targetRef
 			o := opts
-			o.NodeAddresses, o.LocalPods = tc.nodeAddrs, tc.pods
+			o.NodeAddresses = tc.nodeAddrs
+			o.LocalPod = func(a netip.Addr) (PodRef, bool) { p, ok := tc.pods[a]; return p, ok }
 			s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{sl}, o)
 			if !s.Stand {
 				t.Fatalf("the node must still stand for the address: %+v", s)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/snat"
@@ -23,9 +22,14 @@ type State struct {
 // Build computes the node state from the Services this node owns.
 func Build(owned []Service, exclude []netip.Prefix) State {
 	st := State{SNAT: snat.Desired{Exclude: exclude}}
-	owned = slices.Clone(owned)
-	slices.SortFunc(owned, func(a, b Service) int { return strings.Compare(a.Key.String(), b.Key.String()) })
-	egressBy := map[netip.Addr]string{}
+	byKey := func(a, b Service) int { return CompareKeys(a.Key, b.Key) }
+	if !slices.IsSortedFunc(owned, byKey) {
+		owned = slices.Clone(owned)
+		slices.SortFunc(owned, byKey)
+	}
+	egressBy := make(map[netip.Addr]string, len(owned))
+	st.SNAT.Rules = make([]snat.Rule, 0, len(owned))
+	st.Addresses = make([]netip.Addr, 0, len(owned))
 	for _, s := range owned {
 		if s.fatal() {
 			continue
@@ -75,6 +79,12 @@ type Report struct {
 	VIPHost            string
 	ActiveEndpoint     string
 	ActiveEndpointIPv6 string
+}
+
+// Equal reports whether two reports are the same.
+func (r Report) Equal(o Report) bool {
+	return slices.Equal(r.Ingress, o.Ingress) && r.VIPHost == o.VIPHost &&
+		r.ActiveEndpoint == o.ActiveEndpoint && r.ActiveEndpointIPv6 == o.ActiveEndpointIPv6
 }
 
 // ReportFor is the status and annotations the leader of s writes.

@@ -120,10 +120,18 @@ type Options struct {
 	PodCIDRs []netip.Prefix
 	// NodeAddresses are every Node's addresses: never egressed.
 	NodeAddresses map[netip.Addr]bool
-	// LocalPods are this node's pods by address: an endpoint is egressed
+	// LocalPod finds this node's pod by address: an endpoint is egressed
 	// only if its address is one of a pod of the Service's namespace.
 	// Nil disables that check (unit tests of other things).
-	LocalPods map[netip.Addr]PodRef
+	LocalPod func(netip.Addr) (PodRef, bool)
+}
+
+// CompareKeys orders Services by namespace, then name.
+func CompareKeys(a, b types.NamespacedName) int {
+	if c := strings.Compare(a.Namespace, b.Namespace); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Name, b.Name)
 }
 
 // Addresses returns the Service's LoadBalancer IPs, IPv4 first.
@@ -287,10 +295,10 @@ func endpointTrust(ep Endpoint, namespace string, opts Options) (string, bool) {
 		if !slices.ContainsFunc(opts.PodCIDRs, func(p netip.Prefix) bool { return p.Contains(a) }) {
 			return a.String() + " is outside the pod CIDRs", false
 		}
-		if opts.LocalPods == nil {
+		if opts.LocalPod == nil {
 			continue
 		}
-		pod, ok := opts.LocalPods[a]
+		pod, ok := opts.LocalPod(a)
 		switch {
 		case !ok:
 			return a.String() + " is not the address of a pod on this node", true

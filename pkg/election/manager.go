@@ -307,8 +307,8 @@ func sortedKeys(set map[string]bool) []string {
 // View returns the election as this node sees it now.
 func (m *Manager) View() View {
 	now := m.now()
-	v := View{Self: m.cfg.Identity, Now: now, Leases: map[types.NamespacedName]Lease{}}
 	objs := m.leases.GetStore().List()
+	v := View{Self: m.cfg.Identity, Now: now, Leases: make(map[types.NamespacedName]Lease, len(objs)+len(m.overlay))}
 	objs = append(objs, m.peers.GetStore().List()...)
 
 	m.mu.Lock()

@@ -51,21 +51,17 @@ func slimPod(p *corev1.Pod) *corev1.Pod {
 	}
 }
 
-// localPods maps this node's pod addresses to their pods.
-func (c *Controller) localPods() map[netip.Addr]desired.PodRef {
-	out := map[netip.Addr]desired.PodRef{}
-	for _, obj := range c.pods.List() {
-		p, ok := obj.(*corev1.Pod)
-		if !ok {
-			continue
-		}
-		for _, ip := range p.Status.PodIPs {
-			if a, err := netip.ParseAddr(ip.IP); err == nil {
-				out[a.Unmap()] = desired.PodRef{Namespace: p.Namespace, Name: p.Name, HostNetwork: p.Spec.HostNetwork}
-			}
-		}
+// localPod finds this node's pod with address a.
+func (c *Controller) localPod(a netip.Addr) (desired.PodRef, bool) {
+	objs, err := c.pods.ByIndex(byPodIP, a.String())
+	if err != nil || len(objs) == 0 {
+		return desired.PodRef{}, false
 	}
-	return out
+	p, ok := objs[0].(*corev1.Pod)
+	if !ok {
+		return desired.PodRef{}, false
+	}
+	return desired.PodRef{Namespace: p.Namespace, Name: p.Name, HostNetwork: p.Spec.HostNetwork}, true
 }
 
 // podAddressesChanged pokes only when a pod's addresses or network mode

@@ -37,6 +37,9 @@ type reporter struct {
 
 	mu   sync.Mutex
 	want map[types.NamespacedName]desired.Report
+	// seen is the resourceVersion of the Service last compared with
+	// its report.
+	seen map[types.NamespacedName]string
 }
 
 func newReporter(client kubernetes.Interface, services corelisters.ServiceLister, m *metrics.Metrics, log *logrus.Entry) *reporter {
@@ -46,6 +49,7 @@ func newReporter(client kubernetes.Interface, services corelisters.ServiceLister
 			workqueue.NewTypedItemExponentialFailureRateLimiter[types.NamespacedName](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[types.NamespacedName]{Name: "egressvip-report"}),
 		want: map[types.NamespacedName]desired.Report{},
+		seen: map[types.NamespacedName]string{},
 	}
 }
 
@@ -54,7 +58,16 @@ func newReporter(client kubernetes.Interface, services corelisters.ServiceLister
 func (r *reporter) set(svc *corev1.Service, rep desired.Report) {
 	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
 	r.mu.Lock()
+	prev, had := r.want[key]
 	r.want[key] = rep
+	r.mu.Unlock()
+	// Most syncs change nothing in a report; the cached Service then
+	// already shows it, unless it changed, which re-queues it.
+	if had && prev.Equal(rep) && r.seen[key] == svc.ResourceVersion {
+		return
+	}
+	r.mu.Lock()
+	r.seen[key] = svc.ResourceVersion
 	r.mu.Unlock()
 	if !patchFor(svc, rep).empty() {
 		r.queue.Add(key)
@@ -69,6 +82,7 @@ func (r *reporter) retain(keep map[types.NamespacedName]bool) {
 	for k := range r.want {
 		if !keep[k] {
 			delete(r.want, k)
+			delete(r.seen, k)
 		}
 	}
 }

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"sort"
+	"slices"
 	"strings"
 	"time"
 
@@ -45,7 +45,7 @@ func (c *Controller) snapshot() (view, error) {
 	if err != nil {
 		return view{}, fmt.Errorf("list Services from cache: %w", err)
 	}
-	v := view{services: map[types.NamespacedName]*corev1.Service{}}
+	v := view{services: make(map[types.NamespacedName]*corev1.Service, len(all)), analysed: make([]desired.Service, 0, len(all))}
 	nodeAddrs := c.excl.NodeAddresses()
 	if nodeAddrs == nil {
 		nodeAddrs = map[netip.Addr]bool{}
@@ -54,7 +54,7 @@ func (c *Controller) snapshot() (view, error) {
 		nodeAddrs[a] = true
 	}
 	opts := desired.Options{Node: c.opts.Node, Election: c.opts.Election, GlobalLease: c.opts.GlobalLease,
-		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: nodeAddrs, LocalPods: c.localPods()}
+		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: nodeAddrs, LocalPod: c.localPod}
 	for _, svc := range all {
 		if !c.ours(svc) {
 			continue
@@ -82,7 +82,7 @@ func (c *Controller) snapshot() (view, error) {
 		v.services[s.Key] = svc
 		v.analysed = append(v.analysed, s)
 	}
-	sort.Slice(v.analysed, func(i, j int) bool { return v.analysed[i].Key.String() < v.analysed[j].Key.String() })
+	slices.SortFunc(v.analysed, func(a, b desired.Service) int { return desired.CompareKeys(a.Key, b.Key) })
 	host, err := c.addrs.Host()
 	if err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
 		c.log.WithError(err).Warn("cannot read the serviceInterface's own addresses")

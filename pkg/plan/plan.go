@@ -135,36 +135,44 @@ type group struct {
 func Decide(mem Memory, in Input) (Plan, Memory) {
 	ev := in.Election
 	now := ev.Now
+	n := len(in.Services)
 	next := Memory{
 		Programmed:     mem.Programmed,
-		Owned:          map[types.NamespacedName]bool{},
+		Owned:          make(map[types.NamespacedName]bool, len(mem.Owned)),
 		Resumable:      map[netip.Addr]bool{},
 		FreeSince:      map[types.NamespacedName]time.Time{},
 		Reported:       map[types.NamespacedName]map[string]bool{},
 		TransientSince: map[string]time.Time{},
 		Initialized:    true,
 	}
-	p := Plan{Decisions: map[types.NamespacedName]Decision{}, releasable: map[types.NamespacedName][]types.NamespacedName{}}
+	p := Plan{
+		Decisions:  make(map[types.NamespacedName]Decision, n),
+		Own:        make([]desired.Service, 0, len(mem.Owned)),
+		releasable: map[types.NamespacedName][]types.NamespacedName{},
+	}
 	wake := func(t time.Time) {
 		if p.Wake.IsZero() || t.Before(p.Wake) {
 			p.Wake = t
 		}
 	}
 
-	var groups []*group
-	byLease := map[types.NamespacedName]*group{}
+	// Services are grouped by Lease: one each, or all of them under the
+	// global Lease.
+	groups := make([]group, 0, n)
+	byLease := make(map[types.NamespacedName]int, n)
 	for i := range in.Services {
 		s := &in.Services[i]
-		g := byLease[s.Lease]
-		if g == nil {
-			g = &group{lease: s.Lease}
-			byLease[s.Lease] = g
-			groups = append(groups, g)
+		gi, ok := byLease[s.Lease]
+		if !ok {
+			gi = len(groups)
+			byLease[s.Lease] = gi
+			groups = append(groups, group{lease: s.Lease})
 		}
-		g.services = append(g.services, s)
+		groups[gi].services = append(groups[gi].services, s)
 	}
 
-	for _, g := range groups {
+	for gi := range groups {
+		g := &groups[gi]
 		lv := ev.Leases[g.lease]
 		selfHolds := lv.Holder == ev.Self && !lv.Legacy
 		heldElsewhere := !selfHolds && ev.HolderValid(lv)
