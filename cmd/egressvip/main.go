@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/sirupsen/logrus"
@@ -34,6 +35,7 @@ func main() {
 	var err error
 	switch os.Args[1] {
 	case "run":
+		tuneGC()
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 		defer stop()
 		err = run(ctx, log)
@@ -55,6 +57,17 @@ func main() {
 		}
 		log.WithError(err).Error("egressvip failed")
 		os.Exit(1)
+	}
+}
+
+// tuneGC trades a little CPU for memory unless GOGC is set: the daemon
+// runs on every node, and its heap is mostly informer caches that stay, so
+// letting garbage grow to twice their size (Go's default) doubles its
+// memory for nothing. Bursts of syncs (thousands of Services acquired at
+// once) are where the difference shows.
+func tuneGC() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(50)
 	}
 }
 

@@ -188,6 +188,13 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	if err != nil {
 		return err
 	}
+	// Addresses removed by someone else, the interface going down and up
+	// or being re-created: noticed at once, not at the next resync.
+	go func() {
+		if err := addrs.Watch(ctx, ctrl.Poke); err != nil {
+			log.WithError(err).Warn("cannot watch the serviceInterface; changes to it are repaired at the next resync")
+		}
+	}()
 	ctrl.AddSynced(detector.HasSynced)
 	ctrl.AddSynced(elections.HasSynced)
 	if cfg.PrometheusServer != "" {

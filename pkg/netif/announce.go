@@ -106,8 +106,16 @@ func gratuitousARP(ifi *net.Interface, ip netip.Addr) error {
 
 // unsolicitedNA sends a neighbour advertisement for ip to all nodes, with
 // the override flag and our link-layer address, from ip itself.
+//
+// The interface is given to ndp by index only: with its name, the
+// destination's zone would be resolved through the net package's cache of
+// names (refreshed once a minute), which after the interface was re-created
+// still holds the old index, and the kernel refuses a send whose zone and
+// packet-info index differ (EINVAL).
 func unsolicitedNA(ifi *net.Interface, ip netip.Addr) error {
-	c, _, err := ndp.Listen(ifi, ndp.Addr(ip.String()))
+	byIndex := *ifi
+	byIndex.Name = ""
+	c, _, err := ndp.Listen(&byIndex, ndp.Addr(ip.String()))
 	if err != nil {
 		return fmt.Errorf("open ICMPv6 socket on %s: %w", ifi.Name, err)
 	}

@@ -5,9 +5,17 @@
 // Ownership is recognisable in the kernel, so a restarted daemon (or
 // `egressvip cleanup`) finds its addresses without any state file: an
 // address is egressvip's when it is on the serviceInterface, full length
-// (/32 or /128), deprecated (preferred lifetime 0) and, for IPv4, the label
-// "<iface>:evip" (when that fits in 15 characters), for IPv6 the NODAD flag.
-// Nothing else is ever removed.
+// (/32 or /128) and carries the address protocol AddrProto (IFA_PROTO,
+// Linux ≥ 5.18), whatever the interface's name. Addresses bound by earlier
+// versions are recognised by their old markers: deprecated (preferred
+// lifetime 0) and, for IPv4, the label "<iface>:evip", for IPv6 the NODAD
+// flag. New addresses carry both (the label when it fits in 15 characters),
+// so a downgrade still finds them. Nothing else is ever removed.
+//
+// Watch notices within milliseconds when the kernel lost something egressvip
+// keeps (an owned address deleted, the interface down, up, deleted or
+// re-created); the next Sync restores the addresses and announces them
+// again.
 package netif
 
 import (
@@ -22,6 +30,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -29,7 +38,8 @@ import (
 // ErrInterfaceNotFound says the serviceInterface does not exist.
 var ErrInterfaceNotFound = errors.New("interface not found")
 
-// LabelSuffix is appended to the interface name to label owned IPv4 addresses.
+// LabelSuffix is appended to the interface name to label owned IPv4
+// addresses (when the result fits in 15 characters).
 const LabelSuffix = ":evip"
 
 // infinity is the kernel's "forever" lifetime.
@@ -38,7 +48,9 @@ const infinity = 0xFFFFFFFF
 // Config configures a Manager.
 type Config struct {
 	Interface string
-	// Announce sends gratuitous ARP / unsolicited NA for new addresses.
+	// Announce sends gratuitous ARP / unsolicited NA for new addresses,
+	// and for all owned addresses after the interface came back up or was
+	// re-created.
 	Announce bool
 	Log      *logrus.Entry
 	// NetNS is the network namespace to work in (tests); zero (or a closed
@@ -52,19 +64,44 @@ type Config struct {
 
 // Manager keeps the owned addresses of one interface.
 type Manager struct {
-	cfg Config
-	h   *netlink.Handle
-	log *logrus.Entry
+	cfg     Config
+	h       *netlink.Handle
+	sockets map[int]*nl.SocketHandle // raw requests; nil: a socket per request
+	proto   bool                     // mark addresses with AddrProto
+	log     *logrus.Entry
 
 	mu         sync.Mutex
 	announcing map[netip.Addr]context.CancelFunc
 	wg         sync.WaitGroup
+
+	state linkState
 }
 
-// New returns a Manager; it does not touch the kernel.
+// linkState is what Sync and Watch share about the interface.
+type linkState struct {
+	mu sync.Mutex
+	// wanted is the last Sync's want: Watch pokes when one of them is
+	// deleted. Sync's own removals are never in it.
+	wanted map[netip.Addr]bool
+	// index and up: the interface as the last Sync saw it (index 0: not
+	// yet seen).
+	index int
+	up    bool
+	// reannounce: Watch saw the interface go down, come up or be
+	// re-created, or lost events; the next Sync on an up interface
+	// announces every owned address.
+	reannounce bool
+}
+
+// New returns a Manager; it does not touch the interface. It fails when
+// egressvip could not recognise the addresses it binds to the interface
+// (see CheckOwnable).
 func New(cfg Config) (*Manager, error) {
 	if cfg.Interface == "" {
 		return nil, errors.New("no interface configured")
+	}
+	if err := CheckOwnable(cfg.Interface); err != nil {
+		return nil, err
 	}
 	if cfg.AnnounceCount <= 0 {
 		cfg.AnnounceCount = 4
@@ -75,49 +112,26 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	h := &netlink.Handle{}
+	m := &Manager{cfg: cfg, h: &netlink.Handle{}, proto: kernelHasAddrProto(), log: cfg.Log.WithField("interface", cfg.Interface),
+		announcing: map[netip.Addr]context.CancelFunc{}}
 	if cfg.inOtherNS() {
 		var err error
-		if h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {
+		if m.h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {
 			return nil, fmt.Errorf("netlink handle in namespace: %w", err)
 		}
+		s, err := nl.GetNetlinkSocketAt(cfg.NetNS, netns.None(), unix.NETLINK_ROUTE)
+		if err != nil {
+			m.h.Close()
+			return nil, fmt.Errorf("netlink socket in namespace: %w", err)
+		}
+		m.sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: {Socket: s}}
 	}
-	return &Manager{cfg: cfg, h: h, log: cfg.Log.WithField("interface", cfg.Interface), announcing: map[netip.Addr]context.CancelFunc{}}, nil
+	return m, nil
 }
 
 // inOtherNS says whether NetNS names a namespace to enter. Descriptor 0 is
 // stdin, never a namespace handle, so the zero Config means "here".
 func (c Config) inOtherNS() bool { return c.NetNS > 0 }
-
-// label is the IPv4 label of owned addresses, or "" when it does not fit.
-func label(iface string) string {
-	if l := iface + LabelSuffix; len(l) <= 15 {
-		return l
-	}
-	return ""
-}
-
-// Owned decides whether a kernel address on iface is egressvip's.
-func Owned(a netlink.Addr, iface string) bool {
-	if a.IPNet == nil {
-		return false
-	}
-	ip, ok := netip.AddrFromSlice(a.IP)
-	if !ok {
-		return false
-	}
-	ip = ip.Unmap()
-	// The kernel reports the lifetimes of an address that is valid forever
-	// as forever, but keeps preferred lifetime 0 as the deprecated flag.
-	ones, bits := a.Mask.Size()
-	if ones != bits || a.Flags&unix.IFA_F_DEPRECATED == 0 || ip.IsLinkLocalUnicast() {
-		return false
-	}
-	if ip.Is4() {
-		return a.Label == label(iface)
-	}
-	return a.Flags&unix.IFA_F_NODAD != 0
-}
 
 func (m *Manager) link() (netlink.Link, error) {
 	l, err := m.h.LinkByName(m.cfg.Interface)
@@ -131,20 +145,22 @@ func (m *Manager) link() (netlink.Link, error) {
 	return l, nil
 }
 
-// addrs lists the interface's addresses, retrying only interrupted dumps.
-func (m *Manager) addrs(l netlink.Link) ([]netlink.Addr, error) {
-	var err error
-	for range 5 {
-		var out []netlink.Addr
-		out, err = m.h.AddrList(l, netlink.FAMILY_ALL)
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return out, err
-		}
-	}
-	return nil, err
+// linkUp says whether the interface can send: administratively up and
+// operationally up (or unknown, as for interfaces without carrier
+// reporting).
+func linkUp(a *netlink.LinkAttrs) bool {
+	return a.Flags&net.FlagUp != 0 && a.Flags&net.FlagRunning != 0
 }
 
-func ipOf(a netlink.Addr) netip.Addr {
+func (m *Manager) addrs(l netlink.Link) ([]Addr, error) {
+	list, err := m.dumpAddrs(l.Attrs().Index)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+	}
+	return list, nil
+}
+
+func ipOf(a Addr) netip.Addr {
 	ip, _ := netip.AddrFromSlice(a.IP)
 	return ip.Unmap()
 }
@@ -157,7 +173,7 @@ func (m *Manager) Owned() ([]netip.Addr, error) {
 	}
 	list, err := m.addrs(l)
 	if err != nil {
-		return nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+		return nil, err
 	}
 	var out []netip.Addr
 	for _, a := range list {
@@ -171,29 +187,42 @@ func (m *Manager) Owned() ([]netip.Addr, error) {
 
 // Sync makes the owned addresses exactly want: missing ones are added and
 // announced, owned ones not wanted are removed. Addresses egressvip does not
-// own are never touched, even when wanted.
+// own are never touched, even when wanted. When the interface came back up
+// or was re-created since the previous Sync (or Watch saw it happen in
+// between), every wanted owned address is announced again, also those the
+// kernel kept: the neighbours and switches may have forgotten them.
 func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed []netip.Addr, err error) {
+	wanted := make(map[netip.Addr]bool, len(want))
+	for _, a := range want {
+		wanted[a.Unmap()] = true
+	}
+	// Before any removal, so that Watch never takes one of ours for a loss.
+	m.state.mu.Lock()
+	m.state.wanted = wanted
+	m.state.mu.Unlock()
+
 	l, err := m.link()
 	if err != nil {
 		return nil, nil, err
 	}
 	list, err := m.addrs(l)
 	if err != nil {
-		return nil, nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
-	}
-	wanted := map[netip.Addr]bool{}
-	for _, a := range want {
-		wanted[a.Unmap()] = true
+		return nil, nil, err
 	}
 	present := map[netip.Addr]bool{}
+	var kept []netip.Addr
 	var errs []error
 	for _, a := range list {
 		ip := ipOf(a)
 		present[ip] = true
-		if !Owned(a, m.cfg.Interface) || wanted[ip] {
+		if !Owned(a, m.cfg.Interface) {
 			continue
 		}
-		if err := m.h.AddrDel(l, &a); err != nil {
+		if wanted[ip] {
+			kept = append(kept, ip)
+			continue
+		}
+		if err := m.h.AddrDel(l, &a.Addr); err != nil {
 			errs = append(errs, fmt.Errorf("remove %s from %s: %w", ip, m.cfg.Interface, err))
 			continue
 		}
@@ -204,36 +233,51 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 		if present[ip] {
 			continue
 		}
-		if err := m.h.AddrAdd(l, m.addr(ip)); err != nil {
+		if err := m.addOwned(l.Attrs().Index, ip); err != nil {
 			errs = append(errs, fmt.Errorf("bind %s to %s: %w", ip, m.cfg.Interface, err))
 			continue
 		}
 		added = append(added, ip)
-		if m.cfg.Announce {
-			m.announce(ctx, l, ip)
-		}
 	}
 	slices.SortFunc(added, netip.Addr.Compare)
 	slices.SortFunc(removed, netip.Addr.Compare)
+
+	up := linkUp(l.Attrs())
+	all := m.observe(l.Attrs().Index, up)
+	if m.cfg.Announce && up {
+		announce := added
+		if all {
+			slices.SortFunc(kept, netip.Addr.Compare)
+			announce = append(kept, added...)
+			m.log.WithField("addresses", len(announce)).Info("interface came back: announcing every address again")
+		}
+		for _, ip := range announce {
+			m.announce(ctx, l, ip)
+		}
+	}
 	return added, removed, errors.Join(errs...)
 }
 
-// addr is the kernel address for ip: full length, preferred lifetime 0 so
-// the kernel never picks it as source for the node's own traffic, valid
-// forever, and for IPv6 without duplicate address detection so it is usable
-// at once.
-func (m *Manager) addr(ip netip.Addr) *netlink.Addr {
-	a := &netlink.Addr{
-		IPNet:       &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(ip.BitLen(), ip.BitLen())},
-		PreferedLft: 0,
-		ValidLft:    infinity,
+// observe records the interface as Sync sees it and says whether every
+// owned address must be announced again: the interface was re-created (a
+// new index) or came up since the previous Sync, or Watch saw a transition
+// in between. While the interface is down nothing can be sent, so the
+// need is kept for the Sync that finds it up. The first Sync announces
+// only what it adds: addresses a previous process kept are known already.
+func (m *Manager) observe(index int, up bool) bool {
+	s := &m.state
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.index != 0 && (index != s.index || up && !s.up) {
+		s.reannounce = true
 	}
-	if ip.Is4() {
-		a.Label = label(m.cfg.Interface)
-	} else {
-		a.Flags = unix.IFA_F_NODAD
+	s.index, s.up = index, up
+	if !up {
+		return false
 	}
-	return a
+	all := s.reannounce
+	s.reannounce = false
+	return all
 }
 
 // Cleanup removes every owned address (for `egressvip cleanup`).
@@ -264,7 +308,7 @@ func (m *Manager) Host() (Host, error) {
 	}
 	list, err := m.addrs(l)
 	if err != nil {
-		return h, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+		return h, err
 	}
 	for _, a := range list {
 		if Owned(a, m.cfg.Interface) || a.IPNet == nil {

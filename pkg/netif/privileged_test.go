@@ -17,29 +17,60 @@ import (
 	"github.com/egressvip/egressvip/internal/privtest"
 )
 
-// topology: a "node" namespace whose eth1 is a veth to a "peer" namespace
-// (the external network). The node has its own /24 and a foreign /32.
+// topology: a "node" namespace whose interface (eth1 unless named) is a
+// veth to a "peer" namespace (the external network). The node has its own
+// /24 and a foreign /32.
 type topology struct {
 	node, peer *privtest.NS
+	iface      string
 	peerMAC    string
 	nodeMAC    string
 }
 
-func newTopology(t testing.TB) *topology {
+func newTopology(t testing.TB) *topology { return newTopologyOn(t, "eth1") }
+
+func newTopologyOn(t testing.TB, iface string) *topology {
 	t.Helper()
 	privtest.Require(t)
-	tp := &topology{node: privtest.NewNS(t, "nif-node"), peer: privtest.NewNS(t, "nif-peer")}
-	privtest.Veth(t, tp.node, "eth1", tp.peer, "ext0")
-	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.2/24", "dev", "eth1")
-	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.99/32", "dev", "eth1")
-	tp.node.Exec(t, "ip", "addr", "add", "2001:db8:1::2/64", "dev", "eth1", "nodad")
+	tp := &topology{node: privtest.NewNS(t, "nif-node"), peer: privtest.NewNS(t, "nif-peer"), iface: iface}
+	tp.wire(t)
+	return tp
+}
+
+// wire creates the veth pair and its addresses (again, after a test
+// deleted it).
+func (tp *topology) wire(t testing.TB) {
+	t.Helper()
+	privtest.Veth(t, tp.node, tp.iface, tp.peer, "ext0")
+	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.2/24", "dev", tp.iface)
+	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.99/32", "dev", tp.iface)
+	tp.node.Exec(t, "ip", "addr", "add", "2001:db8:1::2/64", "dev", tp.iface, "nodad")
 	tp.peer.Exec(t, "ip", "addr", "add", "203.0.113.250/24", "dev", "ext0")
 	tp.peer.Exec(t, "ip", "addr", "add", "2001:db8:1::250/64", "dev", "ext0", "nodad")
 	// Let the peer learn neighbours from unsolicited announcements.
 	// (accept_untracked_na applies to routers only, hence forwarding.)
 	tp.peer.Exec(t, "sysctl", "-qw", "net.ipv4.conf.ext0.arp_accept=1", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.ext0.accept_untracked_na=1")
-	tp.nodeMAC = linkMAC(t, tp.node, "eth1")
-	return tp
+	tp.nodeMAC = linkMAC(t, tp.node, tp.iface)
+}
+
+// peerLearns waits until the peer's neighbour table maps ip to the node's
+// MAC. The peer never talks to the LoadBalancer IPs: only a gratuitous ARP
+// or an unsolicited NA can put them there.
+func (tp *topology) peerLearns(t testing.TB, ip netip.Addr, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !tp.peerKnows(t, ip) {
+		if time.Now().After(deadline) {
+			t.Fatalf("peer did not learn %s from an announcement within %v: %q", ip, within,
+				tp.peer.Exec(t, "ip", "neigh", "show", ip.String(), "dev", "ext0"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// peerKnows says whether the peer maps ip to the node's MAC.
+func (tp *topology) peerKnows(t testing.TB, ip netip.Addr) bool {
+	return strings.Contains(tp.peer.Exec(t, "ip", "neigh", "show", ip.String(), "dev", "ext0"), tp.nodeMAC)
 }
 
 func linkMAC(t testing.TB, ns *privtest.NS, dev string) string {
@@ -190,19 +221,8 @@ func TestPrivilegedAnnouncementsReachTheNeighbour(t *testing.T) {
 	}
 	// The peer never talked to these addresses: only the gratuitous ARP and
 	// the unsolicited NA can put them in its neighbour table.
-	for _, ip := range []string{lb4.String(), lb6.String()} {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			out := tp.peer.Exec(t, "ip", "neigh", "show", ip, "dev", "ext0")
-			if strings.Contains(out, tp.nodeMAC) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("peer did not learn %s from an announcement: %q", ip, out)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
+	tp.peerLearns(t, lb4, 5*time.Second)
+	tp.peerLearns(t, lb6, 5*time.Second)
 }
 
 func BenchmarkSync(b *testing.B) {

@@ -249,15 +249,51 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 }
 
 // StripManagedFields is an informer transform that drops managedFields,
-// which the controller never reads, and cuts Pods down to what is read.
+// which the controller never reads, and cuts Services, EndpointSlices and
+// Pods down to what is read: a node of a cluster with thousands of
+// Services keeps them all.
 func StripManagedFields(obj any) (any, error) {
-	if p, ok := obj.(*corev1.Pod); ok {
-		return slimPod(p), nil
+	switch o := obj.(type) {
+	case *corev1.Pod:
+		return slimPod(o), nil
+	case *corev1.Service:
+		return slimService(o), nil
+	case *discoveryv1.EndpointSlice:
+		return slimSlice(o), nil
 	}
 	if m, err := meta.Accessor(obj); err == nil {
 		m.SetManagedFields(nil)
 	}
 	return obj, nil
+}
+
+// slimService keeps what the analysis, the reporter and Events read.
+func slimService(s *corev1.Service) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: s.Name, UID: s.UID, ResourceVersion: s.ResourceVersion,
+			CreationTimestamp: s.CreationTimestamp, DeletionTimestamp: s.DeletionTimestamp, Annotations: s.Annotations},
+		Spec: corev1.ServiceSpec{Type: s.Spec.Type, LoadBalancerClass: s.Spec.LoadBalancerClass,
+			ExternalTrafficPolicy: s.Spec.ExternalTrafficPolicy, LoadBalancerIP: s.Spec.LoadBalancerIP},
+		Status: corev1.ServiceStatus{LoadBalancer: s.Status.LoadBalancer},
+	}
+}
+
+// slimSlice keeps of an EndpointSlice its Service and, per endpoint, its
+// addresses, conditions, node and pod.
+func slimSlice(sl *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
+	out := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Namespace: sl.Namespace, Name: sl.Name, ResourceVersion: sl.ResourceVersion,
+			Labels: map[string]string{discoveryv1.LabelServiceName: sl.Labels[discoveryv1.LabelServiceName]}},
+		AddressType: sl.AddressType,
+		Endpoints:   make([]discoveryv1.Endpoint, len(sl.Endpoints)),
+	}
+	for i, e := range sl.Endpoints {
+		out.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName}
+		if e.TargetRef != nil {
+			out.Endpoints[i].TargetRef = &corev1.ObjectReference{Kind: e.TargetRef.Kind, Namespace: e.TargetRef.Namespace, Name: e.TargetRef.Name}
+		}
+	}
+	return out
 }
 
 // Poke asks for a sync; bursts collapse into one.

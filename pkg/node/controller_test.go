@@ -763,6 +763,7 @@ func TestOnlyServingNodesReportProblems(t *testing.T) {
 // The caches hold no managedFields, which nothing reads.
 func TestCachesDropManagedFields(t *testing.T) {
 	svc := lbService("web", "203.0.113.10", false)
+	svc.Spec.Ports = []corev1.ServicePort{{Port: 5060}}
 	svc.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
 	sl := endpointSlice("web", "10.244.1.5", nodeName)
 	sl.ManagedFields = svc.ManagedFields
@@ -770,6 +771,9 @@ func TestCachesDropManagedFields(t *testing.T) {
 	cached, err := h.ctrl.services.Services("default").Get("web")
 	if err != nil || len(cached.ManagedFields) != 0 {
 		t.Fatalf("cached Service keeps managedFields: %v (%v)", cached.ManagedFields, err)
+	}
+	if len(cached.Spec.Ports) != 0 || cached.Annotations[annotations.LoadBalancerIPs] != "203.0.113.10" {
+		t.Fatalf("cached Service not cut down to what is read: %+v", cached)
 	}
 	objs, err := h.ctrl.sliceIndex.ByIndex(byService, "default/web")
 	if err != nil || len(objs) != 1 || len(objs[0].(*discoveryv1.EndpointSlice).ManagedFields) != 0 {
