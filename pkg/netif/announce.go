@@ -15,71 +15,121 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// announce sends AnnounceCount announcements of ip, AnnounceInterval apart,
-// in the background. A later removal of ip, or ctx, cancels them. Failures
-// are logged, never fatal: the address works without them, neighbours just
-// learn it later.
-func (m *Manager) announce(ctx context.Context, l netlink.Link, ip netip.Addr) {
-	m.mu.Lock()
-	if cancel, ok := m.announcing[ip]; ok {
-		cancel()
-	}
-	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	m.announcing[ip] = cancel
-	m.mu.Unlock()
+// pending is an address still to be announced.
+type pending struct {
+	ifi  *net.Interface
+	left int
+	next time.Time
+}
 
+// announce schedules AnnounceCount announcements of ip, AnnounceInterval
+// apart, starting now; a later announce of ip starts over, its removal
+// cancels them. One goroutine sends every announcement due, so binding
+// thousands of addresses at once costs one goroutine, not one each.
+// Failures are logged, never fatal: the address works without them,
+// neighbours just learn it later.
+func (m *Manager) announce(_ context.Context, l netlink.Link, ip netip.Addr) {
 	attrs := l.Attrs()
 	ifi := &net.Interface{Index: attrs.Index, MTU: attrs.MTU, Name: attrs.Name, HardwareAddr: attrs.HardwareAddr, Flags: attrs.Flags}
-	log := m.log.WithField("ip", ip.String())
-	m.wg.Add(1)
-	go func() {
-		defer m.wg.Done()
-		defer m.stopAnnouncing(ip)
-		if m.cfg.inOtherNS() {
-			// Packet and ICMPv6 sockets belong to the namespace of the
-			// thread that opens them.
-			runtime.LockOSThread()
-			orig, err := netns.Get()
-			if err != nil {
-				log.WithError(err).Warn("announce: cannot read the current namespace")
-				return
-			}
-			defer orig.Close()
-			if err := netns.Set(m.cfg.NetNS); err != nil {
-				log.WithError(err).Warn("announce: cannot enter the namespace")
-				return
-			}
-			defer func() {
-				if netns.Set(orig) == nil {
-					runtime.UnlockOSThread()
-				}
-			}()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.announcing[ip] = &pending{ifi: ifi, left: m.cfg.AnnounceCount, next: time.Now()}
+	if m.announcer {
+		select {
+		case m.wake <- struct{}{}:
+		default:
 		}
-		for i := range m.cfg.AnnounceCount {
-			if err := send(ifi, ip); err != nil {
+		return
+	}
+	m.announcer = true
+	m.wg.Add(1)
+	go m.announceLoop()
+}
+
+// announceLoop sends the announcements that are due until none is left.
+func (m *Manager) announceLoop() {
+	defer m.wg.Done()
+	if m.cfg.inOtherNS() {
+		// Packet and ICMPv6 sockets belong to the namespace of the thread
+		// that opens them.
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			m.log.WithError(err).Warn("announce: cannot read the current namespace")
+			m.stopLoop()
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(m.cfg.NetNS); err != nil {
+			m.log.WithError(err).Warn("announce: cannot enter the namespace")
+			m.stopLoop()
+			return
+		}
+		defer func() {
+			if netns.Set(orig) == nil {
+				runtime.UnlockOSThread()
+			}
+		}()
+	}
+	for {
+		now := time.Now()
+		type job struct {
+			ip  netip.Addr
+			ifi *net.Interface
+			n   int
+		}
+		var due []job
+		var next time.Time
+		m.mu.Lock()
+		for ip, p := range m.announcing {
+			if !p.next.After(now) {
+				due = append(due, job{ip, p.ifi, m.cfg.AnnounceCount - p.left + 1})
+				p.left--
+				p.next = now.Add(m.cfg.AnnounceInterval)
+				if p.left <= 0 {
+					delete(m.announcing, ip)
+					continue
+				}
+			}
+			if next.IsZero() || p.next.Before(next) {
+				next = p.next
+			}
+		}
+		if len(due) == 0 && len(m.announcing) == 0 {
+			m.announcer = false
+			m.mu.Unlock()
+			return
+		}
+		m.mu.Unlock()
+		for _, j := range due {
+			log := m.log.WithField("ip", j.ip.String())
+			if err := send(j.ifi, j.ip); err != nil {
 				log.WithError(err).Warn("announcement failed")
 			} else {
-				log.WithField("n", i+1).Debug("announced")
-			}
-			if i+1 == m.cfg.AnnounceCount {
-				return
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(m.cfg.AnnounceInterval):
+				log.WithField("n", j.n).Debug("announced")
 			}
 		}
-	}()
+		if next.IsZero() {
+			continue
+		}
+		select {
+		case <-time.After(time.Until(next)):
+		case <-m.wake:
+		}
+	}
+}
+
+func (m *Manager) stopLoop() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.announcer = false
+	clear(m.announcing)
 }
 
 func (m *Manager) stopAnnouncing(ip netip.Addr) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if cancel, ok := m.announcing[ip]; ok {
-		cancel()
-		delete(m.announcing, ip)
-	}
+	delete(m.announcing, ip)
 }
 
 func send(ifi *net.Interface, ip netip.Addr) error {

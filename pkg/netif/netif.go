@@ -71,7 +71,9 @@ type Manager struct {
 	log     *logrus.Entry
 
 	mu         sync.Mutex
-	announcing map[netip.Addr]context.CancelFunc
+	announcing map[netip.Addr]*pending
+	announcer  bool          // the announcing goroutine runs
+	wake       chan struct{} // a new address to announce
 	wg         sync.WaitGroup
 
 	state linkState
@@ -113,7 +115,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	m := &Manager{cfg: cfg, h: &netlink.Handle{}, proto: kernelHasAddrProto(), log: cfg.Log.WithField("interface", cfg.Interface),
-		announcing: map[netip.Addr]context.CancelFunc{}}
+		announcing: map[netip.Addr]*pending{}, wake: make(chan struct{}, 1)}
 	if cfg.inOtherNS() {
 		var err error
 		if m.h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {

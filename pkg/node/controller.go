@@ -147,7 +147,7 @@ const (
 // checkInterval is how often the firewall state egressvip owns is compared
 // with what it wrote: CNIs, kube-proxy and admins change the same tables,
 // and what egressvip owns must come back within a second.
-const checkInterval = time.Second
+const checkInterval = 500 * time.Millisecond
 
 // Checker is the SNAT writer's cheap comparison of the kernel with what it
 // last wrote (pkg/snat).
