@@ -81,8 +81,8 @@ var Backends = []string{"auto", "nftables", "iptables-nft", "iptables-legacy"}
 const (
 	DefaultElectionQPS   = 200
 	DefaultElectionBurst = 400
-	DefaultReportQPS     = 20
-	DefaultReportBurst   = 40
+	DefaultReportQPS     = 50
+	DefaultReportBurst   = 100
 )
 
 // Load reads the configuration through getenv; hostname is the last
