@@ -308,7 +308,7 @@ func sortedKeys(set map[string]bool) []string {
 func (m *Manager) View() View {
 	now := m.now()
 	objs := m.leases.GetStore().List()
-	v := View{Self: m.cfg.Identity, Now: now, Leases: make(map[types.NamespacedName]Lease, len(objs)+len(m.overlay))}
+	v := View{Self: m.cfg.Identity, Now: now, Leases: make(map[types.NamespacedName]Lease, len(objs))}
 	objs = append(objs, m.peers.GetStore().List()...)
 
 	m.mu.Lock()
