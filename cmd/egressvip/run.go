@@ -126,12 +126,13 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	}
 	var snatw node.SNAT
 	snatUnavailable := ""
-	if m, err := snat.New(snat.Config{NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
-		// Addresses still work without iptables; egress Services get an
-		// Event saying why they are not egressed.
+	if m, err := snat.New(snat.Config{Backend: cfg.Backend, NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
+		// Addresses still work without a firewall backend; egress
+		// Services get an Event saying why they are not egressed.
 		snatUnavailable = err.Error()
 		log.WithError(err).Error("egress SNAT unavailable on this node")
 	} else {
+		log.WithField("backend", m.Backend()).Info("egress SNAT backend")
 		snatw = m
 	}
 
@@ -232,7 +233,7 @@ func cleanup(logger *logrus.Logger) error {
 	} else if err := addrs.Cleanup(); err != nil {
 		errs = append(errs, fmt.Errorf("remove addresses from %s: %w", iface, err))
 	}
-	if m, err := snat.New(snat.Config{NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
+	if m, err := snat.New(snat.Config{Backend: cfg.Backend, NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
 		errs = append(errs, err)
 	} else if err := m.Cleanup(); err != nil {
 		errs = append(errs, fmt.Errorf("remove SNAT chains: %w", err))

@@ -45,7 +45,9 @@ var protoNumbers = map[annotations.Protocol]uint8{
 }
 
 // MatchConntrackFlow says whether flow is one of the pod's entries towards
-// a destination outside Exclude, on one of Ports when Ports is set.
+// a destination outside Exclude, on one of Ports when Ports is set. SCTP
+// entries, whose ports the netlink library does not read, match by
+// protocol when Ports has an SCTP port.
 func (f Flush) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	src, ok1 := addrFromIP(flow.Forward.SrcIP)
 	dst, ok2 := addrFromIP(flow.Forward.DstIP)
@@ -61,7 +63,15 @@ func (f Flush) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 		return true
 	}
 	for _, p := range f.Ports {
-		if protoNumbers[p.Protocol] == flow.Forward.Protocol && p.Port == flow.Forward.DstPort {
+		if protoNumbers[p.Protocol] != flow.Forward.Protocol {
+			continue
+		}
+		// The netlink library reads ports of TCP and UDP entries only:
+		// an SCTP entry has DstPort 0. Its flows then go by protocol and
+		// addresses, so none survives a change of its pod's SNAT (other
+		// SCTP flows of the pod are deleted too, and re-created by
+		// their next packet under the same rules).
+		if p.Port == flow.Forward.DstPort || (p.Protocol == annotations.SCTP && flow.Forward.DstPort == 0) {
 			return true
 		}
 	}
@@ -83,11 +93,11 @@ type translation struct {
 // translations computes, per pod, the source its packets get from the
 // rendered chain, honouring first-match order.
 func translations(d Desired) map[netip.Addr]*translation {
-	out := map[netip.Addr]*translation{}
+	out := make(map[netip.Addr]*translation, len(d.Rules))
 	for _, r := range d.Rules {
 		t := out[r.PodIP]
 		if t == nil {
-			t = &translation{ports: map[annotations.DestinationPort]netip.Addr{}}
+			t = &translation{}
 			out[r.PodIP] = t
 		}
 		if t.all.IsValid() {
@@ -96,6 +106,9 @@ func translations(d Desired) map[netip.Addr]*translation {
 		if len(r.Ports) == 0 {
 			t.all = r.SourceIP
 			continue
+		}
+		if t.ports == nil {
+			t.ports = make(map[annotations.DestinationPort]netip.Addr, len(r.Ports))
 		}
 		for _, p := range r.Ports {
 			if _, seen := t.ports[p]; !seen {

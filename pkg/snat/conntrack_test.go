@@ -75,6 +75,7 @@ func TestFlushMatchConntrackFlow(t *testing.T) {
 	all := Flush{PodIP: pod4, Exclude: []netip.Prefix{podNet4, svcNet4}}
 	sip := Flush{PodIP: pod4, Ports: []annotations.DestinationPort{udp5060}, Exclude: []netip.Prefix{podNet4}}
 	v6 := Flush{PodIP: pod6, Exclude: []netip.Prefix{podNet6}}
+	sctp := Flush{PodIP: pod4, Ports: []annotations.DestinationPort{{Protocol: annotations.SCTP, Port: 3868}}, Exclude: []netip.Prefix{podNet4}}
 	tests := []struct {
 		name   string
 		filter Flush
@@ -90,6 +91,14 @@ func TestFlushMatchConntrackFlow(t *testing.T) {
 		{"port filter, other port", sip, flow(pod4, ext4, 17, 5061), false},
 		{"reply direction is not the pod's flow", all, flow(ext4, pod4, 6, 443), false},
 		{"IPv6 pod to external", v6, flow(pod6, ext6, 17, 5060), true},
+		// The netlink library does not read SCTP ports: they read as 0.
+		{"SCTP port filter, port unreadable", sctp, flow(pod4, ext4, 132, 0), true},
+		{"SCTP port filter, matching port", sctp, flow(pod4, ext4, 132, 3868), true},
+		{"SCTP port filter, other port when readable", sctp, flow(pod4, ext4, 132, 3869), false},
+		{"SCTP port filter, other pod", sctp, flow(pod4b, ext4, 132, 0), false},
+		{"SCTP port filter, excluded destination", sctp, flow(pod4, netip.MustParseAddr("10.244.3.3"), 132, 0), false},
+		{"UDP port filter does not match SCTP", sip, flow(pod4, ext4, 132, 0), false},
+		{"SCTP port filter does not match UDP without port", sctp, flow(pod4, ext4, 17, 0), false},
 		{"IPv6 towards pod CIDR", v6, flow(pod6, netip.MustParseAddr("fd00:10:244:2::1"), 17, 5060), false},
 	}
 	for _, tc := range tests {

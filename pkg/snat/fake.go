@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -14,9 +15,9 @@ import (
 )
 
 // Fake is a stateful Runner for one family: it keeps a nat Table and
-// applies restores, inserts and deletes to it with the kernel's checks that
-// matter here (jumps need their chain, referenced chains cannot go, a failed
-// restore changes nothing). Tests assert on its end state or Trace packets
+// applies restores (-A, -I, -D by spec, -F, -X), inserts and deletes to it
+// with the kernel's checks that matter here (jumps need their chain,
+// referenced chains cannot go, a failed restore changes nothing). Tests assert on its end state or Trace packets
 // through it.
 type Fake struct {
 	mu    sync.Mutex
@@ -64,6 +65,29 @@ func (f *Fake) Restore(_ context.Context, payload []byte) error {
 				return fmt.Errorf("fake iptables-restore: line %d: %w", n, err)
 			}
 			t.append(words[0], words[1:])
+		case strings.HasPrefix(line, "-I "):
+			words := splitWords(line[3:])
+			pos := 1
+			if len(words) > 1 {
+				if p, err := strconv.Atoi(words[1]); err == nil {
+					pos, words = p, append(words[:1:1], words[2:]...)
+				}
+			}
+			if err := t.insert(words[0], pos, words[1:]); err != nil {
+				return fmt.Errorf("fake iptables-restore: line %d: %w", n, err)
+			}
+		case strings.HasPrefix(line, "-D "):
+			if err := t.deleteSpec(splitWords(line[3:])); err != nil {
+				return fmt.Errorf("fake iptables-restore: line %d: %w", n, err)
+			}
+		case strings.HasPrefix(line, "-F "):
+			if err := t.flush(strings.TrimSpace(line[3:])); err != nil {
+				return fmt.Errorf("fake iptables-restore: line %d: %w", n, err)
+			}
+		case strings.HasPrefix(line, "-X "):
+			if err := t.deleteChain(strings.TrimSpace(line[3:])); err != nil {
+				return fmt.Errorf("fake iptables-restore: line %d: %w", n, err)
+			}
 		default:
 			return fmt.Errorf("fake iptables-restore: line %d: unsupported %q", n, line)
 		}
@@ -97,20 +121,68 @@ func (f *Fake) List(chain string) ([]string, error) {
 func (f *Fake) Insert(chain string, pos int, rulespec ...string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.insert(chain, pos, rulespec)
+	return f.table.insert(chain, pos, rulespec)
 }
 
-func (f *Fake) insert(chain string, pos int, rulespec []string) error {
+func (t *Table) insert(chain string, pos int, rulespec []string) error {
 	words := append([]string{chain}, rulespec...)
-	if err := f.table.checkAppend(words); err != nil {
+	if err := t.checkAppend(words); err != nil {
 		return fmt.Errorf("fake iptables: %w", err)
 	}
-	rules := f.table.chains[chain]
+	rules := t.chains[chain]
 	if pos < 1 || pos > len(rules)+1 {
 		return fmt.Errorf("fake iptables: index of insertion too big")
 	}
 	r := tableRule{words: slices.Clone(rulespec), m: parseMatch(rulespec)}
-	f.table.chains[chain] = slices.Insert(rules, pos-1, r)
+	t.chains[chain] = slices.Insert(rules, pos-1, r)
+	return nil
+}
+
+// deleteSpec deletes the first rule of words[0] whose spec is words[1:],
+// like iptables -D CHAIN spec.
+func (t *Table) deleteSpec(words []string) error {
+	if len(words) == 0 {
+		return fmt.Errorf("rule without chain")
+	}
+	rules, ok := t.chains[words[0]]
+	if !ok {
+		return fmt.Errorf("chain %s does not exist", words[0])
+	}
+	want := joinWords(words[1:])
+	i := slices.IndexFunc(rules, func(r tableRule) bool { return joinWords(r.words) == want })
+	if i < 0 {
+		return fmt.Errorf("bad rule (does a matching rule exist in that chain?)")
+	}
+	t.chains[words[0]] = slices.Delete(rules, i, i+1)
+	return nil
+}
+
+func (t *Table) flush(chain string) error {
+	if _, ok := t.chains[chain]; !ok {
+		return fmt.Errorf("chain %s does not exist", chain)
+	}
+	t.chains[chain] = nil
+	return nil
+}
+
+// deleteChain deletes an empty user chain that nothing jumps to.
+func (t *Table) deleteChain(chain string) error {
+	rules, ok := t.chains[chain]
+	if !ok || slices.Contains(builtinChains, chain) {
+		return fmt.Errorf("no user chain %s", chain)
+	}
+	if len(rules) > 0 {
+		return fmt.Errorf("chain %s is not empty", chain)
+	}
+	for c, rules := range t.chains {
+		for _, r := range rules {
+			if r.m.target == chain && c != chain {
+				return fmt.Errorf("chain %s is referenced from %s", chain, c)
+			}
+		}
+	}
+	delete(t.chains, chain)
+	t.order = slices.DeleteFunc(t.order, func(c string) bool { return c == chain })
 	return nil
 }
 
@@ -118,7 +190,7 @@ func (f *Fake) insert(chain string, pos int, rulespec []string) error {
 func (f *Fake) Append(chain string, rulespec ...string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.insert(chain, len(f.table.chains[chain])+1, rulespec)
+	return f.table.insert(chain, len(f.table.chains[chain])+1, rulespec)
 }
 
 // DeleteAt deletes the rule at pos (1-based).
@@ -140,23 +212,30 @@ func (f *Fake) ListChains() ([]string, error) {
 	return f.table.Chains(), nil
 }
 
+// ListAt returns rule pos (1-based) of chain.
+func (f *Fake) ListAt(chain string, pos int) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	rules := f.table.Rules(chain)
+	if _, ok := f.table.chains[chain]; !ok || pos < 1 || pos > len(rules) {
+		return "", fmt.Errorf("fake iptables: no rule %d in chain %s", pos, chain)
+	}
+	return rules[pos-1], nil
+}
+
 // DeleteChain flushes and deletes a user chain that nothing jumps to.
 func (f *Fake) DeleteChain(chain string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	t := f.table
-	if _, ok := t.chains[chain]; !ok || slices.Contains(builtinChains, chain) {
+	if _, ok := f.table.chains[chain]; !ok {
 		return fmt.Errorf("fake iptables: no user chain %s", chain)
 	}
-	for c, rules := range t.chains {
-		for _, r := range rules {
-			if r.m.target == chain && c != chain {
-				return fmt.Errorf("fake iptables: chain %s is referenced from %s", chain, c)
-			}
-		}
+	t := f.table.clone()
+	t.chains[chain] = nil
+	if err := t.deleteChain(chain); err != nil {
+		return fmt.Errorf("fake iptables: %w", err)
 	}
-	delete(t.chains, chain)
-	t.order = slices.DeleteFunc(t.order, func(c string) bool { return c == chain })
+	f.table = t
 	return nil
 }
 

@@ -1,27 +1,89 @@
 package snat
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"os/exec"
-	"slices"
 	"strings"
 	"sync"
 
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
+	"sigs.k8s.io/knftables"
 )
 
-// backendEnv is the kube-vip environment variable that selects the backend.
-const backendEnv = "egress_withnftables"
+// Backends of egress SNAT, as the env var egress_backend names them.
+const (
+	// BackendAuto picks iptables-nft when egress_withnftables is set,
+	// else nftables when nft works, else iptables-legacy.
+	BackendAuto = "auto"
+	// BackendNFTables is egressvip's own nftables table per family
+	// (knftables, the nft binary).
+	BackendNFTables = "nftables"
+	// BackendIPTablesNFT is the EGRESSVIP-SNAT chain through the
+	// iptables-nft binaries.
+	BackendIPTablesNFT = "iptables-nft"
+	// BackendIPTablesLegacy is the EGRESSVIP-SNAT chain through the
+	// iptables-legacy binaries.
+	BackendIPTablesLegacy = "iptables-legacy"
+)
+
+// Backends lists the values egress_backend accepts.
+var Backends = []string{BackendAuto, BackendNFTables, BackendIPTablesNFT, BackendIPTablesLegacy}
+
+// The kube-vip environment variables that select the backend.
+const (
+	backendEnv      = "egress_backend"
+	withNFTablesEnv = "egress_withnftables"
+)
+
+// probeNFTables says whether nft works in this network namespace (a dry
+// run, nothing is written); tests replace it.
+var probeNFTables = func() error {
+	_, err := knftables.New(knftables.IPv4Family, TableName)
+	return err
+}
+
+// SelectBackend resolves egress_backend (backend) and egress_withnftables
+// (withNFTables) to one of nftables, iptables-nft and iptables-legacy. An
+// explicit backend wins; auto (or empty) means iptables-nft when
+// withNFTables is set (kube-vip's meaning of egress_withnftables), else
+// nftables when nft works here, else iptables-legacy. An unknown value is
+// an error naming egress_backend.
+func SelectBackend(backend string, withNFTables bool) (string, error) {
+	b, _, err := selectBackend(backend, withNFTables)
+	return b, err
+}
+
+// selectBackend is SelectBackend that also says why.
+func selectBackend(backend string, withNFTables bool) (string, string, error) {
+	switch b := strings.ToLower(strings.TrimSpace(backend)); b {
+	case BackendNFTables, BackendIPTablesNFT, BackendIPTablesLegacy:
+		return b, backendEnv + "=" + b, nil
+	case "", BackendAuto:
+	default:
+		return "", "", fmt.Errorf("%s: unknown SNAT backend %q; use one of %s", backendEnv, backend, strings.Join(Backends, ", "))
+	}
+	if withNFTables {
+		return BackendIPTablesNFT, withNFTablesEnv + "=true", nil
+	}
+	if err := probeNFTables(); err != nil {
+		return BackendIPTablesLegacy, "auto: nft does not work here (" + err.Error() + ")", nil
+	}
+	return BackendNFTables, "auto: nft works here", nil
+}
 
 // Config configures a Manager.
 type Config struct {
-	// NFTables selects the iptables-nft binaries; false selects
-	// iptables-legacy. It must match what the node's other components
-	// (CNI, kube-proxy) use, or rule order across the two is undefined.
+	// Backend is egress_backend: nftables, iptables-nft, iptables-legacy,
+	// or auto/empty (see SelectBackend). When empty and Runners or Tables
+	// are set, those select the backend without probing.
+	Backend string
+	// NFTables is egress_withnftables: with Backend auto, iptables-nft
+	// (false: nftables if nft works, else iptables-legacy). The iptables
+	// flavour must match what the node's other components (CNI,
+	// kube-proxy) use, or rule order across the two is undefined; the
+	// nftables backend runs before both.
 	NFTables bool
 	// Log receives per-sync detail at debug level; nil means the standard
 	// logger.
@@ -29,77 +91,167 @@ type Config struct {
 	// Runners, indexed by Family, replace the iptables binaries (tests pass
 	// Fakes). A nil entry means the binaries of the selected backend.
 	Runners [2]Runner
+	// Tables, indexed by Family, replace egressvip's nftables tables (tests
+	// pass FakeNFTs). A nil entry means the nft binary.
+	Tables [2]NFTables
 	// Conntrack deletes conntrack entries; nil means the netlink package
 	// handle, which works in the network namespace of the calling thread.
 	// Pass netlink.NewHandleAt(ns) to work in another namespace.
 	Conntrack Conntrack
 }
 
-// Manager keeps the chains egressvip owns in the nat table of both families
-// equal to a Desired state. It is safe for concurrent use, but meant to be
-// called from one sync loop.
+// writer is one backend's kernel side.
+type writer interface {
+	name() string
+	// seed forgets what the writer knew of family f and reads what the
+	// kernel holds: the Desired state it implements, or keep when it is
+	// still exactly what the last write left (the caller keeps its own).
+	seed(ctx context.Context, f Family) (prev Desired, keep bool, err error)
+	// write makes family f's kernel state implement next.
+	write(ctx context.Context, f Family, next Desired) error
+	// check compares the kernel with the last writes of fams, cheaply.
+	check(ctx context.Context, fams []Family) (bool, error)
+	// cleanup removes everything egressvip owns in this backend.
+	cleanup(ctx context.Context) error
+	services(ctx context.Context) ([]string, error)
+}
+
+// Manager keeps what egressvip owns in the selected backend equal to a
+// Desired state, for both families, and removes what it owns in the other
+// backends. It is safe for concurrent use, but meant to be called from one
+// sync loop.
 type Manager struct {
 	log     *logrus.Entry
-	runners [2]Runner
-	ct      Conntrack
+	backend string
+	w       writer
+	// others are the other backends, for leftovers; nil entries are
+	// backends whose tools are missing here.
+	others []leftovers
+	ct     Conntrack
 
 	mu    sync.Mutex
 	state [2]familyState
+	// othersRemoved is set once the other backends' leftovers are gone.
+	othersRemoved bool
 }
 
-// familyState is what the Manager knows about one family's chain.
+// leftovers is another backend, whose leftovers are removed.
+type leftovers struct {
+	name string
+	w    writer
+	// missing, when set, says why the backend cannot be looked at here.
+	missing string
+}
+
+// familyState is what the Manager knows about one family.
 type familyState struct {
-	// seeded is set once prev and written were read from the kernel.
+	// seeded is set once prev was read from the kernel.
 	seeded bool
-	// prev is the state whose rules are in the kernel and whose conntrack
+	// prev is the state that is in the kernel and whose conntrack
 	// consequences have been dealt with.
 	prev Desired
-	// written is the payload of the last successful restore, or nil when
-	// the kernel's chain is unknown or differs.
-	written []byte
 	// unusable is set while writing failed and no rule needed the family.
 	unusable bool
 }
 
-// New returns a Manager for the configured backend. It fails, naming the
-// binary and the environment variable, when a backend binary is missing.
+// New returns a Manager for the selected backend (see SelectBackend). It
+// fails, naming the missing binary and the environment variables, when the
+// backend's tools are missing, and on an unknown backend.
 func New(cfg Config) (*Manager, error) {
-	m := &Manager{log: cfg.Log, runners: cfg.Runners, ct: cfg.Conntrack}
+	m := &Manager{log: cfg.Log, ct: cfg.Conntrack}
 	if m.log == nil {
 		m.log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	if m.ct == nil {
 		m.ct = netlinkConntrack{}
 	}
-	b := legacyBackend
-	if cfg.NFTables {
-		b = nftBackend
+	fakes := cfg.Runners != [2]Runner{} || cfg.Tables != [2]NFTables{}
+	requested := strings.ToLower(strings.TrimSpace(cfg.Backend))
+	switch {
+	case requested != "" && requested != BackendAuto:
+	case cfg.Tables != [2]NFTables{}:
+		requested = BackendNFTables
+	case cfg.Runners != [2]Runner{} && cfg.NFTables:
+		requested = BackendIPTablesNFT
+	case cfg.Runners != [2]Runner{}:
+		requested = BackendIPTablesLegacy
 	}
-	for _, f := range Families {
-		if m.runners[f] != nil {
-			continue
-		}
-		for _, bin := range b.binaries[f] {
-			if _, err := exec.LookPath(bin); err != nil {
-				return nil, fmt.Errorf("SNAT backend iptables-%s needs %s, which is not installed (%w); the env var %s selects the backend (true: iptables-nft, false: iptables-legacy)",
-					b.name, bin, err, backendEnv)
-			}
-		}
-		r, err := newExecRunner(f, b.binaries[f])
-		if err != nil {
-			return nil, fmt.Errorf("SNAT backend iptables-%s: %w", b.name, err)
-		}
-		m.runners[f] = r
+	b, why, err := selectBackend(requested, cfg.NFTables)
+	if err != nil {
+		return nil, err
 	}
+	m.backend = b
+	if m.w, err = newWriter(b, cfg); err != nil {
+		return nil, err
+	}
+	if !fakes {
+		// Only real kernels have leftovers; tests with fakes add theirs.
+		m.others = realLeftovers(b)
+	}
+	m.log.WithFields(logrus.Fields{"backend": b, "why": why}).Info("SNAT backend selected")
 	return m, nil
 }
 
-// Apply makes the owned chains of both families match d: one
-// iptables-restore per family whose rendered chain changed (or whose hook
-// vanished), the hook moved back to position 1 of nat POSTROUTING if
-// needed, then conntrack entries deleted for pods whose SNAT changed. The
-// first Apply of a process reads the existing chains, so a restart with
-// unchanged rules writes nothing and deletes no entry.
+func newWriter(b string, cfg Config) (writer, error) {
+	switch b {
+	case BackendNFTables:
+		return newNFTWriter(cfg.Tables)
+	case BackendIPTablesNFT:
+		return newIPTablesWriter(nftBackend, cfg.Runners)
+	default:
+		return newIPTablesWriter(legacyBackend, cfg.Runners)
+	}
+}
+
+// realLeftovers returns the backends other than b, with their real tools.
+func realLeftovers(b string) []leftovers {
+	var out []leftovers
+	for _, other := range []string{BackendNFTables, BackendIPTablesNFT, BackendIPTablesLegacy} {
+		if other == b {
+			continue
+		}
+		l := leftovers{name: other}
+		switch other {
+		case BackendNFTables:
+			if w, err := newNFTWriter([2]NFTables{}); err != nil {
+				l.missing = err.Error()
+			} else {
+				l.w = w
+			}
+		case BackendIPTablesNFT:
+			if w, err := newIPTablesWriter(nftBackend, [2]Runner{}); err != nil {
+				l.missing = err.Error()
+			} else {
+				l.w = w
+			}
+		case BackendIPTablesLegacy:
+			if w, err := newIPTablesWriter(legacyBackend, [2]Runner{}); err != nil {
+				l.missing = err.Error()
+			} else {
+				// Listing a legacy table creates it: look only where
+				// one exists.
+				w.present = legacyTablePresent
+				l.w = w
+			}
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// Backend returns the selected backend: nftables, iptables-nft or
+// iptables-legacy.
+func (m *Manager) Backend() string { return m.backend }
+
+// Apply makes what egressvip owns in the selected backend implement d, for
+// both families: per family one atomic write (one iptables-restore, or one
+// nftables transaction: the changed elements, or the whole table when its
+// state is unknown or the change did not apply), only when something
+// changed; then conntrack entries are deleted for pods whose SNAT changed.
+// The first Apply of a process reads the existing state, so a restart does
+// not delete conntrack entries of unchanged rules. The first Apply that
+// writes both families without error then removes what egressvip owns in
+// the other backends: a backend switch leaves no gap.
 func (m *Manager) Apply(ctx context.Context, d Desired) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -128,33 +280,33 @@ func (m *Manager) Apply(ctx context.Context, d Desired) error {
 			errs = append(errs, fmt.Errorf("snat %s: %w", f, err))
 		}
 	}
+	// Only once our own rules are in place: the old ones keep egress
+	// working until then.
+	if !m.othersRemoved && len(errs) == 0 {
+		if err := m.removeOthers(ctx); err != nil {
+			errs = append(errs, err)
+		} else {
+			m.othersRemoved = true
+		}
+	}
 	return errors.Join(errs...)
 }
 
 func (m *Manager) applyFamily(ctx context.Context, f Family, next Desired) error {
-	r, st := m.runners[f], &m.state[f]
-	log := m.log.WithFields(logrus.Fields{"family": f.String(), "chain": Chain})
+	st := &m.state[f]
+	log := m.log.WithFields(logrus.Fields{"family": f.String(), "backend": m.backend})
 	if !st.seeded {
-		if err := m.seed(ctx, f); err != nil {
-			return fmt.Errorf("read existing chain %s: %w", Chain, err)
+		prev, keep, err := m.w.seed(ctx, f)
+		if err != nil {
+			return fmt.Errorf("read existing rules: %w", err)
 		}
-	}
-	hooks, err := hookPositions(r)
-	if err != nil {
-		return fmt.Errorf("list nat %s: %w", hookChain, err)
-	}
-	payload := render(next)
-	// Without a hook the chain itself may be gone too: write it again.
-	if !bytes.Equal(payload, st.written) || len(hooks) == 0 {
-		if err := r.Restore(ctx, payload); err != nil {
-			st.written = nil
-			return fmt.Errorf("write chain %s: %w", Chain, err)
+		if !keep {
+			st.prev = prev
 		}
-		st.written = payload
-		log.WithField("rules", len(next.Rules)).Debug("Wrote SNAT chain")
+		st.seeded = true
 	}
-	if err := ensureHook(r, hooks); err != nil {
-		return fmt.Errorf("hook %s into nat %s: %w", Chain, hookChain, err)
+	if err := m.w.write(ctx, f, next); err != nil {
+		return err
 	}
 	if flushes := ConntrackFlushes(st.prev, next); len(flushes) > 0 {
 		filters := make([]netlink.CustomConntrackFilter, len(flushes))
@@ -172,10 +324,10 @@ func (m *Manager) applyFamily(ctx context.Context, f Family, next Desired) error
 	return nil
 }
 
-// Recheck makes the next Apply read the chains back from the kernel, as
-// after a restart, and rewrite them if someone else changed or flushed
-// them. The sync loop calls it on its periodic full resync; in between, an
-// unchanged payload is not rewritten.
+// Recheck makes the next Apply read the state back from the kernel, as
+// after a restart, and rewrite it if someone else changed or flushed it.
+// The sync loop calls it on its periodic full resync and when Check fails;
+// in between, an unchanged state is not rewritten.
 func (m *Manager) Recheck() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -184,127 +336,95 @@ func (m *Manager) Recheck() {
 	}
 }
 
-// seed reads the chain left by a previous process: its rules become prev,
-// and if they are exactly what Render makes of them, also written.
-func (m *Manager) seed(ctx context.Context, f Family) error {
-	st := &m.state[f]
-	out, err := m.runners[f].Save(ctx)
-	if err != nil {
-		return err
-	}
-	t, err := ParseSave(out)
-	if err != nil {
-		return fmt.Errorf("parse iptables-save output: %w", err)
-	}
-	st.prev, st.written = Desired{}, nil
-	if _, ok := t.chains[Chain]; ok {
-		st.prev = t.Owned().forFamily(f)
-		payload := render(st.prev)
-		if rendered, err := ParseSave(payload); err == nil && slices.Equal(rendered.Rules(Chain), t.Rules(Chain)) {
-			st.written = payload
-		}
-	}
-	st.seeded = true
-	return nil
-}
-
-// hookPositions returns the 1-based positions of jumps to Chain in nat
-// POSTROUTING.
-func hookPositions(r Runner) ([]int, error) {
-	rules, err := r.List(hookChain)
-	if err != nil {
-		return nil, err
-	}
-	var pos []int
-	for i, l := range rules {
-		if parseMatch(splitWords(l)).target == Chain {
-			pos = append(pos, i+1)
-		}
-	}
-	return pos, nil
-}
-
-// ensureHook leaves exactly one jump to Chain, at position 1. It inserts
-// before it deletes, so packets always pass the chain.
-func ensureHook(r Runner, pos []int) error {
-	if len(pos) == 1 && pos[0] == 1 {
-		return nil
-	}
-	if len(pos) == 0 || pos[0] != 1 {
-		if err := r.Insert(hookChain, 1, hookSpec...); err != nil {
-			return err
-		}
-		for i := range pos {
-			pos[i]++
-		}
-	} else {
-		pos = pos[1:]
-	}
-	for _, p := range slices.Backward(pos) {
-		if err := r.DeleteAt(hookChain, p); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// Cleanup removes the hooks and deletes every chain starting with
-// ChainPrefix in both families; nothing else is touched. The next Apply
-// starts from scratch.
-func (m *Manager) Cleanup() error {
+// Check reports whether the kernel still holds what the last Apply wrote,
+// cheaply enough for the sync loop to call it every second; on false the
+// caller calls Recheck and Apply, which rewrites it. nftables: the ruleset
+// generation (one netlink round trip) and, only when anyone committed
+// anything since, the table's fingerprint (its netlink dumps, digested)
+// compared with the one taken after the write. iptables: the hook is the
+// only one and the first rule of nat POSTROUTING, and the owned chain still
+// ends with the last rule written (iptables-nft skips both while the
+// generation is unchanged). A family that was never written, or is
+// unusable, is not checked. An error comes with false.
+func (m *Manager) Check(ctx context.Context) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var errs []error
+	var fams []Family
 	for _, f := range Families {
-		m.state[f] = familyState{}
-		if err := cleanup(m.runners[f]); err != nil {
-			errs = append(errs, fmt.Errorf("snat %s cleanup: %w", f, err))
+		if st := m.state[f]; st.seeded && !st.unusable {
+			fams = append(fams, f)
+		}
+	}
+	if len(fams) == 0 {
+		return true, nil
+	}
+	ok, err := m.w.check(ctx, fams)
+	if err != nil {
+		return false, err
+	}
+	return ok, nil
+}
+
+// RemoveOtherBackends removes what egressvip owns in the backends other
+// than the selected one: the EGRESSVIP-* chains and their hooks in the nat
+// tables of iptables-legacy and iptables-nft (both families), and the
+// egressvip nftables tables. Nothing else is touched. The first Apply does
+// it too (after writing its own rules); a backend whose tools are missing
+// here is skipped (logged once).
+func (m *Manager) RemoveOtherBackends(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	err := m.removeOthers(ctx)
+	if err == nil {
+		m.othersRemoved = true
+	}
+	return err
+}
+
+func (m *Manager) removeOthers(ctx context.Context) error {
+	var errs []error
+	for i, o := range m.others {
+		if o.w == nil {
+			if o.missing != "" {
+				m.log.WithField("backend", o.name).Infof("cannot look for egressvip's leftovers in this backend: %s", o.missing)
+				m.others[i].missing = "" // once
+			}
+			continue
+		}
+		if err := o.w.cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("remove leftovers of SNAT backend %s: %w", o.name, err))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func cleanup(r Runner) error {
-	pos, err := hookPositions(r)
-	if err != nil {
-		return fmt.Errorf("list nat %s: %w", hookChain, err)
+// Cleanup removes everything egressvip owns in every backend: the hooks
+// and chains starting with ChainPrefix of iptables-legacy and iptables-nft
+// (both families), and the egressvip nftables tables. Nothing else is
+// touched. The next Apply starts from scratch.
+func (m *Manager) Cleanup() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ctx := context.Background()
+	for f := range m.state {
+		m.state[f] = familyState{}
 	}
-	for _, p := range slices.Backward(pos) {
-		if err := r.DeleteAt(hookChain, p); err != nil {
-			return fmt.Errorf("delete hook: %w", err)
-		}
+	var errs []error
+	if err := m.w.cleanup(ctx); err != nil {
+		errs = append(errs, err)
 	}
-	chains, err := r.ListChains()
-	if err != nil {
-		return fmt.Errorf("list nat chains: %w", err)
+	if err := m.removeOthers(ctx); err != nil {
+		errs = append(errs, err)
 	}
-	for _, c := range chains {
-		if strings.HasPrefix(c, ChainPrefix) {
-			if err := r.DeleteChain(c); err != nil {
-				return fmt.Errorf("delete chain %s: %w", c, err)
-			}
-		}
-	}
-	return nil
+	m.othersRemoved = false
+	return errors.Join(errs...)
 }
 
 // Services returns the sorted, distinct Services (namespace/name comments)
-// that have SNAT rules in the owned chains of either family right now.
+// that have SNAT rules (or nftables map elements) of the selected backend,
+// in either family, right now.
 func (m *Manager) Services(ctx context.Context) ([]string, error) {
-	var out []string
-	for _, f := range Families {
-		save, err := m.runners[f].Save(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("snat %s: %w", f, err)
-		}
-		t, err := ParseSave(save)
-		if err != nil {
-			return nil, fmt.Errorf("snat %s: parse iptables-save output: %w", f, err)
-		}
-		out = append(out, t.Services()...)
-	}
-	slices.Sort(out)
-	return slices.Compact(out), nil
+	return m.w.services(ctx)
 }
 
 func netlinkFamily(f Family) netlink.InetFamily {

@@ -360,3 +360,134 @@ func TestApplyIgnoresAnUnusableFamilyWithoutRules(t *testing.T) {
 		t.Fatalf("an IPv6 rule that cannot be written must fail, got %v", err)
 	}
 }
+
+// racingRunner inserts a foreign rule at position 1 of nat POSTROUTING
+// right after the Manager listed it, before its restore: a CNI writing at
+// the same moment.
+type racingRunner struct {
+	*Fake
+	race func()
+}
+
+func (r *racingRunner) List(chain string) ([]string, error) {
+	rules, err := r.Fake.List(chain)
+	if chain == hookChain && r.race != nil {
+		r.race()
+		r.race = nil
+	}
+	return rules, err
+}
+
+// TestApplyRepairsHookBySpec: the hook is repaired by rule spec in the
+// restore, never by a position read before it, so a rule a CNI inserts in
+// between is kept and one hook is left, first.
+func TestApplyRepairsHookBySpec(t *testing.T) {
+	masqA := []string{"-s", "10.244.0.0/16", "-m", "comment", "--comment", "cni-a", "-j", "MASQUERADE"}
+	masqB := []string{"-s", "10.244.0.0/16", "-m", "comment", "--comment", "cni-b", "-j", "MASQUERADE"}
+	fake := NewFake()
+	racer := &racingRunner{Fake: fake}
+	m, err := New(Config{Log: testLog(t), Runners: [2]Runner{racer, NewFake()}, Conntrack: &fakeConntrack{}})
+	must(t, err)
+	ctx := t.Context()
+	must(t, m.Apply(ctx, dualStack()))
+	must(t, fake.Insert("POSTROUTING", 1, masqA...)) // our hook is now second
+	racer.race = func() { must(t, fake.Insert("POSTROUTING", 1, masqB...)) }
+	must(t, m.Apply(ctx, dualStack()))
+	hookFirst(t, fake)
+	rules, _ := fake.List("POSTROUTING")
+	for _, c := range []string{"cni-a", "cni-b"} {
+		if !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, c) }) {
+			t.Errorf("rule %s lost by the hook repair:\n%s", c, strings.Join(rules, "\n"))
+		}
+	}
+	if len(rules) != 3 {
+		t.Errorf("want hook, cni-b, cni-a:\n%s", strings.Join(rules, "\n"))
+	}
+	if got := fake.Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+		t.Errorf("packet %s", got)
+	}
+}
+
+func TestCheckIPTables(t *testing.T) {
+	masq := []string{"-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"}
+	tests := []struct {
+		name    string
+		breakIt func(t *testing.T, f *Fake)
+	}{
+		{"MASQUERADE inserted before the hook", func(t *testing.T, f *Fake) {
+			must(t, f.Insert("POSTROUTING", 1, masq...))
+		}},
+		{"hook deleted", func(t *testing.T, f *Fake) { must(t, f.DeleteAt("POSTROUTING", 1)) }},
+		{"hook duplicated", func(t *testing.T, f *Fake) { must(t, f.Append("POSTROUTING", hookSpec...)) }},
+		{"hook and chain deleted", func(t *testing.T, f *Fake) {
+			must(t, f.DeleteAt("POSTROUTING", 1))
+			must(t, f.DeleteChain(Chain))
+		}},
+		{"chain flushed", func(t *testing.T, f *Fake) {
+			for range 10 {
+				must(t, f.DeleteAt(Chain, 1))
+				if rules, _ := f.List(Chain); len(rules) == 0 {
+					return
+				}
+			}
+		}},
+		{"last rule deleted", func(t *testing.T, f *Fake) {
+			rules, _ := f.List(Chain)
+			must(t, f.DeleteAt(Chain, len(rules)))
+		}},
+		{"last rule changed", func(t *testing.T, f *Fake) {
+			rules, _ := f.List(Chain)
+			must(t, f.DeleteAt(Chain, len(rules)))
+			must(t, f.Append(Chain, "-s", "10.244.1.5/32", "-j", "SNAT", "--to-source", "203.0.113.99"))
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fakes := [2]*Fake{NewFake(), NewFake()}
+			m := newFakeManager(t, fakes, nil)
+			ctx := t.Context()
+			if ok, err := m.Check(ctx); !ok || err != nil {
+				t.Fatalf("Check before any Apply = %v, %v; want true (nothing written)", ok, err)
+			}
+			must(t, m.Apply(ctx, dualStack(udp5060)))
+			if ok, err := m.Check(ctx); !ok || err != nil {
+				t.Fatalf("Check after Apply = %v, %v", ok, err)
+			}
+			tc.breakIt(t, fakes[IPv4])
+			if ok, _ := m.Check(ctx); ok {
+				t.Fatalf("Check did not notice")
+			}
+			m.Recheck()
+			must(t, m.Apply(ctx, dualStack(udp5060)))
+			if ok, err := m.Check(ctx); !ok || err != nil {
+				t.Fatalf("Check after repair = %v, %v", ok, err)
+			}
+			hookFirst(t, fakes[IPv4])
+			if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+				t.Errorf("after repair, packet %s", got)
+			}
+		})
+	}
+}
+
+func TestCheckIPTablesEmptyChain(t *testing.T) {
+	fakes := [2]*Fake{NewFake(), NewFake()}
+	m := newFakeManager(t, fakes, nil)
+	ctx := t.Context()
+	must(t, m.Apply(ctx, Desired{}))
+	if ok, err := m.Check(ctx); !ok || err != nil {
+		t.Fatalf("Check = %v, %v", ok, err)
+	}
+	must(t, fakes[IPv6].DeleteAt("POSTROUTING", 1))
+	must(t, fakes[IPv6].DeleteChain(Chain))
+	if ok, _ := m.Check(ctx); ok {
+		t.Fatal("Check did not notice the empty chain and its hook gone")
+	}
+}
+
+func testLog(t testing.TB) *logrus.Entry {
+	log := logrus.New()
+	log.SetOutput(t.Output())
+	log.SetLevel(logrus.DebugLevel)
+	return logrus.NewEntry(log)
+}

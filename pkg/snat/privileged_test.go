@@ -30,16 +30,21 @@ import (
 // a packet that misses our rules arrives from the node address 203.0.113.1.
 // The external ns runs servers that answer with the peer address they see.
 
+// backendCase is a backend under test, with the iptables flavour of the
+// node's other components (the CNI's MASQUERADE rules): the backend's own
+// for the iptables ones, iptables-nft next to the nftables backend.
 type backendCase struct {
 	name                   string
-	nft                    bool
 	ipt, ip6t, save, save6 string
 }
 
 var backendCases = []backendCase{
-	{"legacy", false, "iptables-legacy", "ip6tables-legacy", "iptables-legacy-save", "ip6tables-legacy-save"},
-	{"nft", true, "iptables-nft", "ip6tables-nft", "iptables-nft-save", "ip6tables-nft-save"},
+	{BackendIPTablesLegacy, "iptables-legacy", "ip6tables-legacy", "iptables-legacy-save", "ip6tables-legacy-save"},
+	{BackendIPTablesNFT, "iptables-nft", "ip6tables-nft", "iptables-nft-save", "ip6tables-nft-save"},
+	{BackendNFTables, "iptables-nft", "ip6tables-nft", "iptables-nft-save", "ip6tables-nft-save"},
 }
+
+func (b backendCase) iptables() bool { return b.name != BackendNFTables }
 
 var (
 	node4      = netip.MustParseAddr("203.0.113.1")
@@ -60,13 +65,22 @@ type topo struct {
 func forEachBackend(t *testing.T, fn func(t *testing.T, b backendCase)) {
 	for _, b := range backendCases {
 		t.Run(b.name, func(t *testing.T) {
-			privtest.Require(t, b.ipt, b.ip6t, b.save, b.save6, b.ipt+"-restore", b.ip6t+"-restore")
+			requireBackend(t, b)
 			fn(t, b)
 		})
 	}
 }
 
-func newTopo(t *testing.T, b backendCase) *topo {
+func requireBackend(t testing.TB, b backendCase) {
+	t.Helper()
+	bins := []string{b.ipt, b.ip6t, b.save, b.save6, b.ipt + "-restore", b.ip6t + "-restore"}
+	if !b.iptables() {
+		bins = append(bins, "nft")
+	}
+	privtest.Require(t, bins...)
+}
+
+func newTopo(t testing.TB, b backendCase) *topo {
 	t.Helper()
 	tp := &topo{b: b, pod: privtest.NewNS(t, "snat-pod"), node: privtest.NewNS(t, "snat-node"), ext: privtest.NewNS(t, "snat-ext")}
 	privtest.Veth(t, tp.pod, "eth0", tp.node, "vpod")
@@ -97,7 +111,7 @@ func newTopo(t *testing.T, b backendCase) *topo {
 
 // startServers listens in the external ns on UDP 5060 and TCP 8080 of both
 // families and answers every datagram or connection with the peer address.
-func (tp *topo) startServers(t *testing.T) {
+func (tp *topo) startServers(t testing.TB) {
 	var (
 		pcs []net.PacketConn
 		lns []net.Listener
@@ -214,7 +228,14 @@ func (tp *topo) sendUDP(t *testing.T, dst netip.AddrPort) {
 	}
 }
 
-func (tp *topo) manager(t *testing.T, wrap func(Family, Runner) Runner) *Manager {
+// manager returns a Manager of the topology's backend, made in the node ns;
+// wrap, when set, wraps the runners of an iptables backend.
+func (tp *topo) manager(t testing.TB, wrap func(Family, Runner) Runner) *Manager {
+	t.Helper()
+	return tp.managerFor(t, tp.b.name, wrap)
+}
+
+func (tp *topo) managerFor(t testing.TB, backend string, wrap func(Family, Runner) Runner) *Manager {
 	t.Helper()
 	h, err := netlink.NewHandleAt(tp.node.Handle)
 	if err != nil {
@@ -224,29 +245,40 @@ func (tp *topo) manager(t *testing.T, wrap func(Family, Runner) Runner) *Manager
 	log := logrus.New()
 	log.SetOutput(t.Output())
 	log.SetLevel(logrus.DebugLevel)
-	cfg := Config{NFTables: tp.b.nft, Log: logrus.NewEntry(log), Conntrack: h}
-	if wrap != nil {
-		bk := legacyBackend
-		if tp.b.nft {
-			bk = nftBackend
-		}
-		for _, f := range Families {
-			r, err := newExecRunner(f, bk.binaries[f])
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg.Runners[f] = wrap(f, r)
-		}
+	if _, ok := t.(*testing.B); ok {
+		log.SetLevel(logrus.WarnLevel)
 	}
-	m, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
+	cfg := Config{Backend: backend, Log: logrus.NewEntry(log), Conntrack: h}
+	var m *Manager
+	tp.inNode(t, "New", func() error {
+		if wrap != nil {
+			bk := legacyBackend
+			if backend == BackendIPTablesNFT {
+				bk = nftBackend
+			}
+			for _, f := range Families {
+				r, err := newExecRunner(f, bk.binaries[f])
+				if err != nil {
+					return err
+				}
+				cfg.Runners[f] = wrap(f, r)
+			}
+		}
+		m, err = New(cfg)
+		if err == nil && wrap != nil {
+			// Runners make New skip the other backends: add them.
+			m.others = realLeftovers(backend)
+		}
+		return err
+	})
+	if m.Backend() != backend {
+		t.Fatalf("backend %s, want %s", m.Backend(), backend)
 	}
 	return m
 }
 
 // inNode runs fn in the node ns and fails the test with its error.
-func (tp *topo) inNode(t *testing.T, what string, fn func() error) {
+func (tp *topo) inNode(t testing.TB, what string, fn func() error) {
 	t.Helper()
 	var err error
 	tp.node.Do(t, func() { err = fn() })
@@ -255,7 +287,7 @@ func (tp *topo) inNode(t *testing.T, what string, fn func() error) {
 	}
 }
 
-func (tp *topo) apply(t *testing.T, m *Manager, d Desired) {
+func (tp *topo) apply(t testing.TB, m *Manager, d Desired) {
 	t.Helper()
 	tp.inNode(t, "Apply", func() error { return m.Apply(context.Background(), d) })
 }
@@ -274,16 +306,43 @@ func (tp *topo) foreignRules(t *testing.T) []string {
 	return out
 }
 
-// ourLines returns every nat line of both families mentioning our prefix.
+// ourLines returns what egressvip owns in the topology's backend: every
+// nat line of both families mentioning our prefix, or the listing of our
+// nftables tables.
 func (tp *topo) ourLines(t *testing.T) []string {
 	t.Helper()
+	if !tp.b.iptables() {
+		return tp.nftLines(t)
+	}
+	return tp.iptLines(t, tp.b.save, tp.b.save6)
+}
+
+func (tp *topo) iptLines(t *testing.T, saves ...string) []string {
+	t.Helper()
 	var out []string
-	for _, save := range []string{tp.b.save, tp.b.save6} {
+	for _, save := range saves {
 		for _, l := range strings.Split(tp.node.Exec(t, save, "-t", "nat"), "\n") {
 			if strings.Contains(l, ChainPrefix) {
 				out = append(out, l)
 			}
 		}
+	}
+	return out
+}
+
+// nftLines lists egressvip's nftables tables in the node ns.
+func (tp *topo) nftLines(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, fam := range []string{"ip", "ip6"} {
+		text, err := tp.node.Try("nft", "list", "table", fam, TableName)
+		if err != nil {
+			if strings.Contains(text, "No such file or directory") {
+				continue
+			}
+			t.Fatalf("nft list table %s %s: %v: %s", fam, TableName, err, text)
+		}
+		out = append(out, strings.Split(strings.TrimSpace(text), "\n")...)
 	}
 	return out
 }
@@ -324,6 +383,18 @@ func TestPrivilegedSNATPackets(t *testing.T) {
 		check("udp:5060 only", "tcp", tcp4, node4)
 		check("udp:5060 only", "udp", udp6, lb6)
 		check("udp:5060 only", "tcp", tcp6, node6)
+
+		// A destination inside the exclusions is left to the CNI (its
+		// MASQUERADE gives the node address), the others still egress.
+		excl := rulesFor(tcp8080, udp5060)
+		excl.Exclude = append(excl.Exclude, netip.MustParsePrefix("203.0.113.2/32"), netip.MustParsePrefix("2001:db8:1::/112"))
+		tp.apply(t, m, excl)
+		check("destination excluded", "udp", udp4, node4)
+		check("destination excluded", "tcp", tcp4, node4)
+		check("destination excluded", "udp", udp6, node6)
+		tp.apply(t, m, rulesFor(tcp8080, udp5060))
+		check("exclusion gone", "tcp", tcp4, lb4)
+		check("exclusion gone", "tcp", tcp6, lb6)
 
 		tp.apply(t, m, Desired{Exclude: excludeAll})
 		check("no rules", "udp", udp4, node4)
@@ -371,28 +442,29 @@ func TestPrivilegedSNATStaleAndCleanup(t *testing.T) {
 			t.Errorf("foreign rules changed by Apply:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(foreign, "\n"))
 		}
 
-		// Someone inserts ahead of our hook: the next sync moves it back.
-		tp.node.Exec(t, b.ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
-		tp.apply(t, m, rulesFor())
-		first := strings.Split(strings.TrimSpace(tp.node.Exec(t, b.ipt, "-t", "nat", "-S", "POSTROUTING")), "\n")[1]
-		if !strings.Contains(first, "-j "+Chain) {
-			t.Errorf("first POSTROUTING rule after repair is %q, want our hook", first)
+		if b.iptables() {
+			// Someone inserts ahead of our hook: the next sync moves it back.
+			tp.node.Exec(t, b.ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
+			tp.apply(t, m, rulesFor())
+			tp.hookFirst(t, b.ipt)
+			tp.node.Exec(t, b.ipt, "-t", "nat", "-D", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
 		}
-		if n := strings.Count(tp.node.Exec(t, b.ipt, "-t", "nat", "-S", "POSTROUTING"), "-j "+Chain); n != 1 {
-			t.Errorf("%d hooks in POSTROUTING, want 1", n)
-		}
-		tp.node.Exec(t, b.ipt, "-t", "nat", "-D", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
 
-		// A restarted daemon with the same rules writes nothing.
+		// A restarted daemon with the same rules keeps them (iptables
+		// writes nothing; nftables replaces its table once, atomically).
 		restores := 0
-		restarted := tp.manager(t, func(_ Family, r Runner) Runner { return countingRunner{r, &restores} })
+		var wrap func(Family, Runner) Runner
+		if b.iptables() {
+			wrap = func(_ Family, r Runner) Runner { return countingRunner{r, &restores} }
+		}
+		restarted := tp.manager(t, wrap)
 		before := tp.ourLines(t)
 		tp.apply(t, restarted, rulesFor())
 		if restores != 0 {
 			t.Errorf("restart with unchanged rules ran iptables-restore %d times", restores)
 		}
 		if got := tp.ourLines(t); !slices.Equal(got, before) {
-			t.Errorf("restart changed our rules:\n%s", strings.Join(got, "\n"))
+			t.Errorf("restart changed our rules:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(before, "\n"))
 		}
 
 		tp.inNode(t, "Cleanup", restarted.Cleanup)
@@ -403,6 +475,20 @@ func TestPrivilegedSNATStaleAndCleanup(t *testing.T) {
 			t.Errorf("foreign rules changed by Cleanup:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(foreign, "\n"))
 		}
 	})
+}
+
+// hookFirst asserts that nat POSTROUTING of ipt starts with our hook and
+// holds it once.
+func (tp *topo) hookFirst(t *testing.T, ipt string) {
+	t.Helper()
+	out := tp.node.Exec(t, ipt, "-t", "nat", "-S", "POSTROUTING")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) < 2 || !strings.Contains(lines[1], "-j "+Chain) {
+		t.Errorf("%s: first POSTROUTING rule is not our hook:\n%s", ipt, out)
+	}
+	if n := strings.Count(out, "-j "+Chain); n != 1 {
+		t.Errorf("%s: %d hooks in POSTROUTING, want 1:\n%s", ipt, n, out)
+	}
 }
 
 // podFlows returns the pod's conntrack entries in the node ns as

@@ -11,8 +11,8 @@ import (
 )
 
 // Runner is the kernel side of one family's nat table: bulk writes and
-// reads of the whole table, and the few single-rule operations the hook
-// needs. The real one runs iptables binaries; Fake keeps a Table.
+// reads of the whole table, and the listings the hook and the cheap check
+// need. The real one runs iptables binaries; Fake keeps a Table.
 type Runner interface {
 	// Restore feeds payload to iptables-restore --noflush.
 	Restore(ctx context.Context, payload []byte) error
@@ -20,14 +20,11 @@ type Runner interface {
 	Save(ctx context.Context) ([]byte, error)
 	// List returns the rules of a nat chain as "-A CHAIN ..." lines.
 	List(chain string) ([]string, error)
-	// Insert inserts a rule into a nat chain at pos (1-based).
-	Insert(chain string, pos int, rulespec ...string) error
-	// DeleteAt deletes the rule at pos (1-based) from a nat chain.
-	DeleteAt(chain string, pos int) error
+	// ListAt returns rule pos (1-based) of a nat chain as an "-A CHAIN ..."
+	// line; an error when the chain or the rule does not exist.
+	ListAt(chain string, pos int) (string, error)
 	// ListChains returns the names of all nat chains.
 	ListChains() ([]string, error)
-	// DeleteChain flushes and deletes a nat chain.
-	DeleteChain(chain string) error
 }
 
 // backend names the binaries of one iptables flavour.
@@ -51,6 +48,7 @@ var (
 // iptables-restore and iptables-save for the table.
 type execRunner struct {
 	ipt           *iptables.IPTables
+	bin           string
 	restore, save string
 	restoreWait   bool
 }
@@ -70,7 +68,7 @@ func newExecRunner(f Family, paths [3]string) (*execRunner, error) {
 	// iptables-restore learnt -w in 1.6.2.
 	v1, v2, v3 := ipt.GetIptablesVersion()
 	wait := v1 > 1 || (v1 == 1 && (v2 > 6 || (v2 == 6 && v3 >= 2)))
-	return &execRunner{ipt: ipt, restore: paths[1], save: paths[2], restoreWait: wait}, nil
+	return &execRunner{ipt: ipt, bin: paths[0], restore: paths[1], save: paths[2], restoreWait: wait}, nil
 }
 
 func (r *execRunner) Restore(ctx context.Context, payload []byte) error {
@@ -113,16 +111,21 @@ func (r *execRunner) List(chain string) ([]string, error) {
 	return rules, nil
 }
 
-func (r *execRunner) Insert(chain string, pos int, rulespec ...string) error {
-	return r.ipt.Insert("nat", chain, pos, rulespec...)
-}
-
-func (r *execRunner) DeleteAt(chain string, pos int) error {
-	return r.ipt.DeleteById("nat", chain, pos)
+func (r *execRunner) ListAt(chain string, pos int) (string, error) {
+	// go-iptables' ListById indexes an empty answer.
+	cmd := exec.Command(r.bin, "-w", fmt.Sprint(lockWait), "-t", "nat", "-S", chain, fmt.Sprint(pos))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("%s -S %s %d: %w: %s", r.bin, chain, pos, err, strings.TrimSpace(stderr.String()))
+	}
+	for l := range strings.Lines(string(out)) {
+		if strings.HasPrefix(l, "-A ") {
+			return strings.TrimSpace(l), nil
+		}
+	}
+	return "", fmt.Errorf("%s -S %s %d: no such rule", r.bin, chain, pos)
 }
 
 func (r *execRunner) ListChains() ([]string, error) { return r.ipt.ListChains("nat") }
-
-func (r *execRunner) DeleteChain(chain string) error {
-	return r.ipt.ClearAndDeleteChain("nat", chain)
-}

@@ -1,14 +1,30 @@
-// Package snat owns the nat-table chains that give egress pods their
-// Service's LoadBalancer IP as source address.
+// Package snat owns the rules that give egress pods their Service's
+// LoadBalancer IP as source address, in one of three backends
+// (SelectBackend):
 //
-// Like kube-proxy, it renders the whole owned chain (EGRESSVIP-SNAT) per
-// family from a Desired value (Render) and writes it with one
-// iptables-restore --noflush, which flushes and refills only that chain.
-// A jump at position 1 of nat POSTROUTING puts it ahead of CNI and
-// kube-proxy MASQUERADE rules. After a write, conntrack entries of pods
-// whose translation changed are deleted, never those towards excluded
-// (in-cluster) destinations. Kernel access goes through Runner and
-// Conntrack; Fake is a stateful Runner that can Trace packets.
+//   - nftables: a table "egressvip" of its own in the ip and the ip6
+//     family (knftables, the nft binary), whose nat postrouting chain runs
+//     at priority srcnat-10 (90), before iptables' nat POSTROUTING and
+//     kube-proxy's nftables chains (100), so no rule another component adds
+//     anywhere can come first. Exclusions are an interval set; the SNAT
+//     translations are maps keyed by pod (and by pod, protocol and
+//     destination port), so a new connection costs the same few lookups
+//     whatever the number of Services; each map element names its Service
+//     in its comment. One transaction per family and sync: the changed
+//     elements only, or the whole table replaced when its state is unknown.
+//   - iptables-legacy and iptables-nft: like kube-proxy, the whole owned
+//     chain (EGRESSVIP-SNAT) per family is rendered from a Desired value
+//     (Render) and written with one iptables-restore --noflush, which
+//     flushes and refills only that chain; a jump at position 1 of nat
+//     POSTROUTING, repaired by rule spec in the same restore, puts it ahead
+//     of CNI and kube-proxy MASQUERADE rules.
+//
+// After a write, conntrack entries of pods whose translation changed are
+// deleted, never those towards excluded (in-cluster) destinations. Check
+// tells cheaply whether someone changed what was written; the first Apply
+// removes what egressvip left in the other backends. Kernel access goes
+// through Runner (iptables), NFTables and Conntrack; Fake and FakeNFT are
+// stateful fakes that can Trace packets.
 package snat
 
 import (
