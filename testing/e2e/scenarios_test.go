@@ -170,10 +170,11 @@ func TestClusterTrafficIsNotSNATed(t *testing.T) {
 		{false, []string{"10.96.0.0/16", node.PodCIDRs[0].String(), other.PodCIDRs[0].String()}},
 		{true, []string{"fd00:10:96::/112", node.PodCIDRs[1].String(), other.PodCIDRs[1].String()}},
 	} {
-		nat := node.NAT(tc.v6)
+		// iptables: a RETURN rule per range; nftables: the exclude set.
+		nat, nft := node.NAT(tc.v6), node.NFT(tc.v6)
 		for _, cidr := range tc.cidrs {
-			if !strings.Contains(nat, "-d "+cidr+" ") {
-				t.Errorf("no exclusion of %s in the node's nat table:\n%s", cidr, nat)
+			if !strings.Contains(nat, "-d "+cidr+" ") && !strings.Contains(nft, cidr) {
+				t.Errorf("no exclusion of %s in the node's nat table or nftables table:\n%s\n%s", cidr, nat, nft)
 			}
 		}
 	}
@@ -449,6 +450,9 @@ func TestZCleanupCommand(t *testing.T) {
 		nat := node.NAT(v6)
 		if strings.Contains(nat, "EGRESSVIP") {
 			t.Errorf("cleanup left chains:\n%s", nat)
+		}
+		if table := node.NFT(v6); table != "" {
+			t.Errorf("cleanup left the nftables table:\n%s", table)
 		}
 		if !strings.Contains(nat, "sandbox CNI natOutgoing") {
 			t.Errorf("cleanup removed the CNI's rule:\n%s", nat)

@@ -103,6 +103,7 @@ type Cluster struct {
 	apiServer *exec.Cmd
 	pods      map[string]*Pod
 	podSeq    int
+	linkSeq   int
 	daemonK   string // the daemon's kubeconfig
 }
 
@@ -122,6 +123,7 @@ type Node struct {
 	exited  chan struct{}
 	LogPath string
 	nextPod int
+	env     map[string]string // per-node overrides of the daemon's environment
 }
 
 func (c *Cluster) logf(format string, args ...any) {

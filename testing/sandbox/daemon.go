@@ -171,6 +171,11 @@ func (c *Cluster) DaemonEnv(n *Node) ([]string, error) {
 	for k, v := range c.opts.DaemonEnv {
 		env[k] = v
 	}
+	n.mu.Lock()
+	for k, v := range n.env {
+		env[k] = v
+	}
+	n.mu.Unlock()
 	env["KUBECONFIG"] = c.daemonK
 	env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
 	out := make([]string, 0, len(env))
@@ -179,6 +184,14 @@ func (c *Cluster) DaemonEnv(n *Node) ([]string, error) {
 	}
 	sort.Strings(out)
 	return out, nil
+}
+
+// SetDaemonEnv overrides variables of n's egressvip from its next start
+// on (nil values restore the cluster's); restart the daemon to apply.
+func (c *Cluster) SetDaemonEnv(n *Node, env map[string]string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.env = env
 }
 
 // StartDaemon starts egressvip in n's namespace (appending to its log).

@@ -8,8 +8,10 @@ import (
 
 // LBAddresses lists the deprecated (preferred lifetime 0) full-length
 // addresses on n's serviceInterface, eth1: the ones egressvip binds.
-func (n *Node) LBAddresses() ([]netip.Addr, error) {
-	out, err := sh("ip", "-n", n.NS, "-j", "addr", "show", "dev", "eth1")
+func (n *Node) LBAddresses() ([]netip.Addr, error) { return n.lbAddresses("eth1") }
+
+func (n *Node) lbAddresses(dev string) ([]netip.Addr, error) {
+	out, err := sh("ip", "-n", n.NS, "-j", "addr", "show", "dev", dev)
 	if err != nil {
 		return nil, err
 	}
@@ -59,8 +61,24 @@ func (n *Node) NAT(ipv6 bool) string {
 	return out
 }
 
-// SNATRulesFor returns the egressvip rules of n that name service
-// ("namespace/name") in their comment, both families.
+// NFT returns egressvip's nftables table of n for IPv4 or IPv6 as
+// `nft list table` prints it ("" when there is none).
+func (n *Node) NFT(ipv6 bool) string {
+	family := "ip"
+	if ipv6 {
+		family = "ip6"
+	}
+	out, err := InNS(n.NS, "nft", "list", "table", family, "egressvip")
+	if err != nil {
+		return ""
+	}
+	return out
+}
+
+// SNATRulesFor returns the egressvip SNAT of n that names service
+// ("namespace/name"), both families and both backends: iptables rules as
+// iptables-save prints them, nftables map elements as
+// "nft <pod> [. proto . port] --to-source <LB IP>".
 func (n *Node) SNATRulesFor(service string) []string {
 	var out []string
 	for _, v6 := range []bool{false, true} {
@@ -69,6 +87,27 @@ func (n *Node) SNATRulesFor(service string) []string {
 				out = append(out, l)
 			}
 		}
+		out = append(out, nftElements(n.NFT(v6), service)...)
+	}
+	return out
+}
+
+// nftElements finds the map elements of a table listing whose comment is
+// service.
+func nftElements(table, service string) []string {
+	var out []string
+	comment := `comment "` + service + `"`
+	for _, seg := range strings.FieldsFunc(table, func(r rune) bool { return r == ',' || r == '{' || r == '}' || r == '\n' }) {
+		seg = strings.TrimSpace(seg)
+		if !strings.Contains(seg, comment) {
+			continue
+		}
+		// nft prints the comment after the key: `key comment "..." : value`.
+		key, val, ok := strings.Cut(strings.Replace(seg, comment, "", 1), " : ")
+		if !ok {
+			continue
+		}
+		out = append(out, "nft "+strings.TrimSpace(key)+" --to-source "+strings.TrimSpace(val))
 	}
 	return out
 }

@@ -1,6 +1,9 @@
 package sandbox
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestMetricSamples(t *testing.T) {
 	text := `# HELP apiserver_request_total Counter of apiserver requests.
@@ -25,5 +28,23 @@ go_goroutines 42
 	}
 	if g := MetricSamples(text, "go_goroutines"); len(g) != 1 || g[0].Value != 42 {
 		t.Errorf("go_goroutines = %+v", g)
+	}
+}
+
+func TestNFTElements(t *testing.T) {
+	table := `table ip egressvip {
+	map snat-all {
+		type ipv4_addr : ipv4_addr
+		elements = { 10.244.1.5 comment "default/web" : 203.0.113.10, 10.244.1.6 comment "default/other" : 203.0.113.11 }
+	}
+	map snat-ports {
+		type ipv4_addr . inet_proto . inet_service : ipv4_addr
+		elements = { 10.244.1.7 . udp . 5060 comment "default/web" : 203.0.113.10 }
+	}
+}`
+	got := nftElements(table, "default/web")
+	want := []string{"nft 10.244.1.5 --to-source 203.0.113.10", "nft 10.244.1.7 . udp . 5060 --to-source 203.0.113.10"}
+	if strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Fatalf("got %q, want %q", got, want)
 	}
 }

@@ -619,7 +619,9 @@ func snatRules(n *sandbox.Node, ns string) int {
 			count++
 		}
 	}
-	return count
+	// The nftables backend: one map element per pod, its comment the
+	// Service.
+	return count + strings.Count(n.NFT(true), `comment "`+ns+"/")
 }
 
 // clusterResult is the externalTrafficPolicy: Cluster run.
