@@ -82,15 +82,7 @@ func (s *sampler) end(t *testing.T, during string) {
 func TestFailoverWhenTheHolderDies(t *testing.T) {
 	lb := addr("203.0.113.130")
 	service(t, "failover", false, map[string]string{annotations.LoadBalancerIPs: lb.String()})
-	var holder *sandbox.Node
-	eventually(t, 60*time.Second, "failover served", func() (bool, string) {
-		h := holders(lb)
-		if len(h) != 1 {
-			return false, fmt.Sprint(h)
-		}
-		holder = cluster.Node(h[0])
-		return true, ""
-	})
+	holder := waitHolder(t, lb)
 	if _, err := cluster.StopDaemon(holder, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -133,15 +125,7 @@ func TestFailoverWhenTheHolderDies(t *testing.T) {
 func TestHolderCutOffFromTheAPI(t *testing.T) {
 	lb := addr("203.0.113.131")
 	service(t, "cutoff", false, map[string]string{annotations.LoadBalancerIPs: lb.String()})
-	var holder *sandbox.Node
-	eventually(t, 60*time.Second, "cutoff served", func() (bool, string) {
-		h := holders(lb)
-		if len(h) != 1 {
-			return false, fmt.Sprint(h)
-		}
-		holder = cluster.Node(h[0])
-		return true, ""
-	})
+	holder := waitHolder(t, lb)
 	s := sample(lb)
 	expiry := heartbeatExpiry(t, holder.Name)
 	if err := cluster.CutAPI(holder, true); err != nil {
@@ -240,15 +224,7 @@ func TestMovesAndRollingUpdateNeverDoubleBind(t *testing.T) {
 func TestSigtermHandoverIsFast(t *testing.T) {
 	lb := addr("203.0.113.133")
 	service(t, "fast-handover", false, map[string]string{annotations.LoadBalancerIPs: lb.String()})
-	var leader *sandbox.Node
-	eventually(t, 60*time.Second, "a holder", func() (bool, string) {
-		h := holders(lb)
-		if len(h) != 1 {
-			return false, fmt.Sprint(h)
-		}
-		leader = cluster.Node(h[0])
-		return true, ""
-	})
+	leader := waitHolder(t, lb)
 	s := sample(lb)
 	code, err := cluster.StopDaemon(leader, syscall.SIGTERM)
 	if err != nil || code != 0 {

@@ -120,6 +120,21 @@ func heartbeatExpiry(t *testing.T, node string) time.Time {
 	return l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second)
 }
 
+// waitHolder waits until exactly one node holds ip and returns it.
+func waitHolder(t *testing.T, ip netip.Addr) *sandbox.Node {
+	t.Helper()
+	var holder *sandbox.Node
+	eventually(t, 60*time.Second, fmt.Sprintf("one node holds %s", ip), func() (bool, string) {
+		h := holders(ip)
+		if len(h) != 1 {
+			return false, fmt.Sprint(h)
+		}
+		holder = cluster.Node(h[0])
+		return true, ""
+	})
+	return holder
+}
+
 // holders lists the nodes whose serviceInterface holds ip.
 func holders(ip netip.Addr) []string {
 	var out []string

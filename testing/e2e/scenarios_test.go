@@ -393,15 +393,7 @@ func TestTwoEgressServicesOnOneNode(t *testing.T) {
 func TestSigtermHandsOver(t *testing.T) {
 	lb := addr("203.0.113.114")
 	service(t, "handover", false, map[string]string{annotations.LoadBalancerIPs: lb.String()})
-	var leader *sandbox.Node
-	eventually(t, 60*time.Second, "a leader for handover", func() (bool, string) {
-		h := holders(lb)
-		if len(h) != 1 {
-			return false, fmt.Sprint(h)
-		}
-		leader = cluster.Node(h[0])
-		return true, ""
-	})
+	leader := waitHolder(t, lb)
 	start := time.Now()
 	code, err := cluster.StopDaemon(leader, syscall.SIGTERM)
 	if err != nil || code != 0 {
