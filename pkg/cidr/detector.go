@@ -3,6 +3,8 @@ package cidr
 import (
 	"fmt"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -32,12 +34,23 @@ type Detector struct {
 	kcm        corelisters.PodLister
 	synced     []cache.InformerSynced
 	lastWarned string
+
+	// cached is the last Detect result; changed marks it stale. Every
+	// sync asks several times, the inputs rarely change.
+	mu      sync.Mutex
+	cached  *Result
+	changed atomic.Bool
 }
 
 // NewDetector builds a Detector; onChange is called when an input changes.
 // Kinds fully given by override are not watched at all.
 func NewDetector(client kubernetes.Interface, override Override, resync time.Duration, onChange func(), log *logrus.Entry) *Detector {
 	d := &Detector{override: override, log: log}
+	inner := onChange
+	onChange = func() {
+		d.changed.Store(true)
+		inner()
+	}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { onChange() },
 		UpdateFunc: func(oldObj, newObj any) { onChange() },
@@ -152,6 +165,11 @@ func (d *Detector) HasSynced() bool {
 
 // Current runs Detect over the caches and logs new warnings once.
 func (d *Detector) Current() Result {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cached != nil && !d.changed.Swap(false) {
+		return *d.cached
+	}
 	in := Inputs{Override: d.override}
 	if d.nodes != nil {
 		in.Nodes, _ = d.nodes.List(labels.Everything())
@@ -169,6 +187,11 @@ func (d *Detector) Current() Result {
 			d.log.Warn(msg)
 		}
 		d.log.WithFields(logrus.Fields{"pod": r.Pod, "podSource": r.PodSource, "service": r.Service, "serviceSource": r.ServiceSource}).Info("egress exclusions")
+	}
+	// Caches that have not synced yet give an incomplete answer: keep
+	// asking until they have.
+	if d.HasSynced() {
+		d.cached = &r
 	}
 	return r
 }

@@ -38,6 +38,9 @@ func indexByService(obj any) ([]string, error) {
 type view struct {
 	services map[types.NamespacedName]*corev1.Service
 	analysed []desired.Service
+	// The cluster's ranges, read once per sync.
+	exclude  []netip.Prefix
+	missing6 []string
 }
 
 func (c *Controller) snapshot() (view, error) {
@@ -45,7 +48,12 @@ func (c *Controller) snapshot() (view, error) {
 	if err != nil {
 		return view{}, fmt.Errorf("list Services from cache: %w", err)
 	}
-	v := view{services: make(map[types.NamespacedName]*corev1.Service, len(all)), analysed: make([]desired.Service, 0, len(all))}
+	v := view{
+		services: make(map[types.NamespacedName]*corev1.Service, len(all)),
+		analysed: make([]desired.Service, 0, len(all)),
+		exclude:  c.excl.Exclude(),
+		missing6: c.excl.Missing(true),
+	}
 	nodeAddrs := c.excl.NodeAddresses()
 	if nodeAddrs == nil {
 		nodeAddrs = map[netip.Addr]bool{}
@@ -69,7 +77,7 @@ func (c *Controller) snapshot() (view, error) {
 		}
 		s := desired.Analyze(svc, epSlices, opts)
 		if s.EgressIPv6 {
-			if missing := c.excl.Missing(true); len(missing) > 0 {
+			if missing := v.missing6; len(missing) > 0 {
 				s.Problems = append(s.Problems, desired.Problem{Reason: desired.EventExclusionMissing, Message: fmt.Sprintf(
 					"no IPv6 %s CIDR is known, so IPv6 egress would also SNAT traffic to those: set egress_podcidr / egress_servicecidr with IPv6 ranges",
 					strings.Join(missing, " or "))})
@@ -90,7 +98,7 @@ func (c *Controller) snapshot() (view, error) {
 	v.analysed = desired.Admit(v.analysed, desired.Admission{
 		NodeAddresses: opts.NodeAddresses,
 		Host:          desired.Host{Own: host.Own, Subnets: host.Subnets, Gateways: host.Gateways},
-		Exclude:       c.excl.Exclude(),
+		Exclude:       v.exclude,
 		Allowed:       c.opts.Allowed,
 	})
 	return v, nil
@@ -110,7 +118,7 @@ func (c *Controller) Sync(ctx context.Context) error {
 		GlobalLease:  c.opts.GlobalLease,
 		RetryPeriod:  c.opts.RetryPeriod,
 		Settle:       c.settle,
-		Exclude:      c.excl.Exclude(),
+		Exclude:      v.exclude,
 		InterfaceErr: c.interfaceErr,
 	})
 	for _, cl := range p.Acquire {

@@ -57,6 +57,7 @@ const (
 var (
 	flagN               = flag.String("n", "50,500,2000", "comma-separated Service counts of the egress (externalTrafficPolicy: Local) rounds; empty skips them")
 	flagSteady          = flag.Duration("steady", 30*time.Second, "steady-state window of each round")
+	flagDaemonEnv       = flag.String("daemon-env", "", "extra egressvip environment, k=v,k=v (e.g. GOGC=100)")
 	flagCluster         = flag.Int("cluster", 50, "Services of the externalTrafficPolicy: Cluster run (0 skips it)")
 	flagClusterDuration = flag.Duration("cluster-duration", 60*time.Second, "sampling window of the Cluster run")
 	flagConverge        = flag.Duration("converge-timeout", 180*time.Second, "give up waiting for an egress round to converge after this")
@@ -130,6 +131,17 @@ type bench struct {
 	next int         // next pod address offset in node-1's ranges
 }
 
+// daemonEnv parses -daemon-env.
+func daemonEnv(s string) map[string]string {
+	out := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(kv), "="); ok {
+			out[k] = v
+		}
+	}
+	return out
+}
+
 func run(ctx context.Context, counts []int) (err error) {
 	say("starting the sandbox: %d nodes, kube-controller-manager --kube-api-qps=%d, node pod ranges /20 and /64", *flagNodes, *flagKCMQPS)
 	c, err := sandbox.Start(ctx, sandbox.Options{
@@ -140,6 +152,7 @@ func run(ctx context.Context, counts []int) (err error) {
 		NodeCIDRMaskSizeIPv4: 20,
 		Controllers:          []string{"namespace"},
 		AdminQPS:             1000,
+		DaemonEnv:            daemonEnv(*flagDaemonEnv),
 	})
 	if err != nil {
 		return err
