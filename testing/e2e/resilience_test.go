@@ -101,7 +101,7 @@ func TestAPIServerOutage(t *testing.T) {
 		t.Errorf("a Service another node could serve kept its address through the outage on %v", sharedHolders)
 	} else {
 		margin := expiry.Sub(released)
-		record("API outage: shared address released before the Lease could expire by", margin.Round(time.Millisecond).String())
+		record("API outage: shared address released before its heartbeat could expire by", margin.Round(time.Millisecond).String())
 		// The safety property itself: released after the Lease could
 		// expire, the address could be held by two nodes at once.
 		if margin <= 0 {
