@@ -268,6 +268,45 @@ func TestSteadyStateWritesOnlyHeartbeats(t *testing.T) {
 	})
 }
 
+// Many acquisitions at once queue behind a bounded number of writers.
+func TestAcquisitionsAreBounded(t *testing.T) {
+	api := newAPIServer()
+	var inFlight, most atomic.Int64
+	api.PrependReactor("create", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		n := inFlight.Add(1)
+		for {
+			m := most.Load()
+			if n <= m || most.CompareAndSwap(m, n) {
+				break
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+		inFlight.Add(-1)
+		return false, nil, nil
+	})
+	a, _ := start(t, api, "node-a")
+	for i := range 200 {
+		a.Acquire(Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Owner: owner("s")})
+	}
+	eventually(t, "200 held", func() bool {
+		n := 0
+		for _, l := range a.View().Leases {
+			if l.Current {
+				n++
+			}
+		}
+		return n == 200
+	})
+	if m := most.Load(); m > 16 {
+		t.Fatalf("%d writes ran at once, want at most the 16 workers", m)
+	}
+	eventually(t, "the workers stop with an empty queue", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.workers == 0
+	})
+}
+
 // Failing renewals make the node overdue within the renew deadline;
 // renewals that come back after a lease duration start a new epoch, in
 // which what it held must be written again before it counts.

@@ -52,7 +52,6 @@ type Manager struct {
 	heartbeat string // this node's heartbeat Lease name
 	peers     cache.SharedIndexInformer
 	leases    cache.SharedIndexInformer
-	sem       chan struct{}
 	now       func() time.Time
 
 	mu sync.Mutex
@@ -83,6 +82,9 @@ type Manager struct {
 	// checked is when a holder's heartbeat was last read from the API
 	// server and found expired, before taking its Services over.
 	checked map[string]time.Time
+	// jobs are the queued writes; workers run them.
+	jobs    []job
+	workers int
 	// signature is the last liveness summary; a change pokes the loop.
 	signature string
 }
@@ -121,7 +123,6 @@ func NewManager(cfg Config) *Manager {
 	m := &Manager{
 		cfg:       cfg,
 		heartbeat: HeartbeatName(cfg.Identity),
-		sem:       make(chan struct{}, cfg.Workers),
 		now:       time.Now,
 		nodes:     map[string]*peer{},
 		overlay:   map[types.NamespacedName]*coordinationv1.Lease{},

@@ -41,55 +41,87 @@ func (m *Manager) Release(lease types.NamespacedName) {
 
 // ReleaseNow releases leases and waits, at most until ctx ends: shutdown.
 func (m *Manager) ReleaseNow(ctx context.Context, leases []types.NamespacedName) {
+	work := make(chan types.NamespacedName)
 	var wg sync.WaitGroup
-	for _, key := range leases {
+	for range min(m.cfg.Workers, len(leases)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			select {
-			case m.sem <- struct{}{}:
-			case <-ctx.Done():
-				return
-			}
-			defer func() { <-m.sem }()
-			if err := m.release(ctx, key); err != nil {
-				m.cfg.Log.WithError(err).WithField("lease", key.String()).Warn("release failed")
+			for key := range work {
+				if err := m.release(ctx, key); err != nil {
+					m.cfg.Log.WithError(err).WithField("lease", key.String()).Warn("release failed")
+				}
 			}
 		}()
 	}
+feed:
+	for _, key := range leases {
+		select {
+		case work <- key:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
 	wg.Wait()
 }
 
-// start runs one write for key unless one is already pending for it. A
+// job is one queued write.
+type job struct {
+	key   types.NamespacedName
+	kind  string
+	write func(context.Context) error
+}
+
+// start queues one write for key unless one is already pending for it. At
+// most Workers writes run at once, from as many goroutines: a node that
+// takes 2,000 Services over queues 2,000 writes, not 2,000 goroutines. A
 // failure backs the key off for a retry period; any end pokes the loop.
 func (m *Manager) start(key types.NamespacedName, kind string, write func(context.Context) error) {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	if m.pending[key] || m.now().Before(m.backoff[key]) {
-		m.mu.Unlock()
 		return
 	}
 	m.pending[key] = true
-	m.mu.Unlock()
-	go func() {
-		m.sem <- struct{}{}
-		ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timing.RenewDeadline)
-		err := write(ctx)
-		cancel()
-		<-m.sem
+	m.jobs = append(m.jobs, job{key: key, kind: kind, write: write})
+	if m.workers < m.cfg.Workers {
+		m.workers++
+		go m.work()
+	}
+}
+
+// work runs queued writes until the queue is empty.
+func (m *Manager) work() {
+	for {
 		m.mu.Lock()
-		delete(m.pending, key)
+		if len(m.jobs) == 0 {
+			m.workers--
+			m.jobs = nil
+			m.mu.Unlock()
+			return
+		}
+		j := m.jobs[0]
+		m.jobs = m.jobs[1:]
+		m.mu.Unlock()
+
+		ctx, cancel := context.WithTimeout(context.Background(), m.cfg.Timing.RenewDeadline)
+		err := j.write(ctx)
+		cancel()
+		m.mu.Lock()
+		delete(m.pending, j.key)
 		if err != nil {
-			m.backoff[key] = m.now().Add(m.cfg.Timing.RetryPeriod)
+			m.backoff[j.key] = m.now().Add(m.cfg.Timing.RetryPeriod)
 		}
 		m.mu.Unlock()
 		if err != nil {
 			if !errors.Is(err, errHolderAlive) {
-				m.cfg.Log.WithError(err).WithField("lease", key.String()).Warnf("%s failed; retrying", kind)
+				m.cfg.Log.WithError(err).WithField("lease", j.key.String()).Warnf("%s failed; retrying", j.kind)
 			}
 			time.AfterFunc(m.cfg.Timing.RetryPeriod, m.cfg.Poke)
 		}
 		m.cfg.Poke()
-	}()
+	}
 }
 
 func holderOf(l *coordinationv1.Lease) string {
