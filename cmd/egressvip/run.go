@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"time"
 
@@ -165,12 +164,9 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 				ctrl.Poke()
 			}
 		},
-		HostAddresses: func() []netip.Addr {
-			h, _ := addrs.Host()
-			return h.Own
-		},
-		Wrote: func(kind, result string) { m.LeaseWrites.WithLabelValues(kind, result).Inc() },
-		Log:   log,
+		HostAddresses: addrs.OwnAddresses,
+		Wrote:         func(kind, result string) { m.LeaseWrites.WithLabelValues(kind, result).Inc() },
+		Log:           log,
 	})
 
 	ctrl, err = node.New(node.Options{

@@ -93,6 +93,11 @@ type linkState struct {
 	// re-created, or lost events; the next Sync on an up interface
 	// announces every owned address.
 	reannounce bool
+	// own are the addresses (with prefix length) egressvip did not add,
+	// from the last Sync's listing: Host and OwnAddresses read them
+	// instead of listing thousands of addresses again.
+	own    []netip.Prefix
+	listed bool
 }
 
 // New returns a Manager; it does not touch the interface. It fails when
@@ -214,10 +219,15 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 	present := map[netip.Addr]bool{}
 	var kept []netip.Addr
 	var errs []error
+	var own []netip.Prefix
 	for _, a := range list {
 		ip := ipOf(a)
 		present[ip] = true
 		if !Owned(a, m.cfg.Interface) {
+			if a.IPNet != nil {
+				ones, _ := a.Mask.Size()
+				own = append(own, netip.PrefixFrom(ip, ones))
+			}
 			continue
 		}
 		if wanted[ip] {
@@ -243,6 +253,9 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 	}
 	slices.SortFunc(added, netip.Addr.Compare)
 	slices.SortFunc(removed, netip.Addr.Compare)
+	m.state.mu.Lock()
+	m.state.own, m.state.listed = own, true
+	m.state.mu.Unlock()
 
 	up := linkUp(l.Attrs())
 	all := m.observe(l.Attrs().Index, up)
@@ -292,6 +305,41 @@ func (m *Manager) Cleanup() error {
 // Wait blocks until running announcements have ended.
 func (m *Manager) Wait() { m.wg.Wait() }
 
+// OwnAddresses are the interface's addresses egressvip did not add, as the
+// last Sync listed them (nil before the first Sync).
+func (m *Manager) OwnAddresses() []netip.Addr {
+	m.state.mu.Lock()
+	defer m.state.mu.Unlock()
+	out := make([]netip.Addr, 0, len(m.state.own))
+	for _, p := range m.state.own {
+		out = append(out, p.Addr())
+	}
+	return out
+}
+
+// ownPrefixes are the addresses egressvip did not add, from the last Sync
+// or, before it, listed now.
+func (m *Manager) ownPrefixes(l netlink.Link) ([]netip.Prefix, error) {
+	m.state.mu.Lock()
+	own, listed := m.state.own, m.state.listed
+	m.state.mu.Unlock()
+	if listed {
+		return own, nil
+	}
+	list, err := m.addrs(l)
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range list {
+		if Owned(a, m.cfg.Interface) || a.IPNet == nil {
+			continue
+		}
+		ones, _ := a.Mask.Size()
+		own = append(own, netip.PrefixFrom(ipOf(a), ones))
+	}
+	return own, nil
+}
+
 // Host is what the node itself uses on the serviceInterface: addresses
 // egressvip did not add, their on-link subnets, and the gateways of routes
 // through the interface. None of them may be claimed by a Service.
@@ -301,25 +349,23 @@ type Host struct {
 	Gateways []netip.Addr
 }
 
-// Host reads the interface's own addresses and gateways.
+// Host returns the interface's own addresses, from the last Sync's
+// listing (listed here only before the first Sync), and reads its
+// gateways: routes through one interface are few, its addresses may be
+// thousands.
 func (m *Manager) Host() (Host, error) {
 	var h Host
 	l, err := m.link()
 	if err != nil {
 		return h, err
 	}
-	list, err := m.addrs(l)
+	own, err := m.ownPrefixes(l)
 	if err != nil {
 		return h, err
 	}
-	for _, a := range list {
-		if Owned(a, m.cfg.Interface) || a.IPNet == nil {
-			continue
-		}
-		ip := ipOf(a)
-		ones, _ := a.Mask.Size()
-		h.Own = append(h.Own, ip)
-		h.Subnets = append(h.Subnets, netip.PrefixFrom(ip, ones).Masked())
+	for _, p := range own {
+		h.Own = append(h.Own, p.Addr())
+		h.Subnets = append(h.Subnets, p.Masked())
 	}
 	var routes []netlink.Route
 	for range 5 {

@@ -283,4 +283,12 @@ func TestPrivilegedHostReportsTheNodesOwnAddresses(t *testing.T) {
 	if !slices.Contains(h.Gateways, netip.MustParseAddr("203.0.113.250")) {
 		t.Errorf("Gateways %v lack 203.0.113.250", h.Gateways)
 	}
+	if got := m.OwnAddresses(); !slices.Equal(got, h.Own) {
+		t.Errorf("OwnAddresses %v, Host().Own %v", got, h.Own)
+	}
+	// A Manager that has not synced lists the interface itself.
+	fresh := tp.manager(t, "eth1", false)
+	if h2, err := fresh.Host(); err != nil || !slices.Equal(h2.Own, h.Own) {
+		t.Errorf("Host before any Sync: %v, %v; want Own %v", h2.Own, err, h.Own)
+	}
 }
