@@ -53,6 +53,8 @@ type Result struct {
 	PodSource     string
 	ServiceSource string
 	Warnings      []string
+	// NodeAddresses are every Node's IP addresses (status.addresses).
+	NodeAddresses map[netip.Addr]bool
 }
 
 // Exclude is every pod and Service range, sorted.
@@ -73,7 +75,13 @@ func Detect(in Inputs) Result {
 		}
 		svcObjs = append(svcObjs, parseAll(sc.Spec.CIDRs)...)
 	}
+	r.NodeAddresses = map[netip.Addr]bool{}
 	for _, n := range in.Nodes {
+		for _, a := range n.Status.Addresses {
+			if ip, err := netip.ParseAddr(a.Address); err == nil {
+				r.NodeAddresses[ip.Unmap()] = true
+			}
+		}
 		cidrs := n.Spec.PodCIDRs
 		if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
 			cidrs = []string{n.Spec.PodCIDR}

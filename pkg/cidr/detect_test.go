@@ -177,3 +177,12 @@ func TestDetectorFollowsNodes(t *testing.T) {
 		t.Fatal("a new Node did not poke the sync loop")
 	}
 }
+
+func TestDetectNodeAddresses(t *testing.T) {
+	n := node("a", "10.244.1.0/24")
+	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "198.51.100.11"}, {Type: corev1.NodeHostName, Address: "a"}}
+	r := Detect(Inputs{Nodes: []*corev1.Node{n}})
+	if len(r.NodeAddresses) != 1 || !r.NodeAddresses[netip.MustParseAddr("198.51.100.11")] {
+		t.Fatalf("NodeAddresses %v, want only 198.51.100.11", r.NodeAddresses)
+	}
+}

@@ -206,15 +206,4 @@ func (d *Detector) Missing(v6 bool) []string { return d.Current().Missing(v6) }
 func (d *Detector) PodCIDRs() []netip.Prefix { return d.Current().Pod }
 
 // NodeAddresses are the IP addresses of every Node.
-func (d *Detector) NodeAddresses() map[netip.Addr]bool {
-	out := map[netip.Addr]bool{}
-	nodes, _ := d.nodes.List(labels.Everything())
-	for _, n := range nodes {
-		for _, a := range n.Status.Addresses {
-			if ip, err := netip.ParseAddr(a.Address); err == nil {
-				out[ip.Unmap()] = true
-			}
-		}
-	}
-	return out
-}
+func (d *Detector) NodeAddresses() map[netip.Addr]bool { return d.Current().NodeAddresses }

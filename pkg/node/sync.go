@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -54,7 +55,8 @@ func (c *Controller) snapshot() (view, error) {
 		exclude:  c.excl.Exclude(),
 		missing6: c.excl.Missing(true),
 	}
-	nodeAddrs := c.excl.NodeAddresses()
+	// The detector's map is shared: add the peers' to a copy.
+	nodeAddrs := maps.Clone(c.excl.NodeAddresses())
 	if nodeAddrs == nil {
 		nodeAddrs = map[netip.Addr]bool{}
 	}
