@@ -324,3 +324,19 @@ func TestMissingAddressIsTransient(t *testing.T) {
 		t.Fatalf("problems %+v, want one transient NoLoadBalancerIP", s.Problems)
 	}
 }
+
+// IPv6 egress where no IPv6 pod or Service range is known is reported;
+// IPv4-only egress is not.
+func TestMissingIPv6Exclusions(t *testing.T) {
+	o := opts
+	o.MissingIPv6 = []string{"pod"}
+	local := slice("a", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})
+	v6 := Analyze(svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")), []*discoveryv1.EndpointSlice{local}, o)
+	if !slices.ContainsFunc(v6.Problems, func(p Problem) bool { return p.Reason == EventExclusionMissing }) {
+		t.Fatalf("problems %+v, want %s", v6.Problems, EventExclusionMissing)
+	}
+	v4 := Analyze(svc("a", true, egressAnn("203.0.113.10")), nil, o)
+	if slices.ContainsFunc(v4.Problems, func(p Problem) bool { return p.Reason == EventExclusionMissing }) {
+		t.Fatalf("IPv4-only egress reported %+v", v4.Problems)
+	}
+}

@@ -124,6 +124,9 @@ type Options struct {
 	// only if its address is one of a pod of the Service's namespace.
 	// Nil disables that check (unit tests of other things).
 	LocalPod func(netip.Addr) (PodRef, bool)
+	// MissingIPv6 names the IPv6 exclusions no range is known for
+	// ("pod", "Service"): IPv6 egress would SNAT traffic to those too.
+	MissingIPv6 []string
 }
 
 // CompareKeys orders Services by namespace, then name.
@@ -207,6 +210,10 @@ func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Op
 	}
 	if s.Egress && !s.fatal() {
 		s.checkFamilies(problem)
+	}
+	if s.EgressIPv6 && len(opts.MissingIPv6) > 0 {
+		problem(false, EventExclusionMissing, "no IPv6 %s CIDR is known, so IPv6 egress would also SNAT traffic to those: set egress_podcidr / egress_servicecidr with IPv6 ranges",
+			strings.Join(opts.MissingIPv6, " or "))
 	}
 
 	switch {

@@ -7,7 +7,6 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -40,8 +39,7 @@ type view struct {
 	services map[types.NamespacedName]*corev1.Service
 	analysed []desired.Service
 	// The cluster's ranges, read once per sync.
-	exclude  []netip.Prefix
-	missing6 []string
+	exclude []netip.Prefix
 }
 
 func (c *Controller) snapshot() (view, error) {
@@ -53,7 +51,6 @@ func (c *Controller) snapshot() (view, error) {
 		services: make(map[types.NamespacedName]*corev1.Service, len(all)),
 		analysed: make([]desired.Service, 0, len(all)),
 		exclude:  c.excl.Exclude(),
-		missing6: c.excl.Missing(true),
 	}
 	// The detector's map is shared: add the peers' to a copy.
 	nodeAddrs := maps.Clone(c.excl.NodeAddresses())
@@ -64,7 +61,7 @@ func (c *Controller) snapshot() (view, error) {
 		nodeAddrs[a] = true
 	}
 	opts := desired.Options{Node: c.opts.Node, Election: c.opts.Election, GlobalLease: c.opts.GlobalLease,
-		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: nodeAddrs, LocalPod: c.localPod}
+		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: nodeAddrs, LocalPod: c.localPod, MissingIPv6: c.excl.Missing(true)}
 	for _, svc := range all {
 		if !c.ours(svc) {
 			continue
@@ -78,13 +75,6 @@ func (c *Controller) snapshot() (view, error) {
 			epSlices = append(epSlices, o.(*discoveryv1.EndpointSlice))
 		}
 		s := desired.Analyze(svc, epSlices, opts)
-		if s.EgressIPv6 {
-			if missing := v.missing6; len(missing) > 0 {
-				s.Problems = append(s.Problems, desired.Problem{Reason: desired.EventExclusionMissing, Message: fmt.Sprintf(
-					"no IPv6 %s CIDR is known, so IPv6 egress would also SNAT traffic to those: set egress_podcidr / egress_servicecidr with IPv6 ranges",
-					strings.Join(missing, " or "))})
-			}
-		}
 		if s.Egress && c.snat == nil {
 			s.Problems = append(s.Problems, desired.Problem{Reason: desired.EventEgressNotSupported, Message: "egress unavailable on node " + c.opts.Node + ": " + c.opts.SNATUnavailable})
 			s.Egress, s.EgressIPv6 = false, false
