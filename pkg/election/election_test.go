@@ -125,6 +125,17 @@ func start(t *testing.T, api *apiServer, node string) (*Manager, context.CancelF
 
 func holder(l Lease) string { return l.Holder }
 
+// current counts the holdings m's view shows as current.
+func current(m *Manager) int {
+	n := 0
+	for _, l := range m.View().Leases {
+		if l.Current {
+			n++
+		}
+	}
+	return n
+}
+
 var web = types.NamespacedName{Namespace: "default", Name: LeaseName("web")}
 
 func owner(name string) *metav1.OwnerReference {
@@ -248,15 +259,7 @@ func TestSteadyStateWritesOnlyHeartbeats(t *testing.T) {
 	for i := range 50 {
 		a.Acquire(Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Owner: owner("s")})
 	}
-	eventually(t, "50 held", func() bool {
-		n := 0
-		for _, l := range a.View().Leases {
-			if l.Current {
-				n++
-			}
-		}
-		return n == 50
-	})
+	eventually(t, "50 held", func() bool { return current(a) == 50 })
 	before := api.writes.Load()
 	time.Sleep(10 * fast.RetryPeriod)
 	if w := api.writes.Load() - before; w > 12 {
@@ -288,15 +291,7 @@ func TestAcquisitionsAreBounded(t *testing.T) {
 	for i := range 200 {
 		a.Acquire(Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Owner: owner("s")})
 	}
-	eventually(t, "200 held", func() bool {
-		n := 0
-		for _, l := range a.View().Leases {
-			if l.Current {
-				n++
-			}
-		}
-		return n == 200
-	})
+	eventually(t, "200 held", func() bool { return current(a) == 200 })
 	if m := most.Load(); m > 16 {
 		t.Fatalf("%d writes ran at once, want at most the 16 workers", m)
 	}
