@@ -22,7 +22,6 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
-	"strconv"
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
@@ -175,20 +174,4 @@ func mix(x uint64) uint64 {
 	x *= 0x94d049bb133111eb
 	x ^= x >> 31
 	return x
-}
-
-// rvNewer reports whether resourceVersion a is newer than b. Kubernetes
-// resourceVersions are etcd revisions; like the scheduler's assume cache,
-// egressvip compares them as integers to tell its own writes from older
-// informer events. A version that does not parse counts as older.
-func rvNewer(a, b string) bool {
-	x, errA := strconv.ParseUint(a, 10, 64)
-	y, errB := strconv.ParseUint(b, 10, 64)
-	if errA != nil {
-		return false
-	}
-	if errB != nil {
-		return true
-	}
-	return x > y
 }

@@ -16,6 +16,7 @@ import (
 	coordinationinformers "k8s.io/client-go/informers/coordination/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/klog/v2"
 )
 
 // Config configures a Manager.
@@ -52,7 +53,13 @@ type Manager struct {
 	heartbeat string // this node's heartbeat Lease name
 	peers     cache.SharedIndexInformer
 	leases    cache.SharedIndexInformer
-	now       func() time.Time
+	// peerCache and leaseCache are the informers' stores with this
+	// node's own writes (and reads after a conflict) laid over them
+	// until the informers have caught up: client-go's mutation cache,
+	// which keeps whichever copy has the newer resourceVersion.
+	peerCache  cache.MutationCache
+	leaseCache cache.MutationCache
+	now        func() time.Time
 
 	mu sync.Mutex
 	// hb is the last heartbeat written (or found at start-up).
@@ -72,10 +79,7 @@ type Manager struct {
 	adopted  bool
 	draining bool
 	// nodes is what the heartbeat informer showed of every other node.
-	nodes map[string]*peer
-	// overlay holds the results of this node's own writes (and of reads
-	// after a conflict) until the informer has caught up with them.
-	overlay   map[types.NamespacedName]*coordinationv1.Lease
+	nodes     map[string]*peer
 	confirmed map[types.NamespacedName]uint64
 	pending   map[types.NamespacedName]bool
 	backoff   map[types.NamespacedName]time.Time
@@ -105,6 +109,10 @@ func (p *peer) live(now time.Time) bool {
 	return p.holder != "" && now.Before(p.seenAt.Add(p.duration))
 }
 
+// indexAll puts every Lease under one index key, so that the mutation
+// caches can list everything.
+const indexAll = "all"
+
 // errHolderAlive stops a takeover whose holder's heartbeat turned out to be
 // renewed after all.
 var errHolderAlive = errors.New("holder's heartbeat was renewed")
@@ -125,7 +133,6 @@ func NewManager(cfg Config) *Manager {
 		heartbeat: HeartbeatName(cfg.Identity),
 		now:       time.Now,
 		nodes:     map[string]*peer{},
-		overlay:   map[types.NamespacedName]*coordinationv1.Lease{},
 		confirmed: map[types.NamespacedName]uint64{},
 		pending:   map[types.NamespacedName]bool{},
 		backoff:   map[types.NamespacedName]time.Time{},
@@ -142,21 +149,31 @@ func NewManager(cfg Config) *Manager {
 		}
 		return obj, nil
 	}
-	m.peers = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.Namespace, 0, cache.Indexers{},
+	all := cache.Indexers{indexAll: func(any) ([]string, error) { return []string{""}, nil }}
+	m.peers = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.Namespace, 0, all,
 		func(o *metav1.ListOptions) {
 			o.LabelSelector = LabelRole + " in (" + RoleHeartbeat + "," + RoleGlobal + ")"
 		})
-	m.leases = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.ServiceNamespace, 0, cache.Indexers{},
+	m.leases = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.ServiceNamespace, 0, all,
 		func(o *metav1.ListOptions) { o.LabelSelector = LabelRole + "=" + RoleService })
 	_ = m.peers.SetTransform(strip)
 	_ = m.leases.SetTransform(strip)
-	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(obj any) { m.observe(obj, false) },
-		UpdateFunc: func(_, obj any) { m.observe(obj, false) },
-		DeleteFunc: func(obj any) { m.observe(obj, true) },
+	mutations := func(inf cache.SharedIndexInformer) cache.MutationCache {
+		return cache.NewIntegerResourceVersionMutationCacheWithOptions(klog.Background(), inf.GetStore(), cache.MutationCacheOptions{
+			Indexer: inf.GetIndexer(), TTL: time.Minute, IncludeAdds: true, MaxCacheSize: 100000,
+		})
 	}
-	_, _ = m.peers.AddEventHandler(handler)
-	_, _ = m.leases.AddEventHandler(handler)
+	m.peerCache, m.leaseCache = mutations(m.peers), mutations(m.leases)
+	for _, c := range []struct {
+		inf   cache.SharedIndexInformer
+		cache cache.MutationCache
+	}{{m.peers, m.peerCache}, {m.leases, m.leaseCache}} {
+		_, _ = c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(obj any) { m.observe(c.cache, obj, false) },
+			UpdateFunc: func(_, obj any) { m.observe(c.cache, obj, false) },
+			DeleteFunc: func(obj any) { m.observe(c.cache, obj, true) },
+		})
+	}
 	return m
 }
 
@@ -176,8 +193,9 @@ func (m *Manager) Run(ctx context.Context) {
 }
 
 // observe takes an informer event: a heartbeat updates the peer it
-// belongs to, a Service Lease drops the overlay it has caught up with.
-func (m *Manager) observe(obj any, deleted bool) {
+// belongs to; an ownership Lease drops the own write it has caught up
+// with and pokes the sync loop.
+func (m *Manager) observe(mc cache.MutationCache, obj any, deleted bool) {
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = d.Obj
 	}
@@ -201,12 +219,11 @@ func (m *Manager) observe(obj any, deleted bool) {
 		// no news.
 		return
 	}
-	key := types.NamespacedName{Namespace: l.Namespace, Name: l.Name}
-	m.mu.Lock()
-	if o, ok := m.overlay[key]; ok && !rvNewer(o.ResourceVersion, l.ResourceVersion) {
-		delete(m.overlay, key)
+	if deleted {
+		mc.OnDelete(l)
+	} else {
+		mc.OnAddOrUpdate(l)
 	}
-	m.mu.Unlock()
 	m.cfg.Poke()
 }
 
@@ -308,31 +325,22 @@ func sortedKeys(set map[string]bool) []string {
 // View returns the election as this node sees it now.
 func (m *Manager) View() View {
 	now := m.now()
-	objs := m.leases.GetStore().List()
+	objs, _ := m.leaseCache.ByIndex(indexAll, "")
+	peers, _ := m.peerCache.ByIndex(indexAll, "")
+	objs = append(objs, peers...)
 	v := View{Self: m.cfg.Identity, Now: now, Leases: make(map[types.NamespacedName]Lease, len(objs))}
-	objs = append(objs, m.peers.GetStore().List()...)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	live := m.liveness(now)
 	v.Established, v.Overdue, v.Draining, v.Live, v.Candidates = live.Established, live.Overdue, live.Draining, live.Live, live.Candidates
-	add := func(key types.NamespacedName, l *coordinationv1.Lease) {
-		if o, ok := m.overlay[key]; ok && (l == nil || rvNewer(o.ResourceVersion, l.ResourceVersion)) {
-			l = o
-		}
-		v.Leases[key] = m.leaseView(key, l, now)
-	}
 	for _, obj := range objs {
 		l, ok := obj.(*coordinationv1.Lease)
 		if !ok || l.Labels[LabelRole] == RoleHeartbeat {
 			continue
 		}
-		add(types.NamespacedName{Namespace: l.Namespace, Name: l.Name}, l)
-	}
-	for key := range m.overlay {
-		if _, ok := v.Leases[key]; !ok {
-			add(key, nil)
-		}
+		key := types.NamespacedName{Namespace: l.Namespace, Name: l.Name}
+		v.Leases[key] = m.leaseView(key, l, now)
 	}
 	for key := range m.pending {
 		if _, ok := v.Leases[key]; !ok {
@@ -402,29 +410,22 @@ func (m *Manager) leaseView(key types.NamespacedName, l *coordinationv1.Lease, n
 
 // current returns the newest copy of a Lease this node knows, or nil.
 func (m *Manager) current(key types.NamespacedName) *coordinationv1.Lease {
-	var l *coordinationv1.Lease
-	for _, inf := range []cache.SharedIndexInformer{m.leases, m.peers} {
-		if obj, ok, err := inf.GetStore().GetByKey(key.String()); err == nil && ok {
-			l = obj.(*coordinationv1.Lease)
-			break
+	for _, mc := range []cache.MutationCache{m.leaseCache, m.peerCache} {
+		if obj, ok, err := mc.GetByKey(key.String()); err == nil && ok {
+			if l, ok := obj.(*coordinationv1.Lease); ok {
+				return l.DeepCopy()
+			}
 		}
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if o, ok := m.overlay[key]; ok && (l == nil || rvNewer(o.ResourceVersion, l.ResourceVersion)) {
-		l = o
-	}
-	if l == nil {
-		return nil
-	}
-	return l.DeepCopy()
+	return nil
 }
 
-func (m *Manager) setOverlay(l *coordinationv1.Lease) {
-	if l == nil {
+// remember lays a Lease this node wrote or read over the informer's copy
+// until the informer has caught up.
+func (m *Manager) remember(l *coordinationv1.Lease) {
+	if l.Labels[LabelRole] == RoleGlobal {
+		m.peerCache.Mutation(l)
 		return
 	}
-	m.mu.Lock()
-	m.overlay[types.NamespacedName{Namespace: l.Namespace, Name: l.Name}] = l
-	m.mu.Unlock()
+	m.leaseCache.Mutation(l)
 }

@@ -195,8 +195,8 @@ func (m *Manager) acquire(ctx context.Context, c Claim) error {
 		return m.lost(ctx, c.Lease, "acquire", err)
 	}
 	m.cfg.Wrote("acquire", "ok")
+	m.remember(out)
 	m.mu.Lock()
-	m.overlay[c.Lease] = out
 	m.confirmed[c.Lease] = epoch
 	m.mu.Unlock()
 	return nil
@@ -218,8 +218,8 @@ func (m *Manager) release(ctx context.Context, key types.NamespacedName) error {
 		return m.lost(ctx, key, "release", err)
 	}
 	m.cfg.Wrote("release", "ok")
+	m.remember(out)
 	m.mu.Lock()
-	m.overlay[key] = out
 	delete(m.confirmed, key)
 	m.mu.Unlock()
 	return nil
@@ -237,14 +237,12 @@ func (m *Manager) lost(ctx context.Context, key types.NamespacedName, kind strin
 	cur, gerr := m.cfg.Client.CoordinationV1().Leases(key.Namespace).Get(ctx, key.Name, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(gerr):
-		m.mu.Lock()
-		delete(m.overlay, key)
-		m.mu.Unlock()
+		// Gone: the informer's delete drops what this node wrote.
 		return nil
 	case gerr != nil:
 		return fmt.Errorf("read Lease %s after a conflict: %w", key, gerr)
 	}
-	m.setOverlay(cur)
+	m.remember(cur)
 	return nil
 }
 
