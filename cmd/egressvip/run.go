@@ -9,10 +9,6 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
@@ -20,6 +16,7 @@ import (
 	"github.com/egressvip/egressvip/pkg/cidr"
 	"github.com/egressvip/egressvip/pkg/config"
 	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/metrics"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/node"
@@ -92,10 +89,10 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	// One client per budget, each with its own rate limiter, so that no
 	// write waits behind another kind: watches, the heartbeat, the
 	// election's acquisitions and releases, and the reporter.
-	newClient := func(qps float32, burst int) (kubernetes.Interface, error) {
+	newClient := func(qps float32, burst int) (kube.Interface, error) {
 		c := rest.CopyConfig(rc)
 		c.QPS, c.Burst = qps, burst
-		return kubernetes.NewForConfig(c)
+		return kube.New(c)
 	}
 	client, err := newClient(20, 40)
 	if err != nil {
@@ -115,9 +112,9 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	}
 
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
-	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: reportClient.CoreV1().Events("")})
+	broadcaster.StartRecordingToSink(&kube.EventSink{Client: reportClient})
 	defer broadcaster.Shutdown()
-	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressvip", Host: cfg.NodeName})
+	recorder := broadcaster.NewRecorder(kube.Scheme, corev1.EventSource{Component: "egressvip", Host: cfg.NodeName})
 
 	addrs, err := netif.New(netif.Config{Interface: iface, Announce: cfg.ARP, Log: log})
 	if err != nil {
@@ -134,14 +131,6 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		log.WithField("backend", m.Backend()).Info("egress SNAT backend")
 		snatw = m
 	}
-
-	// Nothing reads managedFields; they are often the largest part of a
-	// cached Service or EndpointSlice.
-	factoryOpts := []informers.SharedInformerOption{informers.WithTransform(node.StripManagedFields)}
-	if cfg.Namespace != "" {
-		factoryOpts = append(factoryOpts, informers.WithNamespace(cfg.Namespace))
-	}
-	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, factoryOpts...)
 
 	var ctrl *node.Controller
 	detector := cidr.NewDetector(client, cidr.Override{Pod: cfg.PodCIDRs, Service: cfg.ServiceCIDRs}, 0, func() {
@@ -181,7 +170,7 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		Allowed:         cfg.AllowedCIDRs,
 		RenewDeadline:   cfg.RenewDeadline,
 		Metrics:         m,
-	}, client, reportClient, factory, addrs, snatw, elections, detector, recorder, log)
+	}, client, reportClient, addrs, snatw, elections, detector, recorder, log)
 	if err != nil {
 		return err
 	}
@@ -204,11 +193,8 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	// The heartbeat starts at once: a restarted daemon renews it before
 	// the previous process's can expire.
 	elections.Run(ctx)
-	factory.Start(ctx.Done())
 	detector.Start(ctx.Done())
-	err = ctrl.Run(ctx)
-	factory.Shutdown()
-	return err
+	return ctrl.Run(ctx)
 }
 
 // cleanup removes everything egressvip owns on this node: its addresses on

@@ -13,6 +13,8 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/egressvip/egressvip/pkg/kube/kubefake"
 )
 
 func prefixes(ss ...string) []netip.Prefix {
@@ -141,7 +143,7 @@ func TestDetectorFollowsNodes(t *testing.T) {
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	changed := make(chan struct{}, 10)
-	d := NewDetector(client, Override{}, 0, func() {
+	d := NewDetector(kubefake.Wrap(client), Override{}, 0, func() {
 		select {
 		case changed <- struct{}{}:
 		default:

@@ -1,6 +1,7 @@
 package cidr
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"sync"
@@ -9,13 +10,14 @@ import (
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/egressvip/egressvip/pkg/kube"
 )
 
 // KCMSelector finds kube-controller-manager's static pods in kube-system.
@@ -27,8 +29,7 @@ type Detector struct {
 	override Override
 	log      *logrus.Entry
 
-	factory    informers.SharedInformerFactory
-	kcmFactory informers.SharedInformerFactory
+	informers  []cache.SharedIndexInformer
 	nodes      corelisters.NodeLister
 	cidrs      networkinglisters.ServiceCIDRLister
 	kcm        corelisters.PodLister
@@ -44,7 +45,7 @@ type Detector struct {
 
 // NewDetector builds a Detector; onChange is called when an input changes.
 // Kinds fully given by override are not watched at all.
-func NewDetector(client kubernetes.Interface, override Override, resync time.Duration, onChange func(), log *logrus.Entry) *Detector {
+func NewDetector(client kube.Interface, override Override, resync time.Duration, onChange func(), log *logrus.Entry) *Detector {
 	d := &Detector{override: override, log: log}
 	inner := onChange
 	onChange = func() {
@@ -57,38 +58,41 @@ func NewDetector(client kubernetes.Interface, override Override, resync time.Dur
 		DeleteFunc: func(any) { onChange() },
 	}
 	needPods, needServices := len(override.Pod) == 0, len(override.Service) == 0
-	d.factory = informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(slimNode))
 	// Nodes are always watched: their addresses are never admitted as
 	// LoadBalancer IPs nor egressed; their pod ranges are detected unless
 	// overridden.
-	nodes := d.factory.Core().V1().Nodes()
-	_, _ = nodes.Informer().AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
+	nodes := kube.NewInformer(client, client.Nodes(), &corev1.Node{}, kube.InformerOptions{Resync: resync, Transform: slimNode})
+	d.informers = append(d.informers, nodes)
+	_, _ = nodes.AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
 		AddFunc:    func(any, bool) { onChange() },
 		UpdateFunc: func(oldObj, newObj any) { nodeChanged(oldObj, newObj, onChange) },
 		DeleteFunc: func(any) { onChange() },
 	})
-	d.nodes = nodes.Lister()
-	d.synced = append(d.synced, nodes.Informer().HasSynced)
+	d.nodes = corelisters.NewNodeLister(nodes.GetIndexer())
+	d.synced = append(d.synced, nodes.HasSynced)
 	if !needPods && !needServices {
 		return d
 	}
 	if needServices {
-		if served(client, "networking.k8s.io/v1", "servicecidrs") {
-			inf := d.factory.Networking().V1().ServiceCIDRs()
-			_, _ = inf.Informer().AddEventHandler(handler)
-			d.cidrs = inf.Lister()
-			d.synced = append(d.synced, inf.Informer().HasSynced)
+		if kube.Served(context.Background(), client, "networking.k8s.io/v1", "servicecidrs") {
+			inf := kube.NewInformer(client, client.ServiceCIDRs(), &networkingv1.ServiceCIDR{}, kube.InformerOptions{Resync: resync})
+			d.informers = append(d.informers, inf)
+			_, _ = inf.AddEventHandler(handler)
+			d.cidrs = networkinglisters.NewServiceCIDRLister(inf.GetIndexer())
+			d.synced = append(d.synced, inf.HasSynced)
 		} else {
 			log.Warn("the ServiceCIDR API (networking.k8s.io/v1) is not served; Service CIDR detection falls back to kube-controller-manager's flags")
 		}
 	}
-	d.kcmFactory = informers.NewSharedInformerFactoryWithOptions(client, resync,
-		informers.WithNamespace(metav1.NamespaceSystem),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = KCMSelector }))
-	kcm := d.kcmFactory.Core().V1().Pods()
-	_, _ = kcm.Informer().AddEventHandler(handler)
-	d.kcm = kcm.Lister()
-	d.synced = append(d.synced, kcm.Informer().HasSynced)
+	kcm := kube.NewInformer(client, client.Pods(metav1.NamespaceSystem), &corev1.Pod{}, kube.InformerOptions{
+		Resync:   resync,
+		Indexers: cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc},
+		Tweak:    func(o *metav1.ListOptions) { o.LabelSelector = KCMSelector },
+	})
+	d.informers = append(d.informers, kcm)
+	_, _ = kcm.AddEventHandler(handler)
+	d.kcm = corelisters.NewPodLister(kcm.GetIndexer())
+	d.synced = append(d.synced, kcm.HasSynced)
 	return d
 }
 
@@ -130,26 +134,10 @@ func nodeChanged(oldObj, newObj any, onChange func()) {
 	}
 }
 
-// served asks discovery whether a resource exists (the ServiceCIDR API is
-// GA only since Kubernetes 1.33).
-func served(client kubernetes.Interface, groupVersion, resource string) bool {
-	list, err := client.Discovery().ServerResourcesForGroupVersion(groupVersion)
-	if err != nil {
-		return false
-	}
-	for _, r := range list.APIResources {
-		if r.Name == resource {
-			return true
-		}
-	}
-	return false
-}
-
 // Start starts the informers.
 func (d *Detector) Start(stop <-chan struct{}) {
-	d.factory.Start(stop)
-	if d.kcmFactory != nil {
-		d.kcmFactory.Start(stop)
+	for _, inf := range d.informers {
+		go inf.Run(stop)
 	}
 }
 

@@ -20,6 +20,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/egressvip/egressvip/pkg/kube/kubefake"
 )
 
 var fast = Timing{LeaseDuration: 1200 * time.Millisecond, RenewDeadline: 800 * time.Millisecond, RetryPeriod: 100 * time.Millisecond}
@@ -116,7 +118,7 @@ func start(t *testing.T, api *apiServer, node string) (*Manager, context.CancelF
 	t.Cleanup(cancel)
 	m := NewManager(Config{
 		Identity: node, Namespace: daemonNS, Timing: fast,
-		HeartbeatClient: api, Client: api, Log: quietLog(),
+		HeartbeatClient: kubefake.Wrap(api), Client: kubefake.Wrap(api), Log: quietLog(),
 	})
 	m.Run(ctx)
 	eventually(t, node+" synced and established", func() bool { return m.HasSynced() && m.View().Established })
@@ -362,7 +364,7 @@ func TestHeartbeatPublishesInterfaceAddresses(t *testing.T) {
 	a, _ := start(t, api, "node-a")
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	b := NewManager(Config{Identity: "node-b", Namespace: daemonNS, Timing: fast, HeartbeatClient: api, Client: api, Log: quietLog(),
+	b := NewManager(Config{Identity: "node-b", Namespace: daemonNS, Timing: fast, HeartbeatClient: kubefake.Wrap(api), Client: kubefake.Wrap(api), Log: quietLog(),
 		HostAddresses: func() []netip.Addr {
 			return []netip.Addr{netip.MustParseAddr("203.0.113.12"), netip.MustParseAddr("fe80::1")}
 		}})

@@ -19,7 +19,7 @@ import (
 func (m *Manager) heartbeatLoop(ctx context.Context) {
 	log := m.cfg.Log.WithField("lease", m.cfg.Namespace+"/"+m.heartbeat)
 	get, cancel := context.WithTimeout(ctx, m.cfg.Timing.RenewDeadline)
-	prev, err := m.cfg.HeartbeatClient.CoordinationV1().Leases(m.cfg.Namespace).Get(get, m.heartbeat, metav1.GetOptions{})
+	prev, err := m.cfg.HeartbeatClient.Leases(m.cfg.Namespace).Get(get, m.heartbeat, metav1.GetOptions{})
 	cancel()
 	if err == nil {
 		m.mu.Lock()
@@ -58,7 +58,7 @@ func (m *Manager) renew(ctx context.Context, start time.Time) error {
 	m.mu.Lock()
 	l := m.heartbeatRecord(start, addrs)
 	m.mu.Unlock()
-	leases := m.cfg.HeartbeatClient.CoordinationV1().Leases(m.cfg.Namespace)
+	leases := m.cfg.HeartbeatClient.Leases(m.cfg.Namespace)
 	var out *coordinationv1.Lease
 	var err error
 	if l.ResourceVersion == "" {

@@ -13,10 +13,10 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	coordinationinformers "k8s.io/client-go/informers/coordination/v1"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
+
+	"github.com/egressvip/egressvip/pkg/kube"
 )
 
 // Config configures a Manager.
@@ -31,9 +31,9 @@ type Config struct {
 	Timing           Timing
 	// HeartbeatClient renews the heartbeat only, so that no other write
 	// can delay it behind a rate limiter.
-	HeartbeatClient kubernetes.Interface
+	HeartbeatClient kube.Interface
 	// Client watches Leases and writes acquisitions and releases.
-	Client kubernetes.Interface
+	Client kube.Interface
 	// Workers bounds the acquisitions and releases in flight.
 	Workers int
 	// Poke asks the sync loop to plan again.
@@ -150,14 +150,18 @@ func NewManager(cfg Config) *Manager {
 		return obj, nil
 	}
 	all := cache.Indexers{indexAll: func(any) ([]string, error) { return []string{""}, nil }}
-	m.peers = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.Namespace, 0, all,
-		func(o *metav1.ListOptions) {
+	m.peers = kube.NewInformer(cfg.Client, cfg.Client.Leases(cfg.Namespace), &coordinationv1.Lease{}, kube.InformerOptions{
+		Indexers:  all,
+		Transform: strip,
+		Tweak: func(o *metav1.ListOptions) {
 			o.LabelSelector = LabelRole + " in (" + RoleHeartbeat + "," + RoleGlobal + ")"
-		})
-	m.leases = coordinationinformers.NewFilteredLeaseInformer(cfg.Client, cfg.ServiceNamespace, 0, all,
-		func(o *metav1.ListOptions) { o.LabelSelector = LabelRole + "=" + RoleService })
-	_ = m.peers.SetTransform(strip)
-	_ = m.leases.SetTransform(strip)
+		},
+	})
+	m.leases = kube.NewInformer(cfg.Client, cfg.Client.Leases(cfg.ServiceNamespace), &coordinationv1.Lease{}, kube.InformerOptions{
+		Indexers:  all,
+		Transform: strip,
+		Tweak:     func(o *metav1.ListOptions) { o.LabelSelector = LabelRole + "=" + RoleService },
+	})
 	mutations := func(inf cache.SharedIndexInformer) cache.MutationCache {
 		return cache.NewIntegerResourceVersionMutationCacheWithOptions(klog.Background(), inf.GetStore(), cache.MutationCacheOptions{
 			Indexer: inf.GetIndexer(), TTL: time.Minute, IncludeAdds: true, MaxCacheSize: 100000,

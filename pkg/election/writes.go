@@ -183,7 +183,7 @@ func (m *Manager) acquire(ctx context.Context, c Claim) error {
 	// make other tools read a Lease that is never renewed as expired.
 	l.Spec.LeaseDurationSeconds = nil
 
-	leases := m.cfg.Client.CoordinationV1().Leases(c.Lease.Namespace)
+	leases := m.cfg.Client.Leases(c.Lease.Namespace)
 	var out *coordinationv1.Lease
 	var err error
 	if cur == nil {
@@ -213,7 +213,7 @@ func (m *Manager) release(ctx context.Context, key types.NamespacedName) error {
 	cur.Spec.HolderIdentity = nil
 	cur.Spec.AcquireTime = nil
 	cur.Spec.RenewTime = nil
-	out, err := m.cfg.Client.CoordinationV1().Leases(key.Namespace).Update(ctx, cur, metav1.UpdateOptions{})
+	out, err := m.cfg.Client.Leases(key.Namespace).Update(ctx, cur, metav1.UpdateOptions{})
 	if err != nil {
 		return m.lost(ctx, key, "release", err)
 	}
@@ -234,7 +234,7 @@ func (m *Manager) lost(ctx context.Context, key types.NamespacedName, kind strin
 		return fmt.Errorf("%s Lease %s: %w", kind, key, err)
 	}
 	m.cfg.Wrote(kind, "conflict")
-	cur, gerr := m.cfg.Client.CoordinationV1().Leases(key.Namespace).Get(ctx, key.Name, metav1.GetOptions{})
+	cur, gerr := m.cfg.Client.Leases(key.Namespace).Get(ctx, key.Name, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(gerr):
 		// Gone: the informer's delete drops what this node wrote.
@@ -262,7 +262,7 @@ func (m *Manager) confirmExpired(ctx context.Context, node string) error {
 		return nil
 	}
 	m.mu.Unlock()
-	l, err := m.cfg.Client.CoordinationV1().Leases(m.cfg.Namespace).Get(ctx, HeartbeatName(node), metav1.GetOptions{})
+	l, err := m.cfg.Client.Leases(m.cfg.Namespace).Get(ctx, HeartbeatName(node), metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		m.mu.Lock()
 		m.checked[node] = m.now()

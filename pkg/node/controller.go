@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -18,15 +19,13 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
-	discoveryinformers "k8s.io/client-go/informers/discovery/v1"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/metrics"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/plan"
@@ -104,7 +103,7 @@ type Options struct {
 // Controller is the node's sync loop.
 type Controller struct {
 	opts      Options
-	client    kubernetes.Interface
+	client    kube.Interface
 	log       *logrus.Entry
 	addrs     Addresses
 	snat      SNAT
@@ -116,6 +115,8 @@ type Controller struct {
 	services   corelisters.ServiceLister
 	sliceIndex cache.Indexer
 	pods       cache.Indexer
+	informers  []cache.SharedIndexInformer
+	startOnce  sync.Once
 	hasSynced  []cache.InformerSynced
 	queue      workqueue.TypedRateLimitingInterface[string]
 
@@ -183,8 +184,8 @@ func (c *Controller) check(ctx context.Context) {
 // Service shows a pod of one family for a moment.
 const transientSettle = 5 * time.Second
 
-// New wires a Controller to the informer factory; call Run after starting it.
-func New(opts Options, client, reportClient kubernetes.Interface, factory informers.SharedInformerFactory, addrs Addresses, snatw SNAT,
+// New builds a Controller and its informers; Run starts them.
+func New(opts Options, client, reportClient kube.Interface, addrs Addresses, snatw SNAT,
 	elections Elections, excl Cluster, recorder record.EventRecorder, log *logrus.Entry,
 ) (*Controller, error) {
 	if opts.Resync <= 0 {
@@ -205,18 +206,20 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 		mem:    plan.Start(nil),
 		settle: transientSettle,
 	}
-	svcInformer := factory.Core().V1().Services()
+	// Nothing reads managedFields, nor most of the rest of these objects:
+	// the caches keep what is read (StripManagedFields).
+	svcInformer := kube.NewInformer(client, client.Services(opts.Namespace), &corev1.Service{},
+		kube.InformerOptions{Transform: StripManagedFields})
 	// Only EndpointSlices that belong to a Service, indexed by it.
-	sliceInformer := factory.InformerFor(&discoveryv1.EndpointSlice{}, func(client kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
-		return discoveryinformers.NewFilteredEndpointSliceInformer(client, opts.Namespace, resync,
-			cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc, byService: indexByService},
-			func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName })
+	sliceInformer := kube.NewInformer(client, client.EndpointSlices(opts.Namespace), &discoveryv1.EndpointSlice{}, kube.InformerOptions{
+		Indexers:  cache.Indexers{byService: indexByService},
+		Tweak:     func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName },
+		Transform: StripManagedFields,
 	})
-	podInformer := factory.InformerFor(&corev1.Pod{}, func(client kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
-		return localPodInformer(client, opts.Namespace, opts.Node, resync)
-	})
+	podInformer := localPodInformer(client, opts.Namespace, opts.Node)
+	c.informers = []cache.SharedIndexInformer{svcInformer, sliceInformer, podInformer}
 	c.pods = podInformer.GetIndexer()
-	c.services = svcInformer.Lister()
+	c.services = corelisters.NewServiceLister(svcInformer.GetIndexer())
 	c.reporter = newReporter(reportClient, c.services, opts.Metrics, log)
 	c.sliceIndex = sliceInformer.GetIndexer()
 	poke := cache.ResourceEventHandlerFuncs{
@@ -224,7 +227,7 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 		UpdateFunc: func(any, any) { c.Poke() },
 		DeleteFunc: func(any) { c.Poke() },
 	}
-	if _, err := svcInformer.Informer().AddEventHandler(poke); err != nil {
+	if _, err := svcInformer.AddEventHandler(poke); err != nil {
 		return nil, fmt.Errorf("watch Services: %w", err)
 	}
 	if _, err := sliceInformer.AddEventHandler(cache.FilteringResourceEventHandler{
@@ -244,7 +247,7 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 	}); err != nil {
 		return nil, fmt.Errorf("watch this node's pods: %w", err)
 	}
-	c.hasSynced = []cache.InformerSynced{svcInformer.Informer().HasSynced, sliceInformer.HasSynced, podInformer.HasSynced}
+	c.hasSynced = []cache.InformerSynced{svcInformer.HasSynced, sliceInformer.HasSynced, podInformer.HasSynced}
 	return c, nil
 }
 
@@ -254,8 +257,6 @@ func New(opts Options, client, reportClient kubernetes.Interface, factory inform
 // Services keeps them all.
 func StripManagedFields(obj any) (any, error) {
 	switch o := obj.(type) {
-	case *corev1.Pod:
-		return slimPod(o), nil
 	case *corev1.Service:
 		return slimService(o), nil
 	case *discoveryv1.EndpointSlice:
@@ -294,6 +295,15 @@ func slimSlice(sl *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
 		}
 	}
 	return out
+}
+
+// Start starts the informers once; Run calls it.
+func (c *Controller) Start(stop <-chan struct{}) {
+	c.startOnce.Do(func() {
+		for _, inf := range c.informers {
+			go inf.Run(stop)
+		}
+	})
 }
 
 // Poke asks for a sync; bursts collapse into one.
@@ -335,6 +345,7 @@ func (c *Controller) ours(svc *corev1.Service) bool {
 // rules removed; pinned egress Services keep lease, address and rules for
 // the next process.
 func (c *Controller) Run(ctx context.Context) error {
+	c.Start(ctx.Done())
 	if !cache.WaitForCacheSync(ctx.Done(), c.hasSynced...) {
 		return errors.New("caches did not sync before shutdown")
 	}

@@ -20,13 +20,14 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/kube/kubefake"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/plan"
 	"github.com/egressvip/egressvip/pkg/snat"
@@ -290,21 +291,22 @@ type harness struct {
 func newHarness(t testing.TB, objs ...runtime.Object) *harness {
 	t.Helper()
 	client := fake.NewClientset(append(objs, podsFor(objs)...)...)
-	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(StripManagedFields))
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	h := &harness{t: t, client: client, addrs: &fakeAddrs{bound: map[netip.Addr]bool{}}, snat: &fakeSNAT{},
 		elections: newFakeElections(), events: record.NewFakeRecorder(10000)}
 	ctrl, err := New(Options{Node: nodeName, Owns: func(c *string) bool { return c == nil || *c == "kube-vip.io/kube-vip-class" }, Election: true},
-		client, client, factory, h.addrs, h.snat, h.elections, staticExclusions{netip.MustParsePrefix("10.244.0.0/16")}, h.events, logrus.NewEntry(log))
+		kubefake.Wrap(client), kubefake.Wrap(client), h.addrs, h.snat, h.elections, staticExclusions{netip.MustParsePrefix("10.244.0.0/16")}, h.events, logrus.NewEntry(log))
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.ctrl = ctrl
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	factory.Start(ctx.Done())
-	factory.WaitForCacheSync(ctx.Done())
+	ctrl.Start(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), ctrl.hasSynced...) {
+		t.Fatal("caches did not sync")
+	}
 	return h
 }
 

@@ -2,16 +2,17 @@ package node
 
 import (
 	"net/netip"
-	"time"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	coreinformers "k8s.io/client-go/informers/core/v1"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/egressvip/egressvip/pkg/desired"
+	"github.com/egressvip/egressvip/pkg/kube"
 )
 
 const byPodIP = "byPodIP"
@@ -20,35 +21,62 @@ const byPodIP = "byPodIP"
 // kubelet does): an endpoint is egressed only if its address is one of a
 // pod on this node in the Service's namespace, which a hand-written
 // EndpointSlice cannot fake.
-func localPodInformer(client kubernetes.Interface, namespace, node string, resync time.Duration) cache.SharedIndexInformer {
-	return coreinformers.NewFilteredPodInformer(client, namespace, resync,
-		cache.Indexers{byPodIP: indexByPodIP},
-		func(o *metav1.ListOptions) {
+func localPodInformer(client kube.Interface, namespace, node string) cache.SharedIndexInformer {
+	return kube.NewInformer(client, client.Pods(namespace), &corev1.Pod{}, kube.InformerOptions{
+		Indexers: cache.Indexers{byPodIP: indexByPodIP},
+		Tweak: func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
-		})
+		},
+		Transform: compactPod,
+	})
 }
 
-func indexByPodIP(obj any) ([]string, error) {
+// localPodAddrs is what the cache keeps of one of this node's pods: what
+// the trust check reads. A corev1.Pod is 1.2 KB before any of its fields
+// are set, and a node may run hundreds of pods.
+type localPodAddrs struct {
+	metav1.ObjectMeta // namespace, name, UID and resourceVersion only
+	HostNetwork       bool
+	IPs               []netip.Addr
+}
+
+func (p *localPodAddrs) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+func (p *localPodAddrs) DeepCopyObject() runtime.Object {
+	c := *p
+	p.ObjectMeta.DeepCopyInto(&c.ObjectMeta)
+	c.IPs = slices.Clone(p.IPs)
+	return &c
+}
+
+// compactPod is the pod informer's transform.
+func compactPod(obj any) (any, error) {
 	p, ok := obj.(*corev1.Pod)
 	if !ok {
-		return nil, nil
+		return obj, nil
 	}
-	var out []string
+	out := &localPodAddrs{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, UID: p.UID, ResourceVersion: p.ResourceVersion},
+		HostNetwork: p.Spec.HostNetwork,
+	}
 	for _, ip := range p.Status.PodIPs {
 		if a, err := netip.ParseAddr(ip.IP); err == nil {
-			out = append(out, a.Unmap().String())
+			out.IPs = append(out.IPs, a.Unmap())
 		}
 	}
 	return out, nil
 }
 
-// slimPod keeps of a Pod what the trust check reads.
-func slimPod(p *corev1.Pod) *corev1.Pod {
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, UID: p.UID, ResourceVersion: p.ResourceVersion},
-		Spec:       corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
-		Status:     corev1.PodStatus{PodIPs: p.Status.PodIPs, PodIP: p.Status.PodIP},
+func indexByPodIP(obj any) ([]string, error) {
+	p, ok := obj.(*localPodAddrs)
+	if !ok {
+		return nil, nil
 	}
+	out := make([]string, len(p.IPs))
+	for i, a := range p.IPs {
+		out[i] = a.String()
+	}
+	return out, nil
 }
 
 // localPod finds this node's pod with address a.
@@ -57,25 +85,17 @@ func (c *Controller) localPod(a netip.Addr) (desired.PodRef, bool) {
 	if err != nil || len(objs) == 0 {
 		return desired.PodRef{}, false
 	}
-	p, ok := objs[0].(*corev1.Pod)
+	p, ok := objs[0].(*localPodAddrs)
 	if !ok {
 		return desired.PodRef{}, false
 	}
-	return desired.PodRef{Namespace: p.Namespace, Name: p.Name, HostNetwork: p.Spec.HostNetwork}, true
+	return desired.PodRef{Namespace: p.Namespace, Name: p.Name, HostNetwork: p.HostNetwork}, true
 }
 
 // podAddressesChanged pokes only when a pod's addresses or network mode
 // changed: status updates of this node's pods are frequent.
 func podAddressesChanged(oldObj, newObj any) bool {
-	o, ok1 := oldObj.(*corev1.Pod)
-	n, ok2 := newObj.(*corev1.Pod)
-	if !ok1 || !ok2 || o.Spec.HostNetwork != n.Spec.HostNetwork || len(o.Status.PodIPs) != len(n.Status.PodIPs) {
-		return true
-	}
-	for i := range o.Status.PodIPs {
-		if o.Status.PodIPs[i] != n.Status.PodIPs[i] {
-			return true
-		}
-	}
-	return false
+	o, ok1 := oldObj.(*localPodAddrs)
+	n, ok2 := newObj.(*localPodAddrs)
+	return !ok1 || !ok2 || o.HostNetwork != n.HostNetwork || !slices.Equal(o.IPs, n.IPs)
 }

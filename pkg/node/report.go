@@ -13,11 +13,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/egressvip/egressvip/pkg/desired"
+	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/metrics"
 )
 
@@ -29,7 +29,7 @@ const reportTimeout = 10 * time.Second
 // hangs never holds up the sync loop: the datapath must react to a lost
 // Lease at once, also while a write is stuck.
 type reporter struct {
-	client   kubernetes.Interface
+	client   kube.Interface
 	services corelisters.ServiceLister
 	log      *logrus.Entry
 	metrics  *metrics.Metrics
@@ -42,7 +42,7 @@ type reporter struct {
 	seen map[types.NamespacedName]string
 }
 
-func newReporter(client kubernetes.Interface, services corelisters.ServiceLister, m *metrics.Metrics, log *logrus.Entry) *reporter {
+func newReporter(client kube.Interface, services corelisters.ServiceLister, m *metrics.Metrics, log *logrus.Entry) *reporter {
 	return &reporter{
 		client: client, services: services, log: log, metrics: m,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
@@ -137,13 +137,13 @@ func (r *reporter) write(ctx context.Context, key types.NamespacedName) error {
 	defer cancel()
 	if p.annotations != nil {
 		body, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": p.annotations}})
-		if _, err := r.client.CoreV1().Services(key.Namespace).Patch(ctx, key.Name, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
+		if _, err := r.client.Services(key.Namespace).Patch(ctx, key.Name, types.MergePatchType, body, metav1.PatchOptions{}); err != nil {
 			return fmt.Errorf("annotate Service %s: %w", key, err)
 		}
 	}
 	if p.status != nil {
 		body, _ := json.Marshal(map[string]any{"status": map[string]any{"loadBalancer": map[string]any{"ingress": p.status}}})
-		if _, err := r.client.CoreV1().Services(key.Namespace).Patch(ctx, key.Name, types.MergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
+		if _, err := r.client.Services(key.Namespace).Patch(ctx, key.Name, types.MergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
 			return fmt.Errorf("update status of Service %s: %w", key, err)
 		}
 	}
