@@ -138,14 +138,14 @@ func NewManager(cfg Config) *Manager {
 		backoff:   map[types.NamespacedName]time.Time{},
 		checked:   map[string]time.Time{},
 	}
-	// The caches keep no managedFields. A Lease is small: it is copied
-	// rather than changed in place, since the object may be shared with
-	// whoever delivered it.
+	// The caches keep no managedFields. The Lease is copied rather than
+	// changed in place, since the object may be shared with whoever
+	// delivered it; a shallow copy, since nothing else of it changes.
 	strip := func(obj any) (any, error) {
 		if l, ok := obj.(*coordinationv1.Lease); ok && len(l.ManagedFields) > 0 {
-			l = l.DeepCopy()
-			l.ManagedFields = nil
-			return l, nil
+			c := *l
+			c.ManagedFields = nil
+			return &c, nil
 		}
 		return obj, nil
 	}
