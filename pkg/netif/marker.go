@@ -49,6 +49,8 @@ func label(iface string) string {
 // length (/32, /128), non-link-local address that carries AddrProto, or
 // one bound by a version before AddrProto: deprecated (preferred lifetime
 // 0) and, for IPv4, labelled "<iface>:evip", for IPv6 flagged NODAD.
+// Other flags do not matter, IFA_F_NOPREFIXROUTE among them (the IPv6
+// addresses of earlier versions lack it, current ones have it).
 func Owned(a Addr, iface string) bool {
 	if a.IPNet == nil || a.Peer != nil {
 		return false
@@ -59,23 +61,42 @@ func Owned(a Addr, iface string) bool {
 	}
 	ip = ip.Unmap()
 	ones, bits := a.Mask.Size()
-	if ones != bits || bits != ip.BitLen() || ip.IsLinkLocalUnicast() {
+	if ones != bits || bits != ip.BitLen() {
 		return false
 	}
-	if a.Protocol == AddrProto {
+	labelled := false
+	if ip.Is4() {
+		l := label(iface)
+		labelled = l != "" && a.Label == l
+	}
+	return owned(ip, uint32(a.Flags), a.Protocol, labelled)
+}
+
+// owned is Owned for a full-length address without peer; labelled says
+// whether it is IPv4 labelled "<iface>:evip".
+func owned(ip netip.Addr, flags uint32, proto uint8, labelled bool) bool {
+	if ip.IsLinkLocalUnicast() {
+		return false
+	}
+	if proto == AddrProto {
 		return true
 	}
 	// Legacy markers. The kernel reports the lifetimes of an address that
 	// is valid forever as forever, but keeps preferred lifetime 0 as the
 	// deprecated flag.
-	if a.Flags&unix.IFA_F_DEPRECATED == 0 {
+	if flags&unix.IFA_F_DEPRECATED == 0 {
 		return false
 	}
 	if ip.Is4() {
-		l := label(iface)
-		return l != "" && a.Label == l
+		return labelled
 	}
-	return a.Flags&unix.IFA_F_NODAD != 0
+	return flags&unix.IFA_F_NODAD != 0
+}
+
+// owned is Owned for an address of a dump.
+func (m *Manager) owned(a ifAddr) bool {
+	labelled := a.ip.Is4() && m.label != "" && string(a.label) == m.label
+	return a.full && owned(a.ip, a.flags, a.proto, labelled)
 }
 
 // kernelHasAddrProto says whether the running kernel stores IFA_PROTO
@@ -83,12 +104,19 @@ func Owned(a Addr, iface string) bool {
 // attribute, so it cannot be probed by adding an address: the release
 // decides. A distribution kernel that backported it only loses the
 // protocol marker (the label fallback applies), never ownership.
-var kernelHasAddrProto = sync.OnceValue(func() bool {
+var kernelHasAddrProto = sync.OnceValue(func() bool { return releaseAtLeast(kernelRelease(), 5, 18) })
+
+// kernelHasNoPrefixRoute says whether the running kernel knows
+// IFA_F_NOPREFIXROUTE for IPv6 (Linux 3.14). An older one drops the flag
+// silently: Sync would then try to set it on every address at every Sync.
+var kernelHasNoPrefixRoute = sync.OnceValue(func() bool { return releaseAtLeast(kernelRelease(), 3, 14) })
+
+var kernelRelease = sync.OnceValue(func() string {
 	var u unix.Utsname
 	if err := unix.Uname(&u); err != nil {
-		return false
+		return ""
 	}
-	return releaseAtLeast(unix.ByteSliceToString(u.Release[:]), 5, 18)
+	return unix.ByteSliceToString(u.Release[:])
 })
 
 // releaseAtLeast parses the major.minor prefix of a kernel release such as

@@ -15,16 +15,16 @@ func kernelProto(t testing.TB, m *Manager, ip netip.Addr) (proto uint8, found bo
 	if err != nil {
 		t.Fatal(err)
 	}
-	list, err := m.dumpAddrs(l.Attrs().Index)
+	err = m.eachAddr(l.Attrs().Index, func() { found = false }, func(a ifAddr, _ []byte) error {
+		if a.ip == ip {
+			proto, found = a.proto, true
+		}
+		return nil
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range list {
-		if ipOf(a) == ip {
-			return a.Protocol, true
-		}
-	}
-	return 0, false
+	return proto, found
 }
 
 // An interface whose name leaves no room for the label: the address

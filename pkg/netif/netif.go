@@ -12,6 +12,10 @@
 // flag. New addresses carry both (the label when it fits in 15 characters),
 // so a downgrade still finds them. Nothing else is ever removed.
 //
+// IPv6 addresses are bound with IFA_F_NOPREFIXROUTE, so that each one does
+// not add a /128 route to the main table; owned addresses an earlier
+// version bound without it get it in place (see Manager.upgrade).
+//
 // Watch notices within milliseconds when the kernel lost something egressvip
 // keeps (an owned address deleted, the interface down, up, deleted or
 // re-created); the next Sync restores the addresses and announces them
@@ -26,6 +30,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -67,8 +72,13 @@ type Manager struct {
 	cfg     Config
 	h       *netlink.Handle
 	sockets map[int]*nl.SocketHandle // raw requests; nil: a socket per request
-	proto   bool                     // mark addresses with AddrProto
-	log     *logrus.Entry
+	// dumps is the socket with strict checking for dumps, used while
+	// strict holds (see openDumpSocket).
+	dumps  map[int]*nl.SocketHandle
+	strict atomic.Bool
+	proto  bool   // mark addresses with AddrProto
+	label  string // label(cfg.Interface)
+	log    *logrus.Entry
 
 	mu         sync.Mutex
 	announcing map[netip.Addr]*pending
@@ -82,9 +92,11 @@ type Manager struct {
 // linkState is what Sync and Watch share about the interface.
 type linkState struct {
 	mu sync.Mutex
-	// wanted is the last Sync's want: Watch pokes when one of them is
-	// deleted. Sync's own removals are never in it.
-	wanted map[netip.Addr]bool
+	// wanted is the last Sync's want, each distinct address with its
+	// index: Watch pokes when one of them is deleted. Sync's own removals
+	// are never in it. Never modified once set: Syncs with the same want
+	// share it.
+	wanted map[netip.Addr]int
 	// index and up: the interface as the last Sync saw it (index 0: not
 	// yet seen).
 	index int
@@ -119,8 +131,8 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	m := &Manager{cfg: cfg, h: &netlink.Handle{}, proto: kernelHasAddrProto(), log: cfg.Log.WithField("interface", cfg.Interface),
-		announcing: map[netip.Addr]*pending{}, wake: make(chan struct{}, 1)}
+	m := &Manager{cfg: cfg, h: &netlink.Handle{}, proto: kernelHasAddrProto(), label: label(cfg.Interface),
+		log: cfg.Log.WithField("interface", cfg.Interface), announcing: map[netip.Addr]*pending{}, wake: make(chan struct{}, 1)}
 	if cfg.inOtherNS() {
 		var err error
 		if m.h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {
@@ -133,6 +145,7 @@ func New(cfg Config) (*Manager, error) {
 		}
 		m.sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: {Socket: s}}
 	}
+	m.openDumpSocket()
 	return m, nil
 }
 
@@ -159,14 +172,6 @@ func linkUp(a *netlink.LinkAttrs) bool {
 	return a.Flags&net.FlagUp != 0 && a.Flags&net.FlagRunning != 0
 }
 
-func (m *Manager) addrs(l netlink.Link) ([]Addr, error) {
-	list, err := m.dumpAddrs(l.Attrs().Index)
-	if err != nil {
-		return nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
-	}
-	return list, nil
-}
-
 func ipOf(a Addr) netip.Addr {
 	ip, _ := netip.AddrFromSlice(a.IP)
 	return ip.Unmap()
@@ -178,15 +183,15 @@ func (m *Manager) Owned() ([]netip.Addr, error) {
 	if err != nil {
 		return nil, err
 	}
-	list, err := m.addrs(l)
-	if err != nil {
-		return nil, err
-	}
 	var out []netip.Addr
-	for _, a := range list {
-		if Owned(a, m.cfg.Interface) {
-			out = append(out, ipOf(a))
+	err = m.eachAddr(l.Attrs().Index, func() { out = out[:0] }, func(a ifAddr, _ []byte) error {
+		if m.owned(a) {
+			out = append(out, a.ip)
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
 	}
 	slices.SortFunc(out, netip.Addr.Compare)
 	return out, nil
@@ -199,10 +204,7 @@ func (m *Manager) Owned() ([]netip.Addr, error) {
 // between), every wanted owned address is announced again, also those the
 // kernel kept: the neighbours and switches may have forgotten them.
 func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed []netip.Addr, err error) {
-	wanted := make(map[netip.Addr]bool, len(want))
-	for _, a := range want {
-		wanted[a.Unmap()] = true
-	}
+	wanted := m.wantedSet(want)
 	// Before any removal, so that Watch never takes one of ours for a loss.
 	m.state.mu.Lock()
 	m.state.wanted = wanted
@@ -212,45 +214,71 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 	if err != nil {
 		return nil, nil, err
 	}
-	list, err := m.addrs(l)
-	if err != nil {
-		return nil, nil, err
-	}
-	present := map[netip.Addr]bool{}
-	var kept []netip.Addr
-	var errs []error
-	var own []netip.Prefix
-	for _, a := range list {
-		ip := ipOf(a)
-		present[ip] = true
-		if !Owned(a, m.cfg.Interface) {
-			if a.IPNet != nil {
-				ones, _ := a.Mask.Size()
-				own = append(own, netip.PrefixFrom(ip, ones))
+	index := l.Attrs().Index
+	// What the interface has of each wanted address, by its index in
+	// wanted.
+	const (
+		absent = iota
+		foreign
+		ours
+	)
+	seen := make([]uint8, len(wanted))
+	var (
+		drop    []Addr       // owned, not wanted
+		upgrade []netip.Addr // owned, wanted, IPv6 with a prefix route
+		own     []netip.Prefix
+	)
+	upgradable := kernelHasNoPrefixRoute()
+	err = m.eachAddr(index, func() {
+		clear(seen)
+		drop, upgrade, own = drop[:0], upgrade[:0], nil
+	}, func(a ifAddr, msg []byte) error {
+		i, isWanted := wanted[a.ip]
+		switch {
+		case !m.owned(a):
+			if isWanted {
+				seen[i] = max(seen[i], foreign)
 			}
-			continue
+			own = append(own, netip.PrefixFrom(a.ip, a.ones))
+		case isWanted:
+			seen[i] = ours
+			if upgradable && a.ip.Is6() && a.flags&unix.IFA_F_NOPREFIXROUTE == 0 {
+				upgrade = append(upgrade, a.ip)
+			}
+		default:
+			// Removals are rare: only they need the whole address.
+			full, err := parseAddr(msg)
+			if err != nil {
+				return err
+			}
+			drop = append(drop, full)
 		}
-		if wanted[ip] {
-			kept = append(kept, ip)
-			continue
-		}
-		if err := m.h.AddrDel(l, &a.Addr); err != nil {
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+	}
+	var errs []error
+	for i := range drop {
+		ip := ipOf(drop[i])
+		if err := m.h.AddrDel(l, &drop[i].Addr); err != nil {
 			errs = append(errs, fmt.Errorf("remove %s from %s: %w", ip, m.cfg.Interface, err))
 			continue
 		}
 		m.stopAnnouncing(ip)
 		removed = append(removed, ip)
 	}
-	for ip := range wanted {
-		if present[ip] {
+	for ip, i := range wanted {
+		if seen[i] != absent {
 			continue
 		}
-		if err := m.addOwned(l.Attrs().Index, ip); err != nil {
+		if err := m.addOwned(index, ip, false); err != nil {
 			errs = append(errs, fmt.Errorf("bind %s to %s: %w", ip, m.cfg.Interface, err))
 			continue
 		}
 		added = append(added, ip)
 	}
+	m.upgrade(index, upgrade)
 	slices.SortFunc(added, netip.Addr.Compare)
 	slices.SortFunc(removed, netip.Addr.Compare)
 	m.state.mu.Lock()
@@ -258,10 +286,16 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 	m.state.mu.Unlock()
 
 	up := linkUp(l.Attrs())
-	all := m.observe(l.Attrs().Index, up)
+	all := m.observe(index, up)
 	if m.cfg.Announce && up {
 		announce := added
 		if all {
+			var kept []netip.Addr
+			for ip, i := range wanted {
+				if seen[i] == ours {
+					kept = append(kept, ip)
+				}
+			}
 			slices.SortFunc(kept, netip.Addr.Compare)
 			announce = append(kept, added...)
 			m.log.WithField("addresses", len(announce)).Info("interface came back: announcing every address again")
@@ -271,6 +305,71 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 		}
 	}
 	return added, removed, errors.Join(errs...)
+}
+
+// wantedSet indexes the distinct addresses of want. When they are those
+// of the previous Sync, the usual case, it returns that Sync's set (Watch
+// only reads it), so that a Sync that changes nothing builds no map.
+func (m *Manager) wantedSet(want []netip.Addr) map[netip.Addr]int {
+	m.state.mu.Lock()
+	prev := m.state.wanted
+	m.state.mu.Unlock()
+	if prev != nil && len(want) >= len(prev) {
+		hit := make([]bool, len(prev))
+		n := 0
+		for _, a := range want {
+			i, ok := prev[a.Unmap()]
+			if !ok {
+				n = -1
+				break
+			}
+			if !hit[i] {
+				hit[i] = true
+				n++
+			}
+		}
+		if n == len(prev) {
+			return prev
+		}
+	}
+	wanted := make(map[netip.Addr]int, len(want))
+	for _, a := range want {
+		a = a.Unmap()
+		if _, ok := wanted[a]; !ok {
+			wanted[a] = len(wanted)
+		}
+	}
+	return wanted
+}
+
+// upgrade sets IFA_F_NOPREFIXROUTE on owned IPv6 addresses an earlier
+// version bound without it, in place (the addresses stay bound
+// throughout), which removes their /128 routes from the main table.
+// Once flagged, an address is left alone: this happens once per address.
+// Failures only keep a route that is useless but harmless; they are logged
+// and tried again at the next Sync. The replacement also resets the
+// lifetimes to egressvip's (preferred 0, valid forever) and stamps
+// AddrProto, as for a new address.
+func (m *Manager) upgrade(index int, ips []netip.Addr) {
+	var (
+		done  int
+		first error
+	)
+	for _, ip := range ips {
+		if err := m.addOwned(index, ip, true); err != nil {
+			if first == nil {
+				first = fmt.Errorf("%s: %w", ip, err)
+			}
+			continue
+		}
+		done++
+	}
+	if done > 0 {
+		m.log.WithField("addresses", done).Info("removed the prefix routes of addresses an earlier version bound")
+	}
+	if first != nil {
+		m.log.WithError(first).WithField("addresses", len(ips)-done).Warn("cannot remove the prefix routes of addresses an earlier version bound")
+	}
 }
 
 // observe records the interface as Sync sees it and says whether every
@@ -326,16 +425,14 @@ func (m *Manager) ownPrefixes(l netlink.Link) ([]netip.Prefix, error) {
 	if listed {
 		return own, nil
 	}
-	list, err := m.addrs(l)
-	if err != nil {
-		return nil, err
-	}
-	for _, a := range list {
-		if Owned(a, m.cfg.Interface) || a.IPNet == nil {
-			continue
+	err := m.eachAddr(l.Attrs().Index, func() { own = nil }, func(a ifAddr, _ []byte) error {
+		if !m.owned(a) {
+			own = append(own, netip.PrefixFrom(a.ip, a.ones))
 		}
-		ones, _ := a.Mask.Size()
-		own = append(own, netip.PrefixFrom(ipOf(a), ones))
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
 	}
 	return own, nil
 }
@@ -352,7 +449,8 @@ type Host struct {
 // Host returns the interface's own addresses, from the last Sync's
 // listing (listed here only before the first Sync), and reads its
 // gateways: routes through one interface are few, its addresses may be
-// thousands.
+// thousands. The kernel sends only the main table's routes through the
+// interface when it checks dumps strictly (see gateways).
 func (m *Manager) Host() (Host, error) {
 	var h Host
 	l, err := m.link()
@@ -367,25 +465,8 @@ func (m *Manager) Host() (Host, error) {
 		h.Own = append(h.Own, p.Addr())
 		h.Subnets = append(h.Subnets, p.Masked())
 	}
-	var routes []netlink.Route
-	for range 5 {
-		routes, err = m.h.RouteList(l, netlink.FAMILY_ALL)
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
-		}
-	}
-	if err != nil {
+	if h.Gateways, err = m.gateways(l.Attrs().Index); err != nil {
 		return h, fmt.Errorf("list routes of %s: %w", m.cfg.Interface, err)
-	}
-	for _, r := range routes {
-		if gw, ok := netip.AddrFromSlice(r.Gw); ok && r.Gw != nil {
-			h.Gateways = append(h.Gateways, gw.Unmap())
-		}
-		for _, nh := range r.MultiPath {
-			if gw, ok := netip.AddrFromSlice(nh.Gw); ok && nh.Gw != nil {
-				h.Gateways = append(h.Gateways, gw.Unmap())
-			}
-		}
 	}
 	slices.SortFunc(h.Gateways, netip.Addr.Compare)
 	h.Gateways = slices.Compact(h.Gateways)

@@ -2,6 +2,9 @@ package netif
 
 import (
 	"net"
+	"net/netip"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -40,6 +43,9 @@ func TestOwned(t *testing.T) {
 		{name: "legacy v4 label", addr: Addr{Addr: na("203.0.113.10/32", "eth1:evip", dep|unix.IFA_F_PERMANENT)}, want: true},
 		{name: "legacy v6 nodad", addr: Addr{Addr: na("2001:db8:1::10/128", "", unix.IFA_F_NODAD|dep)}, want: true},
 		{name: "legacy v6 nodad, long name", iface: "enp1s0f0.100", addr: Addr{Addr: na("2001:db8:1::10/128", "", unix.IFA_F_NODAD|dep)}, want: true},
+		{name: "ours v6 noprefixroute", addr: Addr{Addr: na("2001:db8:1::10/128", "", unix.IFA_F_NODAD|dep|unix.IFA_F_PERMANENT|unix.IFA_F_NOPREFIXROUTE), Protocol: AddrProto}, want: true},
+		{name: "legacy v6 nodad noprefixroute", addr: Addr{Addr: na("2001:db8:1::10/128", "", unix.IFA_F_NODAD|dep|unix.IFA_F_NOPREFIXROUTE)}, want: true},
+		{name: "v6 /128 preferred 0 noprefixroute without nodad", addr: Addr{Addr: na("2001:db8:1::96/128", "", dep|unix.IFA_F_NOPREFIXROUTE)}},
 		{name: "long name, deprecated /32 labelled as the interface", iface: "enp1s0f0.100", addr: Addr{Addr: na("203.0.113.10/32", "enp1s0f0.100", dep)}},
 		{name: "other protocol (kernel_lo)", addr: Addr{Addr: na("203.0.113.10/32", "eth1", dep), Protocol: 1}},
 		{name: "node address /24", addr: Addr{Addr: na("203.0.113.2/24", "eth1", 0)}},
@@ -60,7 +66,218 @@ func TestOwned(t *testing.T) {
 			if got := Owned(tc.addr, iface); got != tc.want {
 				t.Fatalf("Owned = %v, want %v", got, tc.want)
 			}
+			// Sync and Owned decode dumps in place: same verdict.
+			if tc.addr.IPNet == nil {
+				return
+			}
+			a, ok, err := decodeAddr(addrMsg(tc.addr))
+			if err != nil || !ok {
+				t.Fatalf("decodeAddr: ok %v, err %v", ok, err)
+			}
+			if got := (&Manager{label: label(iface)}).owned(a); got != tc.want {
+				t.Fatalf("owned(%+v) = %v, want %v", a, got, tc.want)
+			}
 		})
+	}
+}
+
+// addrMsg is the RTM_NEWADDR payload the kernel sends for a.
+func addrMsg(a Addr) []byte {
+	ip := a.IP
+	family := unix.AF_INET6
+	if ip4 := ip.To4(); ip4 != nil {
+		ip, family = ip4, unix.AF_INET
+	}
+	ones, _ := a.Mask.Size()
+	m := nl.NewIfAddrmsg(family)
+	m.Prefixlen, m.Flags, m.Index = uint8(ones), uint8(a.Flags), 7
+	b := append([]byte(nil), m.Serialize()...)
+	add := func(typ int, v []byte) { b = append(b, nl.NewRtAttr(typ, v).Serialize()...) }
+	switch {
+	case a.Peer != nil:
+		peer := a.Peer.IP
+		if p4 := peer.To4(); p4 != nil {
+			peer = p4
+		}
+		add(unix.IFA_ADDRESS, peer)
+		add(unix.IFA_LOCAL, ip)
+	case family == unix.AF_INET:
+		add(unix.IFA_ADDRESS, ip)
+		add(unix.IFA_LOCAL, ip)
+	default:
+		add(unix.IFA_ADDRESS, ip)
+	}
+	if a.Label != "" {
+		add(unix.IFA_LABEL, nl.ZeroTerminated(a.Label))
+	}
+	add(unix.IFA_FLAGS, nl.Uint32Attr(uint32(a.Flags)))
+	if a.Protocol != 0 {
+		add(ifaProto, []byte{a.Protocol})
+	}
+	return b
+}
+
+// decodeAddr reads what parseAddr reads, in place.
+func TestDecodeAddr(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		addr Addr
+	}{
+		{"v4 /32 labelled", Addr{Addr: netlink.Addr{IPNet: ipnet(t, "203.0.113.10/32"), Label: "eth1:evip", Flags: unix.IFA_F_DEPRECATED}, Protocol: AddrProto}},
+		{"v4 /24", Addr{Addr: netlink.Addr{IPNet: ipnet(t, "203.0.113.2/24"), Label: "eth1"}}},
+		{"v6 /128 flags beyond 8 bits", Addr{Addr: netlink.Addr{IPNet: ipnet(t, "2001:db8:1::10/128"), Flags: unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE}}},
+		{"v6 /64", Addr{Addr: netlink.Addr{IPNet: ipnet(t, "2001:db8:1::2/64")}}},
+		{"v4 peer", Addr{Addr: netlink.Addr{IPNet: ipnet(t, "203.0.113.10/32"), Peer: ipnet(t, "203.0.113.11/30")}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			msg := addrMsg(tc.addr)
+			full, err := parseAddr(msg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, ok, err := decodeAddr(msg)
+			if err != nil || !ok {
+				t.Fatalf("ok %v, err %v", ok, err)
+			}
+			ones, bits := full.Mask.Size()
+			if a.ip != ipOf(full) || a.ones != ones || a.index != full.LinkIndex || int(a.flags) != full.Flags ||
+				a.proto != full.Protocol || string(a.label) != full.Label || a.full != (ones == bits && full.Peer == nil) {
+				t.Fatalf("decodeAddr %+v, parseAddr %+v (%v)", a, full, full.IPNet)
+			}
+		})
+	}
+	if _, _, err := decodeAddr([]byte{1, 2}); err == nil {
+		t.Fatal("a short message decoded")
+	}
+	bad := append(nl.NewIfAddrmsg(unix.AF_INET6).Serialize(), 0xff, 0, 1, 0) // attribute longer than the message
+	if _, _, err := decodeAddr(bad); err == nil {
+		t.Fatal("a malformed attribute decoded")
+	}
+	// An address of another family is skipped, not an error.
+	other := append(nl.NewIfAddrmsg(unix.AF_UNSPEC).Serialize(), nl.NewRtAttr(unix.IFA_ADDRESS, []byte{1}).Serialize()...)
+	if _, ok, err := decodeAddr(other); ok || err != nil {
+		t.Fatalf("1-byte address: ok %v, err %v", ok, err)
+	}
+}
+
+// routeGateways takes the gateways of main-table routes through the
+// interface, of multipath next hops through it included.
+func TestRouteGateways(t *testing.T) {
+	const eth1, eth2 = 7, 8
+	type hop struct {
+		index int
+		gw    string
+	}
+	gw := func(s string) []byte {
+		ip := netip.MustParseAddr(s)
+		return ip.AsSlice()
+	}
+	route := func(family, table uint8, flags uint32, attrs ...*nl.RtAttr) []byte {
+		m := &nl.RtMsg{RtMsg: unix.RtMsg{Family: family, Table: table, Flags: flags}}
+		b := append([]byte(nil), m.Serialize()...)
+		for _, a := range attrs {
+			b = append(b, a.Serialize()...)
+		}
+		return b
+	}
+	oif := func(i int) *nl.RtAttr { return nl.NewRtAttr(unix.RTA_OIF, nl.Uint32Attr(uint32(i))) }
+	via := func(s string) *nl.RtAttr { return nl.NewRtAttr(unix.RTA_GATEWAY, gw(s)) }
+	multipath := func(hops ...hop) *nl.RtAttr {
+		var b []byte
+		for _, h := range hops {
+			var attrs []byte
+			if h.gw != "" {
+				attrs = via(h.gw).Serialize()
+			}
+			nh := make([]byte, unix.SizeofRtNexthop)
+			nl.NativeEndian().PutUint16(nh[0:2], uint16(unix.SizeofRtNexthop+len(attrs)))
+			nl.NativeEndian().PutUint32(nh[4:8], uint32(h.index))
+			b = append(append(b, nh...), attrs...)
+		}
+		return nl.NewRtAttr(unix.RTA_MULTIPATH, b)
+	}
+	const main, inet, inet6 = unix.RT_TABLE_MAIN, unix.AF_INET, unix.AF_INET6
+	for _, tc := range []struct {
+		name   string
+		family uint8
+		msg    []byte
+		want   []string
+	}{
+		{"default via eth1", inet, route(inet, main, 0, oif(eth1), via("203.0.113.250")), []string{"203.0.113.250"}},
+		{"IPv6 default via eth1", inet6, route(inet6, main, 0, oif(eth1), via("2001:db8:1::250")), []string{"2001:db8:1::250"}},
+		{"connected, no gateway", inet, route(inet, main, 0, oif(eth1)), nil},
+		{"via eth2", inet, route(inet, main, 0, oif(eth2), via("198.51.100.129")), nil},
+		{"other table", inet, route(inet, 100, 0, oif(eth1), via("203.0.113.253")), nil},
+		{"main in RTA_TABLE", inet, route(inet, unix.RT_TABLE_COMPAT, 0, nl.NewRtAttr(unix.RTA_TABLE, nl.Uint32Attr(main)), oif(eth1), via("203.0.113.250")), []string{"203.0.113.250"}},
+		{"table 1000 in RTA_TABLE", inet, route(inet, main, 0, nl.NewRtAttr(unix.RTA_TABLE, nl.Uint32Attr(1000)), oif(eth1), via("203.0.113.250")), nil},
+		{"cloned", inet6, route(inet6, main, unix.RTM_F_CLONED, oif(eth1), via("2001:db8:1::250")), nil},
+		{"other family", inet6, route(inet, main, 0, oif(eth1), via("203.0.113.250")), nil},
+		{"multipath", inet, route(inet, main, 0, multipath(hop{eth1, "203.0.113.251"}, hop{eth2, "198.51.100.129"}, hop{eth1, ""}, hop{eth1, "203.0.113.252"})),
+			[]string{"203.0.113.251", "203.0.113.252"}},
+		{"multipath through eth2 only", inet6, route(inet6, main, 0, multipath(hop{eth2, "2001:db8:2::1"})), nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := routeGateways(nil, tc.msg, tc.family, eth1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want []netip.Addr
+			for _, s := range tc.want {
+				want = append(want, netip.MustParseAddr(s))
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("gateways %v, want %v", got, want)
+			}
+		})
+	}
+	if _, err := routeGateways(nil, []byte{unix.AF_INET}, inet, eth1); err == nil {
+		t.Error("a short message decoded")
+	}
+	broken := route(inet, main, 0, nl.NewRtAttr(unix.RTA_MULTIPATH, []byte{64, 0, 0, 0, eth1, 0, 0, 0}))
+	if _, err := routeGateways(nil, broken, inet, eth1); err == nil {
+		t.Error("a next hop longer than the attribute decoded")
+	}
+}
+
+// A Sync whose want is the previous one's shares its set.
+func TestWantedSet(t *testing.T) {
+	m := &Manager{}
+	a, b, c, d := netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8:1::10"),
+		netip.MustParseAddr("203.0.113.11"), netip.MustParseAddr("203.0.113.12")
+	same := func(x, y map[netip.Addr]int) bool {
+		return reflect.ValueOf(x).UnsafePointer() == reflect.ValueOf(y).UnsafePointer()
+	}
+	first := m.wantedSet([]netip.Addr{a, b, b, c})
+	if len(first) != 3 {
+		t.Fatalf("set %v", first)
+	}
+	seen := map[int]bool{}
+	for _, i := range first {
+		if i < 0 || i >= len(first) || seen[i] {
+			t.Fatalf("indices %v: want 0..2, each once", first)
+		}
+		seen[i] = true
+	}
+	m.state.wanted = first
+	if got := m.wantedSet([]netip.Addr{c, netip.AddrFrom16(a.As16()), b}); !same(got, first) {
+		t.Errorf("the same addresses (one IPv4-mapped) in another order built a new set")
+	}
+	for name, want := range map[string][]netip.Addr{
+		"fewer":             {a, b},
+		"fewer, duplicated": {a, b, b, a},
+		"more":              {a, b, c, d},
+		"other":             {a, b, d},
+		"none":              nil,
+	} {
+		got := m.wantedSet(want)
+		if same(got, first) {
+			t.Errorf("%s: the previous set was reused", name)
+		}
+		for _, ip := range want {
+			if _, ok := got[ip]; !ok {
+				t.Errorf("%s: %v lacks %s", name, got, ip)
+			}
+		}
 	}
 }
 

@@ -89,6 +89,8 @@ type kernelAddr struct {
 	Label      string `json:"label"`
 	Deprecated bool   `json:"deprecated"`
 	NoDAD      bool   `json:"nodad"`
+	// NoPrefixRoute: IFA_F_NOPREFIXROUTE.
+	NoPrefixRoute bool `json:"noprefixroute"`
 }
 
 func kernelAddrs(t testing.TB, ns *privtest.NS, dev string) map[string]kernelAddr {
@@ -145,8 +147,11 @@ func TestPrivilegedSyncBindsOnlyOwnedAddresses(t *testing.T) {
 	if a4.PrefixLen != 32 || !a4.Deprecated || a4.Label != "eth1:evip" {
 		t.Fatalf("IPv4 address %+v: want /32, deprecated (preferred 0), label eth1:evip", a4)
 	}
-	if a6.PrefixLen != 128 || !a6.Deprecated || !a6.NoDAD {
-		t.Fatalf("IPv6 address %+v: want /128, deprecated (preferred 0), nodad", a6)
+	if a6.PrefixLen != 128 || !a6.Deprecated || !a6.NoDAD || !a6.NoPrefixRoute {
+		t.Fatalf("IPv6 address %+v: want /128, deprecated (preferred 0), nodad, noprefixroute", a6)
+	}
+	if a4.NoPrefixRoute {
+		t.Fatalf("IPv4 address %+v: a /32 has no prefix route to suppress", a4)
 	}
 	for _, foreign := range []string{"203.0.113.2", "203.0.113.99", "2001:db8:1::2"} {
 		if _, ok := got[foreign]; !ok {

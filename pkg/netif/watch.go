@@ -219,7 +219,7 @@ func (w *watcher) addr(u netlink.AddrUpdate) {
 		return // owned addresses are full length
 	}
 	w.m.state.mu.Lock()
-	lost := w.m.state.wanted[ip]
+	_, lost := w.m.state.wanted[ip]
 	w.m.state.mu.Unlock()
 	if lost {
 		w.m.log.WithField("ip", ip.String()).Debug("watch: address deleted")
