@@ -60,16 +60,21 @@ func main() {
 	}
 }
 
-// tuneGC trades a little CPU for memory unless GOGC is set: the daemon
+// tuneGC trades CPU in bursts for memory unless GOGC is set: the daemon
 // runs on every node, and its heap is mostly informer caches that stay, so
 // letting garbage grow to twice their size (Go's default) doubles its
-// memory for nothing. Bursts of syncs (thousands of Services acquired at
-// once) are where the difference shows.
+// memory for nothing. In steady state a sync runs about once a minute, so
+// collecting at 25% costs nothing there; bursts (thousands of Services
+// acquired at once) pay for it. Measured at 2,000 Services (make
+// bench-scale): RSS 57 MiB against 63 MiB at GOGC=50, convergence the same
+// within noise, status reporting about 20% longer.
 func tuneGC() {
 	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(50)
+		debug.SetGCPercent(gcPercent)
 	}
 }
+
+const gcPercent = 25
 
 // configError marks errors the user fixes in the environment.
 type configError struct{ error }
