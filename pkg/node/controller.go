@@ -16,7 +16,6 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -103,7 +102,6 @@ type Options struct {
 // Controller is the node's sync loop.
 type Controller struct {
 	opts      Options
-	client    kube.Interface
 	log       *logrus.Entry
 	addrs     Addresses
 	snat      SNAT
@@ -198,7 +196,7 @@ func New(opts Options, client, reportClient kube.Interface, addrs Addresses, sna
 		opts.RenewDeadline = 3 * time.Second
 	}
 	c := &Controller{
-		opts: opts, client: client, log: log, addrs: addrs, snat: snatw, elections: elections,
+		opts: opts, log: log, addrs: addrs, snat: snatw, elections: elections,
 		excl: excl, recorder: recorder,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
@@ -207,14 +205,14 @@ func New(opts Options, client, reportClient kube.Interface, addrs Addresses, sna
 		settle: transientSettle,
 	}
 	// Nothing reads managedFields, nor most of the rest of these objects:
-	// the caches keep what is read (StripManagedFields).
+	// the caches keep what is read (slim).
 	svcInformer := kube.NewInformer(client, client.Services(opts.Namespace), &corev1.Service{},
-		kube.InformerOptions{Transform: StripManagedFields})
+		kube.InformerOptions{Transform: slim})
 	// Only EndpointSlices that belong to a Service, indexed by it.
 	sliceInformer := kube.NewInformer(client, client.EndpointSlices(opts.Namespace), &discoveryv1.EndpointSlice{}, kube.InformerOptions{
 		Indexers:  cache.Indexers{byService: indexByService},
 		Tweak:     func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName },
-		Transform: StripManagedFields,
+		Transform: slim,
 	})
 	podInformer := localPodInformer(client, opts.Namespace, opts.Node)
 	c.informers = []cache.SharedIndexInformer{svcInformer, sliceInformer, podInformer}
@@ -251,19 +249,15 @@ func New(opts Options, client, reportClient kube.Interface, addrs Addresses, sna
 	return c, nil
 }
 
-// StripManagedFields is an informer transform that drops managedFields,
-// which the controller never reads, and cuts Services, EndpointSlices and
-// Pods down to what is read: a node of a cluster with thousands of
-// Services keeps them all.
-func StripManagedFields(obj any) (any, error) {
+// slim is the Service and EndpointSlice informers' transform: it cuts them
+// down to what is read (no managedFields, no spec or status the controller
+// ignores). A node of a cluster with thousands of Services keeps them all.
+func slim(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Service:
 		return slimService(o), nil
 	case *discoveryv1.EndpointSlice:
 		return slimSlice(o), nil
-	}
-	if m, err := meta.Accessor(obj); err == nil {
-		m.SetManagedFields(nil)
 	}
 	return obj, nil
 }
