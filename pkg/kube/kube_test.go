@@ -39,6 +39,11 @@ func server(t *testing.T) (*Client, func() []request) {
 		case r.URL.Path == "/apis/networking.k8s.io/v1":
 			_ = json.NewEncoder(w).Encode(metav1.APIResourceList{GroupVersion: "networking.k8s.io/v1",
 				APIResources: []metav1.APIResource{{Name: "servicecidrs"}, {Name: "ingresses", Namespaced: true}}})
+		case r.URL.Path == "/api/v1":
+			_ = json.NewEncoder(w).Encode(metav1.APIResourceList{GroupVersion: "v1",
+				APIResources: []metav1.APIResource{{Name: "services", Namespaced: true}}})
+		case strings.HasPrefix(r.URL.Path, "/apis/example.com/"):
+			http.Error(w, `{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}`, http.StatusNotFound)
 		case strings.HasSuffix(r.URL.Path, "/services"):
 			_ = json.NewEncoder(w).Encode(corev1.ServiceList{TypeMeta: metav1.TypeMeta{Kind: "ServiceList", APIVersion: "v1"},
 				Items: []corev1.Service{{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop"}}}})
@@ -126,11 +131,17 @@ func TestServed(t *testing.T) {
 	if !Served(ctx, c, "networking.k8s.io/v1", "servicecidrs") {
 		t.Error("servicecidrs not served")
 	}
+	if !Served(ctx, c, "v1", "services") {
+		t.Error("the core group's services not served (discovery path of the core group)")
+	}
 	if Served(ctx, c, "networking.k8s.io/v1", "ipaddresses") {
 		t.Error("ipaddresses served")
 	}
-	// Any error (here: the test server answers /apis/x/v1 with an Event)
-	// is "not served"; the caller falls back.
+	// An error (a group the server does not know) is "not served"; the
+	// caller falls back.
+	if _, err := c.ServerResources(ctx, "example.com/v1"); err == nil {
+		t.Error("discovery of an unknown group did not fail")
+	}
 	if Served(ctx, c, "example.com/v1", "things") {
 		t.Error("an unknown group served")
 	}
