@@ -87,8 +87,6 @@ func newIPTablesWriter(b backend, runners [2]Runner) (*iptablesWriter, error) {
 	return w, nil
 }
 
-func (w *iptablesWriter) name() string { return w.backend }
-
 func (w *iptablesWriter) generation() (uint32, error) {
 	if w.gen == nil {
 		return 0, errNoGeneration

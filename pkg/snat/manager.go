@@ -102,7 +102,6 @@ type Config struct {
 
 // writer is one backend's kernel side.
 type writer interface {
-	name() string
 	// seed forgets what the writer knew of family f and reads what the
 	// kernel holds: the Desired state it implements, or keep when it is
 	// still exactly what the last write left (the caller keeps its own).

@@ -135,9 +135,6 @@ func (c *nftContent) equal(o *nftContent) bool {
 	return slices.Equal(c.exclude, o.exclude) && maps.EqualFunc(c.all, o.all, eq) && maps.EqualFunc(c.ports, o.ports, eq)
 }
 
-// elements returns the number of set and map elements.
-func (c *nftContent) elements() int { return len(c.exclude) + len(c.all) + len(c.ports) }
-
 // nftRender computes the table content of a Desired already normalised by
 // forFamily, with the semantics of the iptables chain (see translations):
 // per pod, in rule order, an all-traffic rule shadows every later rule of
@@ -263,8 +260,6 @@ func newNFTWriter(tables [2]NFTables) (*nftWriter, error) {
 	}
 	return w, nil
 }
-
-func (w *nftWriter) name() string { return BackendNFTables }
 
 // write makes the table of family f hold next in one transaction: only the
 // changed elements when the table still verifiably holds what the last

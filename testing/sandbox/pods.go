@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -138,16 +137,4 @@ func (c *Cluster) DeletePod(ctx context.Context, p *Pod) error {
 	delete(c.pods, p.Namespace+"/"+p.Name)
 	c.mu.Unlock()
 	return err
-}
-
-// WaitPodGone waits until the API server no longer has the pod.
-func (c *Cluster) WaitPodGone(ctx context.Context, p *Pod) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if _, err := c.Admin.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{}); err != nil {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("pod %s/%s still exists", p.Namespace, p.Name)
 }

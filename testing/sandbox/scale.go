@@ -62,12 +62,6 @@ func (c *Cluster) CutAPI(n *Node, cut bool) error {
 	return nil
 }
 
-// APICut reports whether CutAPI has cut n off the API server.
-func (c *Cluster) APICut(n *Node) bool {
-	_, err := InNS(n.NS, append([]string{"iptables-legacy", "-w", "-C"}, cutRules[0]...)...)
-	return err == nil
-}
-
 // DaemonPID is the process id of egressvip on n, 0 when none runs. `ip
 // netns exec` enters the namespace and execs the program, so the process
 // it starts is egressvip itself.
