@@ -79,10 +79,13 @@ func FormatDestinationPorts(ports []DestinationPort) string {
 }
 
 // EgressEnabled reads kube-vip.io/egress: absent is false, a malformed
-// value is an error.
+// value is an error. It accepts what strconv.ParseBool accepts ("True",
+// "1"), where kube-vip egresses only for "true" and ParseEgress accepts only
+// "true" and "false"; ParseEgress reads every other egress annotation too:
+// prefer it.
 func EgressEnabled(svc *corev1.Service) (bool, error) { return boolAnnotation(svc, Egress) }
 
-// EgressIPv6Enabled reads kube-vip.io/egress-ipv6.
+// EgressIPv6Enabled reads kube-vip.io/egress-ipv6, like EgressEnabled.
 func EgressIPv6Enabled(svc *corev1.Service) (bool, error) { return boolAnnotation(svc, EgressIPv6) }
 
 func boolAnnotation(svc *corev1.Service, name string) (bool, error) {
