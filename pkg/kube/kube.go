@@ -67,6 +67,15 @@ type LeaseClient interface {
 	Get(ctx context.Context, name string, opts metav1.GetOptions) (*coordinationv1.Lease, error)
 	Create(ctx context.Context, l *coordinationv1.Lease, opts metav1.CreateOptions) (*coordinationv1.Lease, error)
 	Update(ctx context.Context, l *coordinationv1.Lease, opts metav1.UpdateOptions) (*coordinationv1.Lease, error)
+	Delete(ctx context.Context, name string, opts metav1.DeleteOptions) error
+}
+
+// PodClient lists, watches and reads pods: a node's own pods (endpoint
+// trust), another node's pod behind a steered endpoint, kube-controller-
+// manager's static pods (CIDR detection).
+type PodClient interface {
+	ListWatcher[*corev1.PodList]
+	Get(ctx context.Context, name string, opts metav1.GetOptions) (*corev1.Pod, error)
 }
 
 // EventClient writes core/v1 Events, for client-go's event recorder.
@@ -81,11 +90,14 @@ type EventClient interface {
 type Interface interface {
 	Services(namespace string) ServiceClient
 	EndpointSlices(namespace string) ListWatcher[*discoveryv1.EndpointSliceList]
-	Pods(namespace string) ListWatcher[*corev1.PodList]
+	Pods(namespace string) PodClient
 	Nodes() ListWatcher[*corev1.NodeList]
 	ServiceCIDRs() ListWatcher[*networkingv1.ServiceCIDRList]
 	Leases(namespace string) LeaseClient
 	Events(namespace string) EventClient
+	// ConfigMaps reads kube-vip-cloud-provider's pool ConfigMap (the
+	// address allocator).
+	ConfigMaps(namespace string) ListWatcher[*corev1.ConfigMapList]
 	// ServerResources lists the resources of one group version, as
 	// discovery does ("networking.k8s.io/v1", or "v1" for the core group).
 	ServerResources(ctx context.Context, groupVersion string) (*metav1.APIResourceList, error)
@@ -164,7 +176,7 @@ func (c *Client) EndpointSlices(namespace string) ListWatcher[*discoveryv1.Endpo
 	return typed[*discoveryv1.EndpointSlice, *discoveryv1.EndpointSliceList]("endpointslices", c.discovery, namespace)
 }
 
-func (c *Client) Pods(namespace string) ListWatcher[*corev1.PodList] {
+func (c *Client) Pods(namespace string) PodClient {
 	return typed[*corev1.Pod, *corev1.PodList]("pods", c.core, namespace)
 }
 
@@ -178,6 +190,10 @@ func (c *Client) ServiceCIDRs() ListWatcher[*networkingv1.ServiceCIDRList] {
 
 func (c *Client) Leases(namespace string) LeaseClient {
 	return typed[*coordinationv1.Lease, *coordinationv1.LeaseList]("leases", c.coordination, namespace)
+}
+
+func (c *Client) ConfigMaps(namespace string) ListWatcher[*corev1.ConfigMapList] {
+	return typed[*corev1.ConfigMap, *corev1.ConfigMapList]("configmaps", c.core, namespace)
 }
 
 func (c *Client) Events(namespace string) EventClient {

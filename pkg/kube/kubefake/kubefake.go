@@ -32,7 +32,7 @@ func (c *client) EndpointSlices(ns string) kube.ListWatcher[*discoveryv1.Endpoin
 	return c.cs.DiscoveryV1().EndpointSlices(ns)
 }
 
-func (c *client) Pods(ns string) kube.ListWatcher[*corev1.PodList] { return c.cs.CoreV1().Pods(ns) }
+func (c *client) Pods(ns string) kube.PodClient { return c.cs.CoreV1().Pods(ns) }
 
 func (c *client) Nodes() kube.ListWatcher[*corev1.NodeList] { return c.cs.CoreV1().Nodes() }
 
@@ -43,6 +43,10 @@ func (c *client) ServiceCIDRs() kube.ListWatcher[*networkingv1.ServiceCIDRList] 
 func (c *client) Leases(ns string) kube.LeaseClient { return c.cs.CoordinationV1().Leases(ns) }
 
 func (c *client) Events(ns string) kube.EventClient { return c.cs.CoreV1().Events(ns) }
+
+func (c *client) ConfigMaps(ns string) kube.ListWatcher[*corev1.ConfigMapList] {
+	return c.cs.CoreV1().ConfigMaps(ns)
+}
 
 func (c *client) ServerResources(_ context.Context, gv string) (*metav1.APIResourceList, error) {
 	return c.cs.Discovery().ServerResourcesForGroupVersion(gv)
