@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,12 +42,23 @@ type Detector struct {
 	mu      sync.Mutex
 	cached  *Result
 	changed atomic.Bool
+
+	// client, resync and handler build the ServiceCIDR informer once the
+	// API serves them (checked again while it does not: an API hiccup at
+	// start-up must not mean the fallback until a restart).
+	client      kube.Interface
+	resync      time.Duration
+	handler     cache.ResourceEventHandler
+	needCIDRs   bool
+	retryCIDRs  time.Duration
+	informersMu sync.Mutex
+	stop        <-chan struct{}
 }
 
 // NewDetector builds a Detector; onChange is called when an input changes.
 // Kinds fully given by override are not watched at all.
 func NewDetector(client kube.Interface, override Override, resync time.Duration, onChange func(), log *logrus.Entry) *Detector {
-	d := &Detector{override: override, log: log}
+	d := &Detector{override: override, log: log, client: client, resync: resync, retryCIDRs: time.Minute}
 	inner := onChange
 	onChange = func() {
 		d.changed.Store(true)
@@ -73,15 +85,13 @@ func NewDetector(client kube.Interface, override Override, resync time.Duration,
 	if !needPods && !needServices {
 		return d
 	}
+	d.handler = handler
 	if needServices {
 		if kube.Served(context.Background(), client, "networking.k8s.io/v1", "servicecidrs") {
-			inf := kube.NewInformer(client, client.ServiceCIDRs(), &networkingv1.ServiceCIDR{}, kube.InformerOptions{Resync: resync})
-			d.informers = append(d.informers, inf)
-			_, _ = inf.AddEventHandler(handler)
-			d.cidrs = networkinglisters.NewServiceCIDRLister(inf.GetIndexer())
-			d.synced = append(d.synced, inf.HasSynced)
+			d.addCIDRInformer()
 		} else {
-			log.Warn("the ServiceCIDR API (networking.k8s.io/v1) is not served; Service CIDR detection falls back to kube-controller-manager's flags")
+			d.needCIDRs = true
+			log.Warn("the ServiceCIDR API (networking.k8s.io/v1) is not served (or discovery failed); Service CIDR detection falls back to kube-controller-manager's flags and asks again every minute")
 		}
 	}
 	kcm := kube.NewInformer(client, client.Pods(metav1.NamespaceSystem), &corev1.Pod{}, kube.InformerOptions{
@@ -134,21 +144,87 @@ func nodeChanged(oldObj, newObj any, onChange func()) {
 	}
 }
 
-// Start starts the informers.
+// addCIDRInformer watches ServiceCIDRs; it starts at once when the
+// detector already runs.
+func (d *Detector) addCIDRInformer() {
+	inf := kube.NewInformer(d.client, d.client.ServiceCIDRs(), &networkingv1.ServiceCIDR{}, kube.InformerOptions{Resync: d.resync})
+	_, _ = inf.AddEventHandler(d.handler)
+	// Current holds d.mu and then takes informersMu (HasSynced): never
+	// the other way round.
+	d.mu.Lock()
+	d.cidrs = networkinglisters.NewServiceCIDRLister(inf.GetIndexer())
+	d.mu.Unlock()
+	d.informersMu.Lock()
+	defer d.informersMu.Unlock()
+	d.informers = append(d.informers, inf)
+	d.synced = append(d.synced, inf.HasSynced)
+	if d.stop != nil {
+		go inf.Run(d.stop)
+	}
+}
+
+// Start starts the informers, and keeps asking for the ServiceCIDR API
+// while it is not served.
 func (d *Detector) Start(stop <-chan struct{}) {
+	d.informersMu.Lock()
+	d.stop = stop
 	for _, inf := range d.informers {
 		go inf.Run(stop)
 	}
+	d.informersMu.Unlock()
+	if !d.needCIDRs {
+		return
+	}
+	go func() {
+		t := time.NewTicker(d.retryCIDRs)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			if kube.Served(context.Background(), d.client, "networking.k8s.io/v1", "servicecidrs") {
+				d.log.Info("the ServiceCIDR API is served now; Service CIDRs are detected from it")
+				d.addCIDRInformer()
+				d.changed.Store(true)
+				return
+			}
+		}
+	}()
 }
 
 // HasSynced is true once every cache Detect reads has synced.
 func (d *Detector) HasSynced() bool {
-	for _, s := range d.synced {
+	d.informersMu.Lock()
+	synced := slices.Clone(d.synced)
+	d.informersMu.Unlock()
+	for _, s := range synced {
 		if !s() {
 			return false
 		}
 	}
 	return true
+}
+
+// Node returns a Node from the cache (slimmed: name, UID, pod ranges,
+// addresses).
+func (d *Detector) Node(name string) (*corev1.Node, bool) {
+	n, err := d.nodes.Get(name)
+	if err != nil {
+		return nil, false
+	}
+	return n, true
+}
+
+// NodeExists says whether a Node of that name exists (known once the
+// cache synced).
+func (d *Detector) NodeExists(name string) (exists, known bool) {
+	if !d.HasSynced() {
+		return false, false
+	}
+	_, ok := d.Node(name)
+	return ok, true
 }
 
 // Current runs Detect over the caches and logs new warnings once.
