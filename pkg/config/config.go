@@ -54,9 +54,29 @@ type Config struct {
 	// PrometheusServer is the listen address of /metrics, /healthz and
 	// /readyz; "" disables it.
 	PrometheusServer string
-	// DaemonNamespace (POD_NAMESPACE) holds the heartbeat Leases and the
-	// global Lease.
+	// DaemonNamespace holds the heartbeat Leases, the address Leases and
+	// the global Lease: POD_NAMESPACE, else the pod's ServiceAccount
+	// namespace file, else kube-vip's cp_namespace, else kube-system (so a
+	// kube-vip DaemonSet that only swaps the image keeps working).
 	DaemonNamespace string
+	// DaemonNamespaceSource says where DaemonNamespace came from.
+	DaemonNamespaceSource string
+	// ExcludeNodes keeps traffic to every Node's addresses and to the API
+	// server from being SNATed (egressvip_exclude_nodes, default true;
+	// false is kube-vip's behaviour).
+	ExcludeNodes bool
+	// Tunnel is egressvip_tunnel: "" (steer by plain routing to an on-link
+	// holder) or "vxlan"; TunnelPort and TunnelVNI configure the VXLAN
+	// device (egressvip_vxlan_port, egressvip_vxlan_vni).
+	Tunnel     string
+	TunnelPort uint16
+	TunnelVNI  uint32
+	// Mark is the firewall mark bit egressvip sets on steered packets
+	// (egressvip_fwmark, one bit, default 0x1000).
+	Mark uint32
+	// Allocator turns on the built-in address allocation
+	// (egressvip_allocator).
+	Allocator bool
 	// Client budgets, each a rate limiter of its own: the election's
 	// acquisitions, releases and Lease watches; the reporter's status,
 	// annotation and Event writes. The heartbeat has its own client and
@@ -74,6 +94,15 @@ const maxSeconds = 86400
 // Backends of egress SNAT (egress_backend).
 var Backends = []string{"auto", "nftables", "iptables-nft", "iptables-legacy"}
 
+// Steering defaults: the VXLAN port and VNI (flannel uses 8472, Calico and
+// Cilium 4789 and 8472: 4793 clashes with none of them) and the firewall
+// mark bit (kube-proxy uses 0x4000 and 0x8000, Calico the upper 16 bits).
+const (
+	DefaultTunnelPort = 4793
+	DefaultTunnelVNI  = 7331
+	DefaultMark       = 0x1000
+)
+
 // Client budget defaults: the election must absorb a burst of
 // acquisitions (every Service of a node that died, or all Services at
 // start-up) without delaying them by seconds; the reporter's writes are
@@ -87,7 +116,14 @@ const (
 
 // Load reads the configuration through getenv; hostname is the last
 // fallback for the node name. Every error names the variable.
-func Load(getenv func(string) string, hostname func() (string, error)) (Config, error) {
+// ServiceAccountNamespaceFile is where a pod reads its namespace (what
+// client-go's in-cluster configuration reads).
+const ServiceAccountNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+// Load reads the configuration through getenv; hostname is the last
+// fallback for the node name, readFile reads the ServiceAccount namespace
+// file. Every error names the variable.
+func Load(getenv func(string) string, hostname func() (string, error), readFile func(string) ([]byte, error)) (Config, error) {
 	c := Config{
 		Interface:         strings.TrimSpace(getenv("vip_interface")),
 		ServiceInterface:  strings.TrimSpace(getenv("vip_servicesinterface")),
@@ -103,8 +139,17 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 	if c.Backend == "" {
 		c.Backend = "auto"
 	}
+	c.DaemonNamespaceSource = "POD_NAMESPACE"
+	if c.DaemonNamespace == "" && readFile != nil {
+		if b, err := readFile(ServiceAccountNamespaceFile); err == nil {
+			c.DaemonNamespace, c.DaemonNamespaceSource = strings.TrimSpace(string(b)), "the ServiceAccount namespace file"
+		}
+	}
 	if c.DaemonNamespace == "" {
-		c.DaemonNamespace = "egressvip"
+		c.DaemonNamespace, c.DaemonNamespaceSource = strings.TrimSpace(getenv("cp_namespace")), "cp_namespace"
+	}
+	if c.DaemonNamespace == "" {
+		c.DaemonNamespace, c.DaemonNamespaceSource = "kube-system", "the default (kube-system)"
 	}
 	switch c.PrometheusServer {
 	case "":
@@ -207,7 +252,37 @@ func Load(getenv func(string) string, hostname func() (string, error)) (Config, 
 	boolVar(&c.ServicesEnabled, "svc_enable", true)
 	boolVar(&c.ServiceElection, "svc_election", true)
 	boolVar(&c.LoadBalancerClassOnly, "lb_class_only", false)
-	boolVar(&c.EgressWithNFTables, "egress_withnftables", false)
+	// kube-vip's default is true: its native nftables egress.
+	boolVar(&c.EgressWithNFTables, "egress_withnftables", true)
+	boolVar(&c.ExcludeNodes, "egressvip_exclude_nodes", true)
+	boolVar(&c.Allocator, "egressvip_allocator", false)
+	c.Tunnel = strings.ToLower(strings.TrimSpace(getenv("egressvip_tunnel")))
+	if c.Tunnel != "" && c.Tunnel != "vxlan" && c.Tunnel != "none" {
+		errs = append(errs, fmt.Errorf("egressvip_tunnel: %q is not vxlan or none", c.Tunnel))
+	}
+	if c.Tunnel == "none" {
+		c.Tunnel = ""
+	}
+	c.TunnelPort, c.TunnelVNI, c.Mark = DefaultTunnelPort, DefaultTunnelVNI, DefaultMark
+	uintVar := func(name string, max uint64, hex bool, set func(uint64)) {
+		v := strings.TrimSpace(getenv(name))
+		if v == "" {
+			return
+		}
+		n, err := strconv.ParseUint(v, 0, 64)
+		if err != nil || n == 0 || n > max || (hex && n&(n-1) != 0) {
+			what := fmt.Sprintf("a number from 1 to %d", max)
+			if hex {
+				what = "a single bit such as 0x1000"
+			}
+			errs = append(errs, fmt.Errorf("%s: want %s, got %q", name, what, v))
+			return
+		}
+		set(n)
+	}
+	uintVar("egressvip_vxlan_port", 65535, false, func(n uint64) { c.TunnelPort = uint16(n) })
+	uintVar("egressvip_vxlan_vni", 1<<24-1, false, func(n uint64) { c.TunnelVNI = uint32(n) })
+	uintVar("egressvip_fwmark", 1<<31, true, func(n uint64) { c.Mark = uint32(n) })
 	boolVar(&c.ARP, "vip_arp", true)
 	secondsVar(&c.LeaseDuration, "vip_leaseduration", 5)
 	secondsVar(&c.RenewDeadline, "vip_renewdeadline", 3)

@@ -14,8 +14,20 @@ func env(m map[string]string) func(string) string { return func(k string) string
 
 func host(name string) func() (string, error) { return func() (string, error) { return name, nil } }
 
+// noFile is a pod without a ServiceAccount namespace file (out of cluster).
+func noFile(string) ([]byte, error) { return nil, errors.New("no such file") }
+
+func file(content string) func(string) ([]byte, error) {
+	return func(p string) ([]byte, error) {
+		if p != ServiceAccountNamespaceFile {
+			return nil, errors.New("no such file")
+		}
+		return []byte(content), nil
+	}
+}
+
 func TestLoadDefaults(t *testing.T) {
-	c, err := Load(env(nil), host("Worker-1"))
+	c, err := Load(env(nil), host("Worker-1"), noFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -23,8 +35,9 @@ func TestLoadDefaults(t *testing.T) {
 		NodeName: "worker-1", ServicesEnabled: true, ServiceElection: true,
 		LeaseDuration: 5 * time.Second, RenewDeadline: 3 * time.Second, RetryPeriod: time.Second,
 		LoadBalancerClass: DefaultLoadBalancerClass, ARP: true, LogLevel: "info", LogFormat: "text",
-		PrometheusServer: ":2112", DaemonNamespace: "egressvip", Backend: "auto",
+		PrometheusServer: ":2112", DaemonNamespace: "kube-system", DaemonNamespaceSource: "the default (kube-system)", Backend: "auto",
 		ElectionQPS: DefaultElectionQPS, ElectionBurst: DefaultElectionBurst, ReportQPS: DefaultReportQPS, ReportBurst: DefaultReportBurst,
+		EgressWithNFTables: true, ExcludeNodes: true, TunnelPort: DefaultTunnelPort, TunnelVNI: DefaultTunnelVNI, Mark: DefaultMark,
 	}
 	if !equal(c, want) {
 		t.Fatalf("defaults\n got %+v\nwant %+v", c, want)
@@ -76,7 +89,7 @@ func TestLoadVariables(t *testing.T) {
 			check: func(c Config) bool { return c.LogLevel == "debug" && c.LogFormat == "json" && c.Kubeconfig == "/k" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := Load(env(tc.env), host("h"))
+			c, err := Load(env(tc.env), host("h"), noFile)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -112,7 +125,7 @@ func TestBadValuesNameTheVariable(t *testing.T) {
 		{name: "metrics address", variable: "prometheus_server", value: "2112", validate: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := Load(env(map[string]string{tc.variable: tc.value}), host("h"))
+			c, err := Load(env(map[string]string{tc.variable: tc.value}), host("h"), noFile)
 			if tc.validate {
 				if err != nil {
 					t.Fatal(err)
@@ -127,7 +140,7 @@ func TestBadValuesNameTheVariable(t *testing.T) {
 }
 
 func TestNoNodeName(t *testing.T) {
-	c, err := Load(env(nil), func() (string, error) { return "", errors.New("no hostname") })
+	c, err := Load(env(nil), func() (string, error) { return "", errors.New("no hostname") }, noFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,5 +170,50 @@ func TestOwns(t *testing.T) {
 				t.Fatalf("Owns = %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// The daemon's namespace: POD_NAMESPACE, else the pod's ServiceAccount
+// namespace (a kube-vip DaemonSet that only swaps the image, without
+// POD_NAMESPACE), else kube-vip's cp_namespace, else kube-system.
+func TestDaemonNamespace(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		env      map[string]string
+		readFile func(string) ([]byte, error)
+		want     string
+	}{
+		{"POD_NAMESPACE wins", map[string]string{"POD_NAMESPACE": "egressvip", "cp_namespace": "cp"}, file("kube-vip\n"), "egressvip"},
+		{"ServiceAccount namespace", map[string]string{"cp_namespace": "cp"}, file(" kube-vip\n"), "kube-vip"},
+		{"cp_namespace", map[string]string{"cp_namespace": "cp"}, noFile, "cp"},
+		{"kube-system", nil, noFile, "kube-system"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Load(env(tc.env), host("h"), tc.readFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.DaemonNamespace != tc.want {
+				t.Errorf("namespace %q (from %s), want %q", c.DaemonNamespace, c.DaemonNamespaceSource, tc.want)
+			}
+		})
+	}
+}
+
+func TestSteeringSettings(t *testing.T) {
+	c, err := Load(env(map[string]string{"egressvip_tunnel": "VXLAN", "egressvip_vxlan_port": "4800", "egressvip_vxlan_vni": "42", "egressvip_fwmark": "0x20000"}), host("h"), noFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Tunnel != "vxlan" || c.TunnelPort != 4800 || c.TunnelVNI != 42 || c.Mark != 0x20000 {
+		t.Errorf("got tunnel %q port %d vni %d mark %#x", c.Tunnel, c.TunnelPort, c.TunnelVNI, c.Mark)
+	}
+	for _, bad := range []map[string]string{
+		{"egressvip_tunnel": "gre"}, {"egressvip_vxlan_port": "70000"}, {"egressvip_vxlan_port": "0"},
+		{"egressvip_fwmark": "0x3000"}, {"egressvip_vxlan_vni": "16777216"},
+	} {
+		if _, err := Load(env(bad), host("h"), noFile); err == nil {
+			t.Errorf("%v: accepted", bad)
+		}
 	}
 }
