@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -22,19 +23,36 @@ func get(t *testing.T, srv *httptest.Server, path string) (int, string) {
 
 func TestEndpoints(t *testing.T) {
 	m := New()
-	var ready atomic.Bool
-	srv := httptest.NewServer(m.Handler(ready.Load))
+	var ready, stuck atomic.Bool
+	srv := httptest.NewServer(m.Handler(Health{
+		Alive: func() error {
+			if stuck.Load() {
+				return errors.New("sync loop stuck")
+			}
+			return nil
+		},
+		Ready: func() error {
+			if !ready.Load() {
+				return errors.New("waiting for the first sync")
+			}
+			return nil
+		},
+	}))
 	defer srv.Close()
 
 	if code, _ := get(t, srv, "/healthz"); code != http.StatusOK {
 		t.Fatalf("/healthz = %d", code)
 	}
-	if code, _ := get(t, srv, "/readyz"); code != http.StatusServiceUnavailable {
-		t.Fatalf("/readyz before the first sync = %d, want 503", code)
+	if code, body := get(t, srv, "/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "first sync") {
+		t.Fatalf("/readyz before the first sync = %d %q, want 503 with the reason", code, body)
 	}
 	ready.Store(true)
 	if code, _ := get(t, srv, "/readyz"); code != http.StatusOK {
 		t.Fatalf("/readyz after the first sync = %d", code)
+	}
+	stuck.Store(true)
+	if code, body := get(t, srv, "/healthz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "stuck") {
+		t.Fatalf("/healthz with a stuck loop = %d %q, want 503 with the reason", code, body)
 	}
 
 	m.OwnedServices.Set(3)
