@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/vishvananda/netlink"
 )
 
@@ -22,32 +22,42 @@ const benchRules = 5000
 // fourth one port-filtered, and the topology's pod (10.244.1.5) last: the
 // other pods (10.200.0.0/16) sort before it, so its rule is the last of
 // the iptables chain, which a new connection of that pod walks entirely.
-func benchDesired() Desired { return benchDesiredN(benchRules) }
+func benchDesired() model.Datapath { return benchDesiredN(benchRules, false) }
 
-// benchDesiredN is benchDesired with n rules.
-func benchDesiredN(n int) Desired {
-	d := Desired{Exclude: excludeAll}
+// benchDesiredN is benchDesired with n rules; with prefixes, every rule
+// has its own Allow and Deny prefixes (a clause chain per Service), which
+// let the topology's destination pass.
+func benchDesiredN(n int, withPrefixes bool) model.Datapath {
+	d := model.Datapath{Exclude: excludeAll, Fenced: []netip.Addr{lb4}}
+	prefixed := model.Filter{Allow: prefixes("203.0.113.0/24"), Deny: prefixes("203.0.113.128/25")}
 	for i := range n - 1 {
-		r := Rule{
-			Service:  fmt.Sprintf("ns-%d/svc-%d", i%100, i),
-			PodIP:    netip.AddrFrom4([4]byte{10, 200, byte(i / 250), byte(1 + i%250)}),
-			SourceIP: netip.AddrFrom4([4]byte{198, 51, 100, byte(1 + i%250)}),
+		r := model.SNATRule{
+			Service: fmt.Sprintf("ns-%d/svc-%d", i%100, i),
+			Pod:     netip.AddrFrom4([4]byte{10, 200, byte(i / 250), byte(1 + i%250)}),
+			Source:  netip.AddrFrom4([4]byte{198, 51, 100, byte(1 + i%250)}),
 		}
-		if i%4 == 0 {
-			r.Ports = []annotations.DestinationPort{udp5060, tcp8080}
+		switch {
+		case withPrefixes:
+			r.Filter = prefixed
+		case i%4 == 0:
+			r.Filter = ports(udp5060, tcp8080)
 		}
-		d.Rules = append(d.Rules, r)
+		d.SNAT = append(d.SNAT, r)
 	}
-	d.Rules = append(d.Rules, Rule{Service: "default/sip", PodIP: pod4, SourceIP: lb4})
+	last := model.SNATRule{Service: "default/sip", Pod: pod4, Source: lb4}
+	if withPrefixes {
+		last.Filter = prefixed
+	}
+	d.SNAT = append(d.SNAT, last)
 	return d
 }
 
-func benchTopo(b *testing.B, bc backendCase, rules int) (*topo, *Manager) {
+func benchTopo(b *testing.B, bc backendCase, rules int, withPrefixes bool) (*topo, *Manager) {
 	b.Helper()
 	requireBackend(b, bc)
 	tp := newTopo(b, bc)
 	m := tp.manager(b, nil)
-	tp.apply(b, m, benchDesiredN(rules))
+	tp.apply(b, m, benchDesiredN(rules, withPrefixes))
 	return tp, m
 }
 
@@ -56,19 +66,24 @@ func benchTopo(b *testing.B, bc backendCase, rules int) (*topo, *Manager) {
 // baseline): the pod sends one UDP datagram from a source port without a
 // conntrack entry (so the node walks its nat postrouting hook for it) to the
 // external namespace, which answers; ns/op is that round trip, conns/s its
-// inverse. The iptables chain is walked rule by rule; the nftables table
-// costs one set and two map lookups.
+// inverse. "prefixes" gives every rule Allow and Deny prefixes. The iptables
+// chains are walked rule by rule; the nftables table costs a few set and
+// map lookups (and, with prefixes, the pod's clause chain).
 func BenchmarkPrivilegedNewConnections(b *testing.B) {
 	const pool = 1000
 	for _, bc := range backendCases {
-		for _, rules := range []int{benchRules, 1} {
-			b.Run(fmt.Sprintf("%s/rules=%d", bc.name, rules), func(b *testing.B) { benchNewConnections(b, bc, rules, pool) })
+		for _, filter := range []string{"ports", "prefixes"} {
+			for _, rules := range []int{benchRules, 1} {
+				b.Run(fmt.Sprintf("%s/%s/rules=%d", bc.name, filter, rules), func(b *testing.B) {
+					benchNewConnections(b, bc, rules, filter == "prefixes", pool)
+				})
+			}
 		}
 	}
 }
 
-func benchNewConnections(b *testing.B, bc backendCase, rules, pool int) {
-	tp, _ := benchTopo(b, bc, rules)
+func benchNewConnections(b *testing.B, bc backendCase, rules int, withPrefixes bool, pool int) {
+	tp, _ := benchTopo(b, bc, rules, withPrefixes)
 	h, err := netlink.NewHandleAt(tp.node.Handle)
 	if err != nil {
 		b.Fatal(err)
@@ -149,19 +164,23 @@ func childCPU() (user, sys time.Duration) {
 func BenchmarkPrivilegedApplyOneChange5000Rules(b *testing.B) {
 	for _, bc := range backendCases {
 		b.Run(bc.name, func(b *testing.B) {
-			tp, m := benchTopo(b, bc, benchRules)
+			tp, m := benchTopo(b, bc, benchRules, false)
 			d := benchDesired()
 			var err error
 			var user0, sys0, user1, sys1 time.Duration
 			tp.node.Do(b, func() {
 				user0, sys0 = childCPU()
 				for b.Loop() {
-					if d.Rules[10].SourceIP == lb4 {
-						d.Rules[10].SourceIP = lb4b
+					if d.SNAT[10].Source == lb4 {
+						d.SNAT[10].Source = lb4b
 					} else {
-						d.Rules[10].SourceIP = lb4
+						d.SNAT[10].Source = lb4
 					}
-					if err = m.Apply(context.Background(), d); err != nil {
+					var failed map[string]error
+					if failed, err = m.Apply(context.Background(), d); err == nil && failed != nil {
+						err = fmt.Errorf("failed: %v", failed)
+					}
+					if err != nil {
 						return
 					}
 				}
@@ -192,7 +211,7 @@ func BenchmarkPrivilegedCheck5000Rules(b *testing.B) {
 				continue
 			}
 			b.Run(bc.name+"/"+variant, func(b *testing.B) {
-				tp, m := benchTopo(b, bc, benchRules)
+				tp, m := benchTopo(b, bc, benchRules, false)
 				forget := func() {}
 				if variant == "others-changed" {
 					forget = func() {

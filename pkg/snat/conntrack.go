@@ -22,55 +22,52 @@ func (netlinkConntrack) ConntrackDeleteFilters(table netlink.ConntrackTableType,
 	return netlink.ConntrackDeleteFilters(table, family, filters...)
 }
 
-// Flush selects the conntrack entries of one pod whose SNAT changed: an
-// entry established under the old rules keeps its old translation until it
-// is deleted. It implements netlink.CustomConntrackFilter.
-type Flush struct {
-	PodIP netip.Addr
-	// Ports limits the flush to these protocols and destination ports;
+// flush selects the conntrack entries of one pod whose treatment changed:
+// an entry established under the old rules keeps its old translation (or
+// none) until it is deleted. It implements netlink.CustomConntrackFilter.
+type flush struct {
+	pod netip.Addr
+	// ports limits the flush to these protocols and destination ports;
 	// empty means every destination port.
-	Ports []annotations.DestinationPort
-	// Exclude lists destinations whose entries are never deleted (pod and
-	// Service CIDRs: in-cluster flows are not SNATed by egressvip).
-	Exclude []netip.Prefix
+	ports []annotations.DestinationPort
+	// exclude lists destinations whose entries are never deleted (pod and
+	// Service CIDRs: in-cluster flows are not egressvip's). An entry is
+	// excluded when its original destination or, after a DNAT, its
+	// current one is inside.
+	exclude []netip.Prefix
 }
 
-var _ netlink.CustomConntrackFilter = Flush{}
-
-// protoNumbers maps protocols to their IP protocol numbers.
-var protoNumbers = map[annotations.Protocol]uint8{
-	annotations.TCP:  6,
-	annotations.UDP:  17,
-	annotations.SCTP: 132,
-}
+var _ netlink.CustomConntrackFilter = flush{}
 
 // MatchConntrackFlow says whether flow is one of the pod's entries towards
-// a destination outside Exclude, on one of Ports when Ports is set. SCTP
+// a destination outside exclude, on one of ports when ports is set. SCTP
 // entries, whose ports the netlink library does not read, match by
-// protocol when Ports has an SCTP port.
-func (f Flush) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+// protocol when ports has an SCTP port.
+func (f flush) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	src, ok1 := addrFromIP(flow.Forward.SrcIP)
 	dst, ok2 := addrFromIP(flow.Forward.DstIP)
-	if !ok1 || !ok2 || src != f.PodIP.Unmap() {
+	if !ok1 || !ok2 || src != f.pod.Unmap() {
 		return false
 	}
-	for _, p := range f.Exclude {
-		if p.Contains(dst) {
+	// The reply comes from where the connection was DNATed to.
+	cur, ok := addrFromIP(flow.Reverse.SrcIP)
+	for _, p := range f.exclude {
+		if p.Contains(dst) || (ok && p.Contains(cur)) {
 			return false
 		}
 	}
-	if len(f.Ports) == 0 {
+	if len(f.ports) == 0 {
 		return true
 	}
-	for _, p := range f.Ports {
+	for _, p := range f.ports {
 		if protoNumbers[p.Protocol] != flow.Forward.Protocol {
 			continue
 		}
 		// The netlink library reads ports of TCP and UDP entries only:
 		// an SCTP entry has DstPort 0. Its flows then go by protocol and
-		// addresses, so none survives a change of its pod's SNAT (other
-		// SCTP flows of the pod are deleted too, and re-created by
-		// their next packet under the same rules).
+		// addresses, so none survives a change of its pod's treatment
+		// (other SCTP flows of the pod are deleted too, and re-created
+		// by their next packet under the same rules).
 		if p.Port == flow.Forward.DstPort || (p.Protocol == annotations.SCTP && flow.Forward.DstPort == 0) {
 			return true
 		}
@@ -83,86 +80,63 @@ func addrFromIP(ip net.IP) (netip.Addr, bool) {
 	return a.Unmap(), ok
 }
 
-// translation is what a pod's rules do to its traffic: the source for all
-// traffic (when some rule has no ports) and per (protocol, port) otherwise.
-type translation struct {
-	all   netip.Addr
-	ports map[annotations.DestinationPort]netip.Addr
-}
-
-// translations computes, per pod, the source its packets get from the
-// rendered chain, honouring first-match order.
-func translations(d Desired) map[netip.Addr]*translation {
-	out := make(map[netip.Addr]*translation, len(d.Rules))
-	for _, r := range d.Rules {
-		t := out[r.PodIP]
-		if t == nil {
-			t = &translation{}
-			out[r.PodIP] = t
+// flushes returns, sorted by pod, the flushes needed when a family's pods
+// go from the plans prev to next: a pod whose treatment changed for some
+// traffic gets its entries for that traffic deleted: the ports whose
+// action changed, or all its entries when the action for all other
+// traffic, or a pod's clause chain, changed. Exclusions of both states
+// stay.
+func flushes(prev, next map[netip.Addr]*podPlan, exclude []netip.Prefix) []flush {
+	empty := &podPlan{}
+	var out []flush
+	seen := map[netip.Addr]bool{}
+	visit := func(pod netip.Addr) {
+		if seen[pod] {
+			return
 		}
-		if t.all.IsValid() {
-			continue // an earlier all-traffic rule shadows everything after it
-		}
-		if len(r.Ports) == 0 {
-			t.all = r.SourceIP
-			continue
-		}
-		if t.ports == nil {
-			t.ports = make(map[annotations.DestinationPort]netip.Addr, len(r.Ports))
-		}
-		for _, p := range r.Ports {
-			if _, seen := t.ports[p]; !seen {
-				t.ports[p] = r.SourceIP
-			}
-		}
-	}
-	return out
-}
-
-// ConntrackFlushes returns, sorted by pod, the flushes needed when the rules
-// of one family go from prev to next (both as forFamily returns them): a pod
-// whose translation changed for some traffic gets its entries for that
-// traffic deleted: the ports whose source changed, or all its entries when
-// the source for all other traffic changed. Exclusions of both states stay.
-func ConntrackFlushes(prev, next Desired) []Flush {
-	exclude := append(slices.Clone(prev.Exclude), next.Exclude...)
-	before, after := translations(prev), translations(next)
-	pods := map[netip.Addr]bool{}
-	for p := range before {
-		pods[p] = true
-	}
-	for p := range after {
-		pods[p] = true
-	}
-	var out []Flush
-	for pod := range pods {
-		b, a := before[pod], after[pod]
+		seen[pod] = true
+		b, a := prev[pod], next[pod]
 		if b == nil {
-			b = &translation{}
+			b = empty
 		}
 		if a == nil {
-			a = &translation{}
+			a = empty
 		}
-		if b.all != a.all {
-			out = append(out, Flush{PodIP: pod, Exclude: exclude})
-			continue
+		if sameTreatment(b, a) {
+			return
+		}
+		if b.digest != a.digest || b.all.action != a.all.action {
+			out = append(out, flush{pod: pod, exclude: exclude})
+			return
 		}
 		var ports []annotations.DestinationPort
-		for p, s := range b.ports {
-			if a.ports[p] != s {
-				ports = append(ports, p)
+		eff := func(p *podPlan, port annotations.DestinationPort) action {
+			if e, ok := p.ports[port]; ok {
+				return e.action
+			}
+			return p.all.action
+		}
+		for port := range b.ports {
+			if eff(b, port) != eff(a, port) {
+				ports = append(ports, port)
 			}
 		}
-		for p := range a.ports {
-			if _, ok := b.ports[p]; !ok {
-				ports = append(ports, p)
+		for port := range a.ports {
+			if _, ok := b.ports[port]; !ok && eff(b, port) != eff(a, port) {
+				ports = append(ports, port)
 			}
 		}
 		if len(ports) > 0 {
 			slices.SortFunc(ports, comparePort)
-			out = append(out, Flush{PodIP: pod, Ports: ports, Exclude: exclude})
+			out = append(out, flush{pod: pod, ports: ports, exclude: exclude})
 		}
 	}
-	slices.SortFunc(out, func(x, y Flush) int { return x.PodIP.Compare(y.PodIP) })
+	for pod := range prev {
+		visit(pod)
+	}
+	for pod := range next {
+		visit(pod)
+	}
+	slices.SortFunc(out, func(x, y flush) int { return x.pod.Compare(y.pod) })
 	return out
 }

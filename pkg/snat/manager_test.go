@@ -1,109 +1,74 @@
 package snat
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
-	"github.com/sirupsen/logrus"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/vishvananda/netlink"
+	"sigs.k8s.io/knftables"
 )
 
-// fakeConntrack records the filters of each delete call.
-type fakeConntrack struct {
-	mu    sync.Mutex
-	calls map[netlink.InetFamily][][]Flush
-	err   error
-}
-
-func (f *fakeConntrack) ConntrackDeleteFilters(_ netlink.ConntrackTableType, fam netlink.InetFamily, filters ...netlink.CustomConntrackFilter) (uint, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.calls == nil {
-		f.calls = map[netlink.InetFamily][][]Flush{}
-	}
-	var fl []Flush
-	for _, x := range filters {
-		fl = append(fl, x.(Flush))
-	}
-	f.calls[fam] = append(f.calls[fam], fl)
-	return uint(len(filters)), f.err
-}
-
-// pods returns the pods flushed in all calls for a family.
-func (f *fakeConntrack) pods(fam netlink.InetFamily) []netip.Addr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	var out []netip.Addr
-	for _, c := range f.calls[fam] {
-		for _, fl := range c {
-			out = append(out, fl.PodIP)
-		}
-	}
-	return out
-}
+// The iptables backends on Fake runners (their fence on FakeNFTs).
 
 func newFakeManager(t *testing.T, fakes [2]*Fake, ct Conntrack) *Manager {
 	t.Helper()
 	if ct == nil {
 		ct = &fakeConntrack{}
 	}
-	log := logrus.New()
-	log.SetOutput(t.Output())
-	log.SetLevel(logrus.DebugLevel)
-	m, err := New(Config{Log: logrus.NewEntry(log), Runners: [2]Runner{fakes[IPv4], fakes[IPv6]}, Conntrack: ct})
+	m, err := New(Config{Log: testLog(t), Runners: [2]Runner{fakes[IPv4], fakes[IPv6]}, Conntrack: ct})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return m
 }
 
-func dualStack(ports ...annotations.DestinationPort) Desired {
-	return Desired{
-		Rules: []Rule{
-			{Service: "default/sip", PodIP: pod4, SourceIP: lb4, Ports: ports},
-			{Service: "default/sip", PodIP: pod6, SourceIP: lb6, Ports: ports},
-		},
-		Exclude: []netip.Prefix{podNet4, svcNet4, podNet6},
-	}
+func iptFakes() [2]*Fake { return [2]*Fake{NewFake(), NewFake()} }
+
+func ipTrace(f *Fake, src, dst netip.Addr, proto annotations.Protocol, port uint16) verdict {
+	return traceIPT(f, nil, protoPkt(src, dst, proto, port))
 }
 
-// hookFirst asserts that nat POSTROUTING starts with our only hook.
+// hookFirst asserts that nat POSTROUTING starts with our only hook, and
+// the raw and mangle PREROUTING ones too.
 func hookFirst(t *testing.T, f *Fake) {
 	t.Helper()
-	rules, _ := f.List("POSTROUTING")
-	var hooks []int
-	for i, r := range rules {
-		if strings.Contains(r, "-j "+Chain) {
-			hooks = append(hooks, i+1)
+	for _, h := range (datapathOptions{}).hooks() {
+		rules := f.List(h.table, h.chain)
+		var at []int
+		for i, r := range rules {
+			if strings.Contains(r, "-j "+h.target) {
+				at = append(at, i+1)
+			}
 		}
-	}
-	if !slices.Equal(hooks, []int{1}) {
-		t.Errorf("want exactly one hook at position 1, POSTROUTING:\n%s", strings.Join(rules, "\n"))
+		if !slices.Equal(at, []int{1}) {
+			t.Errorf("want exactly one hook at position 1 of %s %s:\n%s", h.table, h.chain, strings.Join(rules, "\n"))
+		}
 	}
 }
 
 func TestApplyWritesOncePerChange(t *testing.T) {
-	fakes := [2]*Fake{NewFake(), NewFake()}
+	fakes := iptFakes()
 	ct := &fakeConntrack{}
 	m := newFakeManager(t, fakes, ct)
 	ctx := t.Context()
 
-	must(t, m.Apply(ctx, dualStack()))
+	noFail(t)(m.Apply(ctx, dualStack()))
 	for _, f := range Families {
 		if fakes[f].Restores != 1 {
 			t.Errorf("%s: %d restores after first Apply, want 1", f, fakes[f].Restores)
 		}
 		hookFirst(t, fakes[f])
 	}
-	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+	if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 		t.Errorf("IPv4 packet %s", got)
 	}
-	if got := fakes[IPv6].Trace(pod6, ext6, annotations.UDP, 5060); got.Source != lb6 {
+	if got := ipTrace(fakes[IPv6], pod6, ext6, annotations.UDP, 5060); !got.leaves(lb6) {
 		t.Errorf("IPv6 packet %s", got)
 	}
 	if got := ct.pods(netlink.FAMILY_V4); !slices.Equal(got, []netip.Addr{pod4}) {
@@ -111,7 +76,7 @@ func TestApplyWritesOncePerChange(t *testing.T) {
 	}
 
 	// Same state: no write, no flush.
-	must(t, m.Apply(ctx, dualStack()))
+	noFail(t)(m.Apply(ctx, dualStack()))
 	for _, f := range Families {
 		if fakes[f].Restores != 1 {
 			t.Errorf("%s: unchanged Apply wrote (%d restores)", f, fakes[f].Restores)
@@ -121,21 +86,21 @@ func TestApplyWritesOncePerChange(t *testing.T) {
 		t.Errorf("unchanged Apply flushed conntrack (%d pods in total)", n)
 	}
 
-	// Only IPv4 changes: only IPv4 is written.
+	// Only IPv4 changes: only IPv4 is written, only its nat table.
 	d := dualStack()
-	d.Rules[0].Ports = []annotations.DestinationPort{udp5060}
-	must(t, m.Apply(ctx, d))
+	d.SNAT[0].Filter = ports(udp5060)
+	noFail(t)(m.Apply(ctx, d))
 	if fakes[IPv4].Restores != 2 || fakes[IPv6].Restores != 1 {
 		t.Errorf("restores = %d/%d, want 2/1", fakes[IPv4].Restores, fakes[IPv6].Restores)
 	}
-	if got := fakes[IPv4].Trace(pod4, ext4, annotations.TCP, 8080); got.Source != pod4 {
+	if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.TCP, 8080); !got.leaves(pod4) {
 		t.Errorf("after ports filter, TCP packet %s", got)
 	}
 
 	// Everything removed: chains stay, empty, and hooked.
-	must(t, m.Apply(ctx, Desired{}))
+	noFail(t)(m.Apply(ctx, model.Datapath{}))
 	for _, f := range Families {
-		if rules, _ := fakes[f].List(Chain); len(rules) != 0 {
+		if rules := fakes[f].List("nat", Chain); len(rules) != 1 || !strings.Contains(rules[0], steeredComment) {
 			t.Errorf("%s: stale rules %v", f, rules)
 		}
 		hookFirst(t, fakes[f])
@@ -147,56 +112,69 @@ func TestApplyWritesOncePerChange(t *testing.T) {
 
 func TestApplyRepairsHook(t *testing.T) {
 	masq := []string{"-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"}
+	hook := splitWords(natHookSpec())
 	tests := []struct {
 		name    string
 		breakIt func(t *testing.T, f *Fake)
 	}{
 		{"rule inserted before the hook", func(t *testing.T, f *Fake) {
-			must(t, f.Insert("POSTROUTING", 1, masq...))
+			must(t, f.Insert("nat", "POSTROUTING", 1, masq...))
 		}},
 		{"hook deleted", func(t *testing.T, f *Fake) {
-			must(t, f.DeleteAt("POSTROUTING", 1))
+			must(t, f.DeleteAt("nat", "POSTROUTING", 1))
 		}},
 		{"hook deleted and chain gone", func(t *testing.T, f *Fake) {
-			must(t, f.DeleteAt("POSTROUTING", 1))
-			must(t, f.DeleteChain(Chain))
+			must(t, f.DeleteAt("nat", "POSTROUTING", 1))
+			must(t, f.DeleteChain("nat", Chain))
 		}},
 		{"hook duplicated behind a foreign rule", func(t *testing.T, f *Fake) {
-			must(t, f.Insert("POSTROUTING", 1, masq...))
-			must(t, f.Append("POSTROUTING", hookSpec...))
+			must(t, f.Insert("nat", "POSTROUTING", 1, masq...))
+			must(t, f.Append("nat", "POSTROUTING", hook...))
+		}},
+		{"raw hook behind a foreign rule", func(t *testing.T, f *Fake) {
+			must(t, f.Insert("raw", "PREROUTING", 1, "-j", "ACCEPT"))
+		}},
+		{"mangle hook deleted", func(t *testing.T, f *Fake) {
+			must(t, f.DeleteAt("mangle", "PREROUTING", 1))
+		}},
+		{"an old hook of ours left in FORWARD", func(t *testing.T, f *Fake) {
+			must(t, f.Restore(t.Context(), []byte("*mangle\n:EGRESSVIP-FWD - [0:0]\n-A FORWARD -j EGRESSVIP-FWD\nCOMMIT\n")))
 		}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			fakes := [2]*Fake{NewFake(), NewFake()}
-			must(t, fakes[IPv4].Append("POSTROUTING", "-m", "comment", "--comment", "foreign", "-j", "RETURN"))
+			fakes := iptFakes()
+			must(t, fakes[IPv4].Append("nat", "POSTROUTING", "-m", "comment", "--comment", "foreign", "-j", "RETURN"))
 			m := newFakeManager(t, fakes, nil)
-			must(t, m.Apply(t.Context(), dualStack()))
+			noFail(t)(m.Apply(t.Context(), dualStack()))
 			tc.breakIt(t, fakes[IPv4])
-			must(t, m.Apply(t.Context(), dualStack()))
+			noFail(t)(m.Apply(t.Context(), dualStack()))
 			hookFirst(t, fakes[IPv4])
-			if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+			if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 				t.Errorf("packet %s", got)
 			}
-			if rules, _ := fakes[IPv4].List("POSTROUTING"); !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "foreign") }) {
+			if rules := fakes[IPv4].List("nat", "POSTROUTING"); !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "foreign") }) {
 				t.Errorf("foreign rule lost: %v", rules)
+			}
+			if slices.Contains(fakes[IPv4].Chains("mangle"), ChainFwd) || len(fakes[IPv4].List("mangle", "FORWARD")) != 0 {
+				t.Errorf("a chain of ours without a tunnel device left:\n%s", fakes[IPv4].Dump())
 			}
 		})
 	}
 }
 
 func TestApplySeedsFromExistingChain(t *testing.T) {
-	fakes := [2]*Fake{NewFake(), NewFake()}
+	fakes := iptFakes()
 	first := newFakeManager(t, fakes, nil)
-	must(t, first.Apply(t.Context(), dualStack(udp5060)))
+	noFail(t)(first.Apply(t.Context(), dualStack(udp5060)))
 
 	t.Run("restart with unchanged rules writes and flushes nothing", func(t *testing.T) {
 		ct := &fakeConntrack{}
 		m := newFakeManager(t, fakes, ct)
-		must(t, m.Apply(t.Context(), dualStack(udp5060)))
+		noFail(t)(m.Apply(t.Context(), dualStack(udp5060)))
 		for _, f := range Families {
 			if fakes[f].Restores != 1 {
-				t.Errorf("%s: restart rewrote the chain (%d restores)", f, fakes[f].Restores)
+				t.Errorf("%s: restart rewrote the chains (%d restores)", f, fakes[f].Restores)
 			}
 		}
 		if len(ct.calls) != 0 {
@@ -206,21 +184,21 @@ func TestApplySeedsFromExistingChain(t *testing.T) {
 	t.Run("restart with changed ports flushes old and new port", func(t *testing.T) {
 		ct := &fakeConntrack{}
 		m := newFakeManager(t, fakes, ct)
-		must(t, m.Apply(t.Context(), dualStack(tcp8080)))
+		noFail(t)(m.Apply(t.Context(), dualStack(tcp8080)))
 		calls := ct.calls[netlink.FAMILY_V4]
-		if len(calls) != 1 || len(calls[0]) != 1 || !slices.Equal(calls[0][0].Ports, []annotations.DestinationPort{tcp8080, udp5060}) {
+		if len(calls) != 1 || len(calls[0]) != 1 || !slices.Equal(calls[0][0].ports, []annotations.DestinationPort{tcp8080, udp5060}) {
 			t.Errorf("IPv4 flushes %+v, want pod %s on tcp:8080 and udp:5060", calls, pod4)
 		}
 	})
 	t.Run("a chain edited by someone else is rewritten", func(t *testing.T) {
-		must(t, fakes[IPv4].Append(Chain, "-s", "10.244.9.9/32", "-j", "ACCEPT"))
+		must(t, fakes[IPv4].Append("nat", Chain, "-s", "10.244.9.9/32", "-j", "ACCEPT"))
 		before := fakes[IPv4].Restores
 		m := newFakeManager(t, fakes, nil)
-		must(t, m.Apply(t.Context(), dualStack(tcp8080)))
+		noFail(t)(m.Apply(t.Context(), dualStack(tcp8080)))
 		if fakes[IPv4].Restores != before+1 {
 			t.Errorf("edited chain not rewritten")
 		}
-		if rules, _ := fakes[IPv4].List(Chain); slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "10.244.9.9") }) {
+		if rules := fakes[IPv4].List("nat", Chain); slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "10.244.9.9") }) {
 			t.Errorf("foreign rule in our chain survived: %v", rules)
 		}
 	})
@@ -228,14 +206,14 @@ func TestApplySeedsFromExistingChain(t *testing.T) {
 
 func TestApplyErrors(t *testing.T) {
 	t.Run("restore error is wrapped and retried", func(t *testing.T) {
-		fakes := [2]*Fake{NewFake(), NewFake()}
+		fakes := iptFakes()
 		ct := &fakeConntrack{}
 		m := newFakeManager(t, fakes, ct)
 		stderr := errors.New("iptables-restore: line 3 failed")
 		fakes[IPv4].RestoreErr = stderr
-		err := m.Apply(t.Context(), dualStack())
-		if !errors.Is(err, stderr) || !strings.Contains(err.Error(), "line 3 failed") || !strings.Contains(err.Error(), "IPv4") {
-			t.Fatalf("Apply error = %v", err)
+		failed, err := m.Apply(t.Context(), dualStack())
+		if err != nil || !errors.Is(failed["default/sip"], stderr) || !strings.Contains(failed["default/sip"].Error(), "IPv4") {
+			t.Fatalf("Apply = %v, %v; want default/sip failed in IPv4", failed, err)
 		}
 		if len(ct.pods(netlink.FAMILY_V4)) != 0 {
 			t.Error("conntrack flushed although the rules were not written")
@@ -244,20 +222,21 @@ func TestApplyErrors(t *testing.T) {
 			t.Error("IPv6 not written because IPv4 failed")
 		}
 		fakes[IPv4].RestoreErr = nil
-		must(t, m.Apply(t.Context(), dualStack()))
+		noFail(t)(m.Apply(t.Context(), dualStack()))
 		if fakes[IPv4].Restores != 1 || len(ct.pods(netlink.FAMILY_V4)) != 1 {
 			t.Errorf("retry: %d restores, flushed %v", fakes[IPv4].Restores, ct.pods(netlink.FAMILY_V4))
 		}
 	})
-	t.Run("conntrack error is retried on the next sync", func(t *testing.T) {
-		fakes := [2]*Fake{NewFake(), NewFake()}
+	t.Run("conntrack error fails the Service and is retried on the next sync", func(t *testing.T) {
+		fakes := iptFakes()
 		ct := &fakeConntrack{err: errors.New("netlink: permission denied")}
 		m := newFakeManager(t, fakes, ct)
-		if err := m.Apply(t.Context(), dualStack()); err == nil || !strings.Contains(err.Error(), "permission denied") {
-			t.Fatalf("Apply error = %v", err)
+		failed, err := m.Apply(t.Context(), dualStack())
+		if err != nil || failed["default/sip"] == nil || !strings.Contains(failed["default/sip"].Error(), "permission denied") {
+			t.Fatalf("Apply = %v, %v", failed, err)
 		}
 		ct.err = nil
-		must(t, m.Apply(t.Context(), dualStack()))
+		noFail(t)(m.Apply(t.Context(), dualStack()))
 		if got := ct.pods(netlink.FAMILY_V4); len(got) != 2 {
 			t.Errorf("flush not retried: %v", got)
 		}
@@ -268,21 +247,35 @@ func TestApplyErrors(t *testing.T) {
 }
 
 func TestCleanup(t *testing.T) {
-	fakes := [2]*Fake{NewFake(), NewFake()}
+	fakes := iptFakes()
 	for _, f := range fakes {
-		must(t, f.Append("POSTROUTING", "-j", "MASQUERADE"))
-		must(t, f.Append("POSTROUTING", "-m", "comment", "--comment", "someone-else", "-j", "RETURN"))
+		must(t, f.Append("nat", "POSTROUTING", "-j", "MASQUERADE"))
+		must(t, f.Append("nat", "POSTROUTING", "-m", "comment", "--comment", "someone-else", "-j", "RETURN"))
+		must(t, f.Append("mangle", "PREROUTING", "-m", "comment", "--comment", "someone-else", "-j", "RETURN"))
 	}
-	before := [2]string{string(fakes[0].Table().Save()), string(fakes[1].Table().Save())}
+	before := [2]string{fakes[0].Dump(), fakes[1].Dump()}
 	m := newFakeManager(t, fakes, nil)
-	must(t, m.Apply(t.Context(), dualStack()))
-	if got, err := m.Services(t.Context()); err != nil || !slices.Equal(got, []string{"default/sip"}) {
+	d := dualStack()
+	d.SNAT = append(d.SNAT, model.SNATRule{Service: "f/f", Pod: podF, Source: lb4, Filter: model.Filter{Allow: prefixes("198.51.100.0/24")}})
+	d.Steer = []model.SteerRule{{Service: "s/s", Pod: pod4b, Filter: model.Filter{Deny: prefixes("198.51.100.9/32")}}}
+	d.Gate = &model.Gate{PodCIDRs: []netip.Prefix{podNet4}}
+	noFail(t)(m.Apply(t.Context(), d))
+	if got, err := m.Services(t.Context()); err != nil || !slices.Equal(got, []string{"default/sip", "f/f", "s/s"}) {
 		t.Errorf("Services = %v, %v", got, err)
 	}
 	must(t, m.Cleanup())
 	for _, f := range Families {
-		if got := string(fakes[f].Table().Save()); got != before[f] {
-			t.Errorf("%s after Cleanup:\n%s\nwant:\n%s", f, got, before[f])
+		got := fakes[f].Dump()
+		// Tables egressvip created stay, empty, as in the kernel.
+		for _, tbl := range []string{"raw", "mangle", "nat"} {
+			for _, c := range fakes[f].Chains(tbl) {
+				if strings.HasPrefix(c, ChainPrefix) {
+					t.Errorf("%s: %s chain %s left:\n%s", f, tbl, c, got)
+				}
+			}
+		}
+		if !strings.Contains(got, before[f][strings.Index(before[f], "-A"):strings.Index(before[f], "COMMIT")]) {
+			t.Errorf("%s after Cleanup:\n%s\nwant the foreign rules of:\n%s", f, got, before[f])
 		}
 	}
 	if got, _ := m.Services(t.Context()); len(got) != 0 {
@@ -290,7 +283,7 @@ func TestCleanup(t *testing.T) {
 	}
 	// Cleanup of nothing is fine; Apply afterwards starts again.
 	must(t, m.Cleanup())
-	must(t, m.Apply(t.Context(), dualStack()))
+	noFail(t)(m.Apply(t.Context(), dualStack()))
 	hookFirst(t, fakes[IPv4])
 }
 
@@ -314,68 +307,63 @@ func TestNewMissingBinary(t *testing.T) {
 }
 
 func TestRecheckRepairsAFlushedChain(t *testing.T) {
-	fakes := [2]*Fake{NewFake(), NewFake()}
+	fakes := iptFakes()
 	m := newFakeManager(t, fakes, nil)
 	ctx := t.Context()
-	must(t, m.Apply(ctx, dualStack()))
+	noFail(t)(m.Apply(ctx, dualStack()))
 
-	// Someone flushes our chain but leaves the hook.
-	for {
-		rules, _ := fakes[IPv4].List(Chain)
-		if len(rules) == 0 {
-			break
-		}
-		must(t, fakes[IPv4].DeleteAt(Chain, 1))
-	}
-	must(t, m.Apply(ctx, dualStack()))
-	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source == lb4 {
+	// Someone flushes our chain but leaves the hook; an Apply that is
+	// told nothing trusts its last write.
+	must(t, fakes[IPv4].Flush("nat", Chain))
+	if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); got.leaves(lb4) {
 		t.Fatal("test setup: the flush did not take")
 	}
-
 	m.Recheck()
-	must(t, m.Apply(ctx, dualStack()))
-	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+	noFail(t)(m.Apply(ctx, dualStack()))
+	if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 		t.Fatalf("after Recheck, packet %s", got)
 	}
 	if fakes[IPv6].Restores != 1 {
-		t.Fatalf("Recheck rewrote the unchanged IPv6 chain (%d restores)", fakes[IPv6].Restores)
+		t.Fatalf("Recheck rewrote the unchanged IPv6 chains (%d restores)", fakes[IPv6].Restores)
 	}
 }
 
 func TestApplyIgnoresAnUnusableFamilyWithoutRules(t *testing.T) {
-	fakes := [2]*Fake{NewFake(), NewFake()}
+	fakes := iptFakes()
 	fakes[IPv6].RestoreErr = errors.New("ip6tables-restore: can't initialize ip6tables table `nat'")
 	m := newFakeManager(t, fakes, nil)
 	ctx := t.Context()
 
 	ipv4Only := dualStack()
-	ipv4Only.Rules = ipv4Only.Rules[:1]
-	if err := m.Apply(ctx, ipv4Only); err != nil {
-		t.Fatalf("IPv4-only rules on a node without IPv6 NAT: %v", err)
-	}
-	if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+	ipv4Only.SNAT = ipv4Only.SNAT[:1]
+	noFail(t)(m.Apply(ctx, ipv4Only))
+	if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 		t.Fatalf("IPv4 packet %s", got)
 	}
-	if err := m.Apply(ctx, dualStack()); err == nil || !strings.Contains(err.Error(), "IPv6") {
-		t.Fatalf("an IPv6 rule that cannot be written must fail, got %v", err)
+	if ok, err := m.Check(ctx); !ok || err != nil {
+		t.Fatalf("Check = %v, %v; the unusable family is not checked", ok, err)
+	}
+	failed, err := m.Apply(ctx, dualStack())
+	if err != nil || failed["default/sip"] == nil || !strings.Contains(failed["default/sip"].Error(), "IPv6") {
+		t.Fatalf("an IPv6 rule that cannot be written must fail its Service, got %v, %v", failed, err)
 	}
 }
 
 // racingRunner inserts a foreign rule at position 1 of nat POSTROUTING
-// right after the Manager listed it, before its restore: a CNI writing at
-// the same moment.
+// right after the Manager read the tables, before its restore: a CNI
+// writing at the same moment.
 type racingRunner struct {
 	*Fake
 	race func()
 }
 
-func (r *racingRunner) List(chain string) ([]string, error) {
-	rules, err := r.Fake.List(chain)
-	if chain == hookChain && r.race != nil {
+func (r *racingRunner) Save(ctx context.Context) ([]byte, error) {
+	out, err := r.Fake.Save(ctx)
+	if r.race != nil {
 		r.race()
 		r.race = nil
 	}
-	return rules, err
+	return out, err
 }
 
 // TestApplyRepairsHookBySpec: the hook is repaired by rule spec in the
@@ -389,12 +377,13 @@ func TestApplyRepairsHookBySpec(t *testing.T) {
 	m, err := New(Config{Log: testLog(t), Runners: [2]Runner{racer, NewFake()}, Conntrack: &fakeConntrack{}})
 	must(t, err)
 	ctx := t.Context()
-	must(t, m.Apply(ctx, dualStack()))
-	must(t, fake.Insert("POSTROUTING", 1, masqA...)) // our hook is now second
-	racer.race = func() { must(t, fake.Insert("POSTROUTING", 1, masqB...)) }
-	must(t, m.Apply(ctx, dualStack()))
+	noFail(t)(m.Apply(ctx, dualStack()))
+	must(t, fake.Insert("nat", "POSTROUTING", 1, masqA...)) // our hook is now second
+	racer.race = func() { must(t, fake.Insert("nat", "POSTROUTING", 1, masqB...)) }
+	m.Recheck()
+	noFail(t)(m.Apply(ctx, dualStack()))
 	hookFirst(t, fake)
-	rules, _ := fake.List("POSTROUTING")
+	rules := fake.List("nat", "POSTROUTING")
 	for _, c := range []string{"cni-a", "cni-b"} {
 		if !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, c) }) {
 			t.Errorf("rule %s lost by the hook repair:\n%s", c, strings.Join(rules, "\n"))
@@ -403,7 +392,7 @@ func TestApplyRepairsHookBySpec(t *testing.T) {
 	if len(rules) != 3 {
 		t.Errorf("want hook, cni-b, cni-a:\n%s", strings.Join(rules, "\n"))
 	}
-	if got := fake.Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+	if got := ipTrace(fake, pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 		t.Errorf("packet %s", got)
 	}
 }
@@ -415,41 +404,37 @@ func TestCheckIPTables(t *testing.T) {
 		breakIt func(t *testing.T, f *Fake)
 	}{
 		{"MASQUERADE inserted before the hook", func(t *testing.T, f *Fake) {
-			must(t, f.Insert("POSTROUTING", 1, masq...))
+			must(t, f.Insert("nat", "POSTROUTING", 1, masq...))
 		}},
-		{"hook deleted", func(t *testing.T, f *Fake) { must(t, f.DeleteAt("POSTROUTING", 1)) }},
-		{"hook duplicated", func(t *testing.T, f *Fake) { must(t, f.Append("POSTROUTING", hookSpec...)) }},
+		{"hook deleted", func(t *testing.T, f *Fake) { must(t, f.DeleteAt("nat", "POSTROUTING", 1)) }},
+		{"hook duplicated", func(t *testing.T, f *Fake) {
+			must(t, f.Append("nat", "POSTROUTING", splitWords(natHookSpec())...))
+		}},
 		{"hook and chain deleted", func(t *testing.T, f *Fake) {
-			must(t, f.DeleteAt("POSTROUTING", 1))
-			must(t, f.DeleteChain(Chain))
+			must(t, f.DeleteAt("nat", "POSTROUTING", 1))
+			must(t, f.DeleteChain("nat", Chain))
 		}},
-		{"chain flushed", func(t *testing.T, f *Fake) {
-			for range 10 {
-				must(t, f.DeleteAt(Chain, 1))
-				if rules, _ := f.List(Chain); len(rules) == 0 {
-					return
-				}
-			}
-		}},
-		{"last rule deleted", func(t *testing.T, f *Fake) {
-			rules, _ := f.List(Chain)
-			must(t, f.DeleteAt(Chain, len(rules)))
-		}},
+		{"chain flushed", func(t *testing.T, f *Fake) { must(t, f.Flush("nat", Chain)) }},
+		{"a rule deleted", func(t *testing.T, f *Fake) { must(t, f.DeleteAt("nat", Chain, 2)) }},
 		{"last rule changed", func(t *testing.T, f *Fake) {
-			rules, _ := f.List(Chain)
-			must(t, f.DeleteAt(Chain, len(rules)))
-			must(t, f.Append(Chain, "-s", "10.244.1.5/32", "-j", "SNAT", "--to-source", "203.0.113.99"))
+			rules := f.List("nat", Chain)
+			must(t, f.DeleteAt("nat", Chain, len(rules)))
+			must(t, f.Append("nat", Chain, "-s", "10.244.1.5/32", "-j", "SNAT", "--to-source", "203.0.113.99"))
+		}},
+		{"anti-spoofing chain flushed", func(t *testing.T, f *Fake) { must(t, f.Flush("raw", ChainRaw)) }},
+		{"mangle hook behind a new rule", func(t *testing.T, f *Fake) {
+			must(t, f.Insert("mangle", "PREROUTING", 1, "-j", "RETURN"))
 		}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			fakes := [2]*Fake{NewFake(), NewFake()}
+			fakes := iptFakes()
 			m := newFakeManager(t, fakes, nil)
 			ctx := t.Context()
 			if ok, err := m.Check(ctx); !ok || err != nil {
 				t.Fatalf("Check before any Apply = %v, %v; want true (nothing written)", ok, err)
 			}
-			must(t, m.Apply(ctx, dualStack(udp5060)))
+			noFail(t)(m.Apply(ctx, dualStack(udp5060)))
 			if ok, err := m.Check(ctx); !ok || err != nil {
 				t.Fatalf("Check after Apply = %v, %v", ok, err)
 			}
@@ -458,36 +443,45 @@ func TestCheckIPTables(t *testing.T) {
 				t.Fatalf("Check did not notice")
 			}
 			m.Recheck()
-			must(t, m.Apply(ctx, dualStack(udp5060)))
+			noFail(t)(m.Apply(ctx, dualStack(udp5060)))
 			if ok, err := m.Check(ctx); !ok || err != nil {
 				t.Fatalf("Check after repair = %v, %v", ok, err)
 			}
 			hookFirst(t, fakes[IPv4])
-			if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+			if got := ipTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 				t.Errorf("after repair, packet %s", got)
 			}
 		})
 	}
 }
 
-func TestCheckIPTablesEmptyChain(t *testing.T) {
-	fakes := [2]*Fake{NewFake(), NewFake()}
-	m := newFakeManager(t, fakes, nil)
-	ctx := t.Context()
-	must(t, m.Apply(ctx, Desired{}))
-	if ok, err := m.Check(ctx); !ok || err != nil {
+// TestIPTablesFence: the iptables backends keep the fence in an nftables
+// table of their own; Check covers it, Cleanup removes it.
+func TestIPTablesFence(t *testing.T) {
+	n := newNode(t, BackendIPTablesLegacy, Config{})
+	n.apply(t, dualStack())
+	p := udpPkt(pod4, ext4, 53)
+	p.local = []netip.Addr{node4}
+	if got := n.trace(p); !got.dropped || !strings.Contains(got.rule, "fib saddr type != local") {
+		t.Errorf("SNAT to an address the node does not hold: %s", got)
+	}
+	p.local = append(p.local, lb4)
+	if got := n.trace(p); !got.leaves(lb4) {
+		t.Errorf("SNAT to an address the node holds: %s", got)
+	}
+	if ok, err := n.m.Check(t.Context()); !ok || err != nil {
 		t.Fatalf("Check = %v, %v", ok, err)
 	}
-	must(t, fakes[IPv6].DeleteAt("POSTROUTING", 1))
-	must(t, fakes[IPv6].DeleteChain(Chain))
-	if ok, _ := m.Check(ctx); ok {
-		t.Fatal("Check did not notice the empty chain and its hook gone")
+	foreignRun(t, n.nft[IPv4], func(tx *knftables.Transaction) { tx.Flush(&knftables.Chain{Name: nftFence}) })
+	if ok, _ := n.m.Check(t.Context()); ok {
+		t.Error("Check did not notice the fence flushed")
 	}
-}
-
-func testLog(t testing.TB) *logrus.Entry {
-	log := logrus.New()
-	log.SetOutput(t.Output())
-	log.SetLevel(logrus.DebugLevel)
-	return logrus.NewEntry(log)
+	must(t, n.m.Cleanup())
+	for _, f := range n.nft {
+		f.RLock()
+		if f.Table != nil {
+			t.Errorf("%s: fence table left", f.family)
+		}
+		f.RUnlock()
+	}
 }

@@ -16,49 +16,131 @@ import (
 	"sigs.k8s.io/knftables"
 )
 
-// What egressvip owns in nftables: one table named TableName in each of the
-// ip and ip6 families, nothing else. Per family:
+// What the nftables backend owns: one table named TableName in each of the
+// ip and ip6 families, nothing else. Per family (ip6: ip6 and ipv6_addr),
+// with Config's defaults, a tunnel device evx0 and tunnel port 4789:
 //
 //	table ip egressvip {
-//		comment "egressvip: egress SNAT"
-//		set exclude { type ipv4_addr; flags interval; }              # pod and Service CIDRs
+//		set exclude { type ipv4_addr; flags interval; }     # Datapath.Exclude
+//		set pods { type ipv4_addr; }                        # pods of every rule
+//		set gate-cidrs { type ipv4_addr; flags interval; }  # Gate.PodCIDRs
+//		set gate-known { type ipv4_addr; }                  # Gate.Known
+//		set tunnel-guard { type ipv4_addr; flags interval; }
+//		set fenced { type ipv4_addr; }                      # Datapath.Fenced
+//		map pre-ports { type ipv4_addr . inet_proto . inet_service : verdict; }
+//		map pre-all { type ipv4_addr : verdict; }
+//		map snat-chains { type ipv4_addr : verdict; }
 //		map snat-ports { type ipv4_addr . inet_proto . inet_service : ipv4_addr; }
 //		map snat-all { type ipv4_addr : ipv4_addr; }
-//		chain postrouting {
-//			type nat hook postrouting priority 90; policy accept;   # srcnat - 10
+//		chain prerouting {
+//			type filter hook prerouting priority filter; policy accept;   # after kube-proxy's DNAT
+//			udp dport 4789 ip saddr @tunnel-guard drop
+//			ip saddr @pods iifname != "evx0" fib saddr . iif oif missing drop
 //			ip daddr @exclude return
+//			ct original ip daddr @exclude return
+//			ip saddr @gate-cidrs ip saddr != @gate-known ip saddr != @pods drop
+//			ip saddr . meta l4proto . th dport vmap @pre-ports   # drop | goto steer | accept
+//			ip saddr vmap @pre-all                               # drop | goto steer | goto pre-<digest>
+//		}
+//		chain steer { meta mark set meta mark | 0x1000; }
+//		chain postrouting {
+//			type nat hook postrouting priority srcnat - 10; policy accept;
+//			meta mark & 0x1000 == 0x1000 snat to ip saddr       # steered: no NAT on this node
+//			ip daddr @exclude return
+//			ct original ip daddr @exclude return
+//			ip saddr vmap @snat-chains                           # goto snat-<digest>
 //			snat to ip saddr . meta l4proto . th dport map @snat-ports
 //			snat to ip saddr map @snat-all
 //		}
+//		chain forward {                                          # with a tunnel device
+//			type filter hook forward priority filter; policy accept;
+//			oifname "evx0" meta mark & 0x1000 == 0x1000 tcp flags syn / syn,rst tcp option maxseg size set rt mtu
+//		}
+//		chain fence {
+//			type filter hook postrouting priority srcnat + 10; policy accept;
+//			ip saddr @fenced fib saddr type != local drop
+//		}
+//		chain pre-<digest> { ip daddr { 198.51.100.0/24 } ip daddr != { 198.51.100.9 } meta l4proto . th dport { udp . 5060 } goto steer; ... }
+//		chain snat-<digest> { ip daddr { 198.51.100.0/24 } snat to 203.0.113.10; ... }
 //	}
 //
-// Every map element carries its Service ("namespace/name") as comment. A new
-// connection costs one set lookup and at most two map lookups, whatever the
-// number of Services. The chain's priority (NFTPriority, 90) runs it before
-// iptables' nat POSTROUTING and kube-proxy's nftables nat-postrouting chain
-// (both srcnat, 100): the kernel stops at the first nat chain that sets up a
-// source translation, so no rule that iptables, kube-proxy or a CNI adds at
-// srcnat priority, at any position, can come first. Excluded destinations
-// and pods without an element fall through to them.
+// Pods whose rules have no destination prefix (the common case) are map
+// elements: a new connection costs a few set and map lookups whatever the
+// number of Services. A pod with prefixes in a rule jumps, by one map
+// lookup, to a chain holding its rules in order, named after their digest
+// and shared by the pods with equal rules. Every map element and chain rule
+// carries its Service ("namespace/name") as comment.
+//
+// Anti-spoofing: a packet whose source is the pod of any rule (SNAT, also
+// Remote, steer, hold) is dropped unless it arrived through the interface
+// the node routes that address to (strict reverse path), or on the tunnel
+// device. So a Remote pod's traffic steered over the node network must
+// arrive where the node routes the pod's range (true of routed, host-gw
+// style pod networks); with an overlay CNI, steer through the tunnel.
+// The gate treats the pods of rules as known.
+//
+// The nat chain's priority (NFTPriority, 90) runs it before iptables' nat
+// POSTROUTING and kube-proxy's nftables nat-postrouting chain (both srcnat,
+// 100): the kernel stops at the first nat chain that sets up a source
+// translation, so no rule that iptables, kube-proxy or a CNI adds at srcnat
+// priority, at any position, can come first. Steered packets get a null
+// SNAT there, which sets up their translation (none) so that no later nat
+// chain masquerades them. The fence runs after every translation (the
+// kernel rewrites addresses at srcnat, 100, whatever its nat chains'
+// priorities).
 const (
-	// TableName is egressvip's table in the ip and the ip6 family.
+	// TableName is the nftables backend's table in the ip and the ip6
+	// family.
 	TableName = "egressvip"
-	// NFTPriority is the priority of the postrouting base chain: srcnat - 10,
-	// which knftables writes as 90.
+	// NFTPriority is the priority of the nat postrouting base chain:
+	// srcnat - 10, which knftables writes as 90.
 	NFTPriority = knftables.SNATPriority + "-10"
+	// FencePriority is the priority of the fence: srcnat + 10 (110), after
+	// the source translation.
+	FencePriority = knftables.SNATPriority + "+10"
 	// TableComment is the comment of the table.
-	TableComment = "egressvip: egress SNAT"
+	TableComment = "egressvip: egress datapath"
 
-	nftChain     = "postrouting"
-	nftExclude   = "exclude"
-	nftSNATPorts = "snat-ports"
-	nftSNATAll   = "snat-all"
+	nftPrerouting  = "prerouting"
+	nftPostrouting = "postrouting"
+	nftSteer       = "steer"
+	nftForward     = "forward"
+	nftFence       = "fence"
+
+	nftExclude    = "exclude"
+	nftPods       = "pods"
+	nftGateCIDRs  = "gate-cidrs"
+	nftGateKnown  = "gate-known"
+	nftGuard      = "tunnel-guard"
+	nftNodeIfaces = "node-ifaces"
+	nftFenced     = "fenced"
+	nftPrePorts   = "pre-ports"
+	nftPreAll     = "pre-all"
+	nftSNATChain  = "snat-chains"
+	nftSNATPorts  = "snat-ports"
+	nftSNATAll    = "snat-all"
+
+	// Prefixes of the clause chains, followed by a digest.
+	nftPreChainPrefix  = "pre-"
+	nftSNATChainPrefix = "snat-"
+)
+
+// Comments of egressvip's own rules; Services are never named like this.
+const (
+	// ExcludeComment marks the rules that return for excluded
+	// destinations.
+	ExcludeComment   = "egressvip: excluded destination"
+	antiSpoofComment = "egressvip: anti-spoofing"
+	guardComment     = "egressvip: tunnel guard"
+	gateComment      = "egressvip: gate"
+	steeredComment   = "egressvip: steered, no NAT here"
+	mssComment       = "egressvip: MSS clamp of steered SYNs"
+	fenceComment     = "egressvip: fence"
 )
 
 // NFTables is the kernel side of one family's egressvip table: knftables for
 // transactions and reads, plus the two reads the cheap check needs. The real
-// one runs the nft binary in the network namespace of the calling thread;
-// FakeNFT keeps a knftables.Fake.
+// one runs the nft binary in the network namespace of the calling thread.
 type NFTables interface {
 	knftables.Interface
 	// Fingerprint returns a digest of everything the table holds: equal
@@ -81,14 +163,15 @@ func knftFamily(f Family) knftables.Family {
 type realNFT struct {
 	knftables.Interface
 	family knftables.Family
+	table  string
 }
 
-func newRealNFT(f Family) (*realNFT, error) {
-	nft, err := knftables.New(knftFamily(f), TableName)
+func newRealNFT(f Family, table string) (*realNFT, error) {
+	nft, err := knftables.New(knftFamily(f), table)
 	if err != nil {
 		return nil, err
 	}
-	return &realNFT{Interface: nft, family: knftFamily(f)}, nil
+	return &realNFT{Interface: nft, family: knftFamily(f), table: table}, nil
 }
 
 // ErrNoTable is the error of a table that does not exist (NFTables
@@ -109,123 +192,108 @@ func (n *realNFT) Fingerprint(context.Context) ([]byte, error) {
 	if n.family == knftables.IPv6Family {
 		fam = unix.NFPROTO_IPV6
 	}
-	return nftFingerprint(fam, TableName)
+	return nftFingerprint(fam, n.table)
 }
 
 func (n *realNFT) Generation() (uint32, error) { return nftGeneration() }
 
-// nftElem is one map element: key components, value and comment.
+// datapathOptions are the parts of Config the rules are written with.
+type datapathOptions struct {
+	mark         uint32
+	tunnelDevice string
+	tunnelPort   uint16
+}
+
+func (o datapathOptions) markString() string { return "0x" + strconv.FormatUint(uint64(o.mark), 16) }
+
+// nftElem is one set or map element: key components, value and comment.
 type nftElem struct {
 	key     []string
 	value   string
 	comment string
 }
 
-// nftContent is what the table of one family holds, as written.
+func (e nftElem) same(o nftElem) bool {
+	return e.value == o.value && e.comment == o.comment && slices.Equal(e.key, o.key)
+}
+
+// nftRule is one rule of a clause chain.
+type nftRule struct {
+	rule, comment string
+}
+
+// nftContent is what the table of one family holds beyond its fixed
+// schema, as written.
 type nftContent struct {
-	exclude []string
-	all     map[string]nftElem // by joined key
-	ports   map[string]nftElem
+	// elems are the elements of each set and map, by joined key.
+	elems map[string]map[string]nftElem
+	// chains are the clause chains.
+	chains map[string][]nftRule
 }
 
 func (c *nftContent) equal(o *nftContent) bool {
-	eq := func(a, b nftElem) bool {
-		return a.value == b.value && a.comment == b.comment && slices.Equal(a.key, b.key)
-	}
-	return slices.Equal(c.exclude, o.exclude) && maps.EqualFunc(c.all, o.all, eq) && maps.EqualFunc(c.ports, o.ports, eq)
+	return maps.EqualFunc(c.elems, o.elems, func(a, b map[string]nftElem) bool { return maps.EqualFunc(a, b, nftElem.same) }) &&
+		maps.EqualFunc(c.chains, o.chains, slices.Equal)
 }
 
-// nftRender computes the table content of a Desired already normalised by
-// forFamily, with the semantics of the iptables chain (see translations):
-// per pod, in rule order, an all-traffic rule shadows every later rule of
-// the pod, and the first rule that names a (protocol, port) wins it. The
-// port map is looked up first, so its elements win over the pod's
-// all-traffic element, as the earlier port rules win in the iptables chain.
-func nftRender(d Desired) *nftContent {
-	c := &nftContent{exclude: minimalPrefixes(d.Exclude), all: map[string]nftElem{}, ports: map[string]nftElem{}}
-	shadowed := map[netip.Addr]bool{}
-	for _, r := range d.Rules {
-		if shadowed[r.PodIP] {
-			continue
-		}
-		pod, src := r.PodIP.String(), r.SourceIP.String()
-		if len(r.Ports) == 0 {
-			shadowed[r.PodIP] = true
-			c.all[pod] = nftElem{key: []string{pod}, value: src, comment: r.Service}
-			continue
-		}
-		for _, p := range r.Ports {
-			key := []string{pod, strconv.Itoa(int(protoNumbers[p.Protocol])), strconv.Itoa(int(p.Port))}
-			k := strings.Join(key, " . ")
-			if _, ok := c.ports[k]; !ok {
-				c.ports[k] = nftElem{key: key, value: src, comment: r.Service}
-			}
-		}
+func (c *nftContent) add(set string, e nftElem) {
+	if c.elems[set] == nil {
+		c.elems[set] = map[string]nftElem{}
 	}
-	return c
+	c.elems[set][strings.Join(e.key, " . ")] = e
 }
 
-// minimalPrefixes drops every prefix inside another one (an interval set
-// refuses overlapping elements) and returns the rest as strings, sorted.
-// ps is sorted by comparePrefix, so a prefix can only lie inside the last
-// one kept.
-func minimalPrefixes(ps []netip.Prefix) []string {
-	var kept []netip.Prefix
-	for _, p := range ps {
-		if n := len(kept); n > 0 && kept[n-1].Bits() <= p.Bits() && kept[n-1].Contains(p.Addr()) {
-			continue
+// nftSet describes one set or map of the schema.
+type nftSet struct {
+	name string
+	// typ is the type; "ADDR" stands for the family's address type.
+	typ      string
+	interval bool
+	isMap    bool
+	comment  string
+}
+
+// nftSets are the sets and maps of the full table, in the order they are
+// written.
+var nftSets = []nftSet{
+	{name: nftExclude, typ: "ADDR", interval: true, comment: "never egressed: pod, Service CIDRs, nodes, API server"},
+	{name: nftPods, typ: "ADDR", comment: "pods of egress rules: anti-spoofing"},
+	{name: nftGateCIDRs, typ: "ADDR", interval: true, comment: "gate: pod CIDRs"},
+	{name: nftGateKnown, typ: "ADDR", comment: "gate: known pods"},
+	{name: nftGuard, typ: "ADDR", interval: true, comment: "no VXLAN from these: pod CIDRs"},
+	{name: nftFenced, typ: "ADDR", comment: "sources that leave only while local"},
+	{name: nftNodeIfaces, typ: "ifname", comment: "interfaces other nodes' traffic arrives on: no anti-spoofing"},
+	{name: nftPrePorts, typ: "ADDR . inet_proto . inet_service : verdict", isMap: true, comment: "pod . protocol . destination port : steer, hold or not"},
+	{name: nftPreAll, typ: "ADDR : verdict", isMap: true, comment: "pod : steer, hold or its clause chain"},
+	{name: nftSNATChain, typ: "ADDR : verdict", isMap: true, comment: "pod : its clause chain"},
+	{name: nftSNATPorts, typ: "ADDR . inet_proto . inet_service : ADDR", isMap: true, comment: "pod . protocol . destination port : LoadBalancer IP"},
+	{name: nftSNATAll, typ: "ADDR : ADDR", isMap: true, comment: "pod : LoadBalancer IP"},
+}
+
+// fenceSets is the schema of the iptables backends' fence table.
+var fenceSets = []nftSet{nftSets[5]} // nftFenced
+
+func setSpec(sets []nftSet, name string) (nftSet, bool) {
+	for _, s := range sets {
+		if s.name == name {
+			return s, true
 		}
-		kept = append(kept, p)
 	}
-	out := make([]string, len(kept))
-	for i, p := range kept {
-		out[i] = p.String()
-	}
-	return out
+	return nftSet{}, false
 }
 
-// nftSchema returns the objects of one family's table, without elements.
-func nftSchema(f Family) ([]knftables.Object, []*knftables.Rule) {
-	ip, addr := "ip", "ipv4_addr"
-	if f == IPv6 {
-		ip, addr = "ip6", "ipv6_addr"
-	}
-	objs := []knftables.Object{
-		&knftables.Chain{
-			Name:     nftChain,
-			Type:     knftables.PtrTo(knftables.NATType),
-			Hook:     knftables.PtrTo(knftables.PostroutingHook),
-			Priority: knftables.PtrTo(knftables.BaseChainPriority(NFTPriority)),
-		},
-		&knftables.Set{
-			Name:    nftExclude,
-			Type:    addr,
-			Flags:   []knftables.SetFlag{knftables.IntervalFlag},
-			Comment: knftables.PtrTo("pod and Service CIDRs: never SNATed by egressvip"),
-		},
-		&knftables.Map{
-			Name:    nftSNATPorts,
-			Type:    addr + " . inet_proto . inet_service : " + addr,
-			Comment: knftables.PtrTo("pod . protocol . destination port : LoadBalancer IP"),
-		},
-		&knftables.Map{
-			Name:    nftSNATAll,
-			Type:    addr + " : " + addr,
-			Comment: knftables.PtrTo("pod : LoadBalancer IP"),
-		},
-	}
-	rules := []*knftables.Rule{
-		{Chain: nftChain, Rule: ip + " daddr @" + nftExclude + " return", Comment: knftables.PtrTo(ExcludeComment)},
-		{Chain: nftChain, Rule: "snat to " + ip + " saddr . meta l4proto . th dport map @" + nftSNATPorts, Comment: knftables.PtrTo("egressvip: SNAT by pod and destination")},
-		{Chain: nftChain, Rule: "snat to " + ip + " saddr map @" + nftSNATAll, Comment: knftables.PtrTo("egressvip: SNAT by pod")},
-	}
-	return objs, rules
-}
-
-// nftWriter is the nftables backend.
+// nftWriter writes a table in both families: the nftables backend's full
+// table, or (fenceOnly) the fence that the iptables backends keep in an
+// nftables table of their own.
 type nftWriter struct {
-	tables [2]NFTables
-	fam    [2]nftState
+	table     string
+	comment   string
+	fenceOnly bool
+	opts      datapathOptions
+	tables    [2]NFTables
+	fam       [2]nftState
+	// commits counts the transactions this writer committed.
+	commits int
 }
 
 // nftState is what the writer knows of one family's table.
@@ -245,29 +313,258 @@ type nftState struct {
 
 func (st *nftState) forget() { *st = nftState{} }
 
-func newNFTWriter(tables [2]NFTables) (*nftWriter, error) {
-	w := &nftWriter{tables: tables}
+func newNFTWriter(table string, fenceOnly bool, opts datapathOptions, tables [2]NFTables) (*nftWriter, error) {
+	w := &nftWriter{table: table, comment: TableComment, fenceOnly: fenceOnly, opts: opts, tables: tables}
+	if fenceOnly {
+		w.comment = "egressvip: fence of the " + strings.TrimPrefix(table, TableName+"-") + " backend"
+	}
 	for _, f := range Families {
 		if w.tables[f] != nil {
 			continue
 		}
-		t, err := newRealNFT(f)
+		t, err := newRealNFT(f, table)
 		if err != nil {
-			return nil, fmt.Errorf("SNAT backend nftables needs a working nft binary (%w); the env var %s selects the backend (%s)",
-				err, backendEnv, strings.Join(Backends, ", "))
+			return nil, fmt.Errorf("needs a working nft binary (%w)", err)
 		}
 		w.tables[f] = t
 	}
 	return w, nil
 }
 
-// write makes the table of family f hold next in one transaction: only the
-// changed elements when the table still verifiably holds what the last
-// write left (same generation, or same fingerprint), else the whole table
-// replaced (deleted and re-created, atomically).
-func (w *nftWriter) write(ctx context.Context, f Family, next Desired) error {
+func (w *nftWriter) sets() []nftSet {
+	if w.fenceOnly {
+		return fenceSets
+	}
+	return nftSets
+}
+
+// ipWords returns the family's protocol keyword and address type.
+func ipWords(f Family) (string, string) {
+	if f == IPv6 {
+		return "ip6", "ipv6_addr"
+	}
+	return "ip", "ipv4_addr"
+}
+
+// schema returns the objects and rules of one family's table, without
+// elements and clause chains.
+func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
+	ip, addr := ipWords(f)
+	var objs []knftables.Object
+	for _, s := range w.sets() {
+		typ := strings.ReplaceAll(s.typ, "ADDR", addr)
+		if s.isMap {
+			objs = append(objs, &knftables.Map{Name: s.name, Type: typ, Comment: knftables.PtrTo(s.comment)})
+			continue
+		}
+		set := &knftables.Set{Name: s.name, Type: typ, Comment: knftables.PtrTo(s.comment)}
+		if s.interval {
+			set.Flags = []knftables.SetFlag{knftables.IntervalFlag}
+		}
+		objs = append(objs, set)
+	}
+	rule := func(chain, rule, comment string) *knftables.Rule {
+		return &knftables.Rule{Chain: chain, Rule: rule, Comment: knftables.PtrTo(comment)}
+	}
+	fence := &knftables.Chain{
+		Name:     nftFence,
+		Type:     knftables.PtrTo(knftables.FilterType),
+		Hook:     knftables.PtrTo(knftables.PostroutingHook),
+		Priority: knftables.PtrTo(knftables.BaseChainPriority(FencePriority)),
+	}
+	fenceRule := rule(nftFence, ip+" saddr @"+nftFenced+" fib saddr type != local drop", fenceComment)
+	if w.fenceOnly {
+		return append(objs, fence), []*knftables.Rule{fenceRule}
+	}
+	mark := w.opts.markString()
+	objs = append(objs,
+		&knftables.Chain{Name: nftSteer},
+		&knftables.Chain{
+			Name:     nftPrerouting,
+			Type:     knftables.PtrTo(knftables.FilterType),
+			Hook:     knftables.PtrTo(knftables.PreroutingHook),
+			Priority: knftables.PtrTo(knftables.FilterPriority),
+		},
+		&knftables.Chain{
+			Name:     nftPostrouting,
+			Type:     knftables.PtrTo(knftables.NATType),
+			Hook:     knftables.PtrTo(knftables.PostroutingHook),
+			Priority: knftables.PtrTo(knftables.BaseChainPriority(NFTPriority)),
+		},
+		fence,
+	)
+	var rules []*knftables.Rule
+	if w.opts.tunnelPort != 0 {
+		rules = append(rules, rule(nftPrerouting, "udp dport "+strconv.Itoa(int(w.opts.tunnelPort))+" "+ip+" saddr @"+nftGuard+" drop", guardComment))
+	}
+	rules = append(rules,
+		rule(nftPrerouting, ip+" saddr @"+nftPods+" iifname != @"+nftNodeIfaces+" fib saddr . iif oif missing drop", antiSpoofComment),
+		rule(nftPrerouting, ip+" daddr @"+nftExclude+" return", ExcludeComment),
+		rule(nftPrerouting, "ct original "+ip+" daddr @"+nftExclude+" return", ExcludeComment),
+		rule(nftPrerouting, ip+" saddr @"+nftGateCIDRs+" "+ip+" saddr != @"+nftGateKnown+" "+ip+" saddr != @"+nftPods+" drop", gateComment),
+		rule(nftPrerouting, ip+" saddr . meta l4proto . th dport vmap @"+nftPrePorts, "egressvip: steer or hold by pod and destination port"),
+		rule(nftPrerouting, ip+" saddr vmap @"+nftPreAll, "egressvip: steer or hold by pod"),
+		rule(nftSteer, "meta mark set meta mark | "+mark, "egressvip: steering mark"),
+		rule(nftPostrouting, "meta mark & "+mark+" == "+mark+" snat to "+ip+" saddr", steeredComment),
+		rule(nftPostrouting, ip+" daddr @"+nftExclude+" return", ExcludeComment),
+		rule(nftPostrouting, "ct original "+ip+" daddr @"+nftExclude+" return", ExcludeComment),
+		rule(nftPostrouting, ip+" saddr vmap @"+nftSNATChain, "egressvip: SNAT by pod and destination prefix"),
+		rule(nftPostrouting, "snat to "+ip+" saddr . meta l4proto . th dport map @"+nftSNATPorts, "egressvip: SNAT by pod and destination port"),
+		rule(nftPostrouting, "snat to "+ip+" saddr map @"+nftSNATAll, "egressvip: SNAT by pod"),
+		fenceRule,
+	)
+	if w.opts.tunnelDevice != "" {
+		objs = append(objs, &knftables.Chain{
+			Name:     nftForward,
+			Type:     knftables.PtrTo(knftables.FilterType),
+			Hook:     knftables.PtrTo(knftables.ForwardHook),
+			Priority: knftables.PtrTo(knftables.FilterPriority),
+		})
+		rules = append(rules, rule(nftForward, `oifname "`+w.opts.tunnelDevice+`" meta mark & `+mark+" == "+mark+
+			" tcp flags syn / syn,rst tcp option maxseg size set rt mtu", mssComment))
+	}
+	return objs, rules
+}
+
+// render computes the table content of a family's compiled state.
+func (w *nftWriter) render(f Family, c *compiled) *nftContent {
+	out := &nftContent{elems: map[string]map[string]nftElem{}, chains: map[string][]nftRule{}}
+	addrs := func(set string, as []netip.Addr) {
+		for _, a := range as {
+			out.add(set, nftElem{key: []string{a.String()}})
+		}
+	}
+	prefixes := func(set string, ps []netip.Prefix) {
+		for _, p := range minimalPrefixes(ps) {
+			out.add(set, nftElem{key: []string{p.String()}})
+		}
+	}
+	addrs(nftFenced, c.fenced)
+	if w.fenceOnly {
+		return out
+	}
+	prefixes(nftExclude, c.exclude)
+	addrs(nftPods, c.pods)
+	for _, i := range c.nodeIfaces {
+		out.add(nftNodeIfaces, nftElem{key: []string{`"` + i + `"`}})
+	}
+	prefixes(nftGateCIDRs, c.gateCIDRs)
+	addrs(nftGateKnown, c.known)
+	if w.opts.tunnelPort != 0 {
+		prefixes(nftGuard, c.guard)
+	}
+	ip, _ := ipWords(f)
+	for _, pod := range c.pods {
+		p := c.plans[pod]
+		ps := pod.String()
+		if p.digest != "" {
+			if p.has(kindSteer) || p.has(kindHold) {
+				out.add(nftPreAll, nftElem{key: []string{ps}, value: "goto " + nftPreChainPrefix + p.digest, comment: p.chain[0].service})
+			}
+			if p.has(kindSNAT) {
+				out.add(nftSNATChain, nftElem{key: []string{ps}, value: "goto " + nftSNATChainPrefix + p.digest, comment: p.chain[0].service})
+			}
+			continue
+		}
+		if p.all.kind == kindSNAT {
+			out.add(nftSNATAll, nftElem{key: []string{ps}, value: p.all.source.String(), comment: p.all.service})
+		}
+		vAll := preVerdict(p.all.kind)
+		if vAll != "" {
+			out.add(nftPreAll, nftElem{key: []string{ps}, value: vAll, comment: p.all.service})
+		}
+		for port, e := range p.ports {
+			key := []string{ps, strconv.Itoa(int(protoNumbers[port.Protocol])), strconv.Itoa(int(port.Port))}
+			if e.kind == kindSNAT {
+				out.add(nftSNATPorts, nftElem{key: key, value: e.source.String(), comment: e.service})
+			}
+			if v := preVerdict(e.kind); v != vAll {
+				if v == "" {
+					v = "accept"
+				}
+				out.add(nftPrePorts, nftElem{key: key, value: v, comment: e.service})
+			}
+		}
+	}
+	for digest, chain := range c.chains() {
+		lastPre, lastSNAT := -1, -1
+		for i, cl := range chain {
+			if cl.kind == kindSNAT {
+				lastSNAT = i
+			} else {
+				lastPre = i
+			}
+		}
+		// Prerouting: SNAT clauses accept (their packets are SNATed in
+		// postrouting), the others mark or drop; up to the last one
+		// that does something here.
+		for _, cl := range chain[:lastPre+1] {
+			verdict := map[kind]string{kindSNAT: "accept", kindSteer: "goto " + nftSteer, kindHold: "drop"}[cl.kind]
+			name := nftPreChainPrefix + digest
+			out.chains[name] = append(out.chains[name], nftRule{rule: nftMatch(ip, cl) + verdict, comment: cl.service})
+		}
+		// Postrouting: up to the last SNAT clause; the others return
+		// (their packets never come here unmarked).
+		for _, cl := range chain[:lastSNAT+1] {
+			verdict := "return"
+			if cl.kind == kindSNAT {
+				verdict = "snat to " + cl.source.String()
+			}
+			name := nftSNATChainPrefix + digest
+			out.chains[name] = append(out.chains[name], nftRule{rule: nftMatch(ip, cl) + verdict, comment: cl.service})
+		}
+	}
+	return out
+}
+
+// preVerdict is the prerouting verdict of a kind: "" for none and SNAT,
+// which prerouting leaves alone.
+func preVerdict(k kind) string {
+	switch k {
+	case kindSteer:
+		return "goto " + nftSteer
+	case kindHold:
+		return "drop"
+	}
+	return ""
+}
+
+// nftMatch returns the matches of a clause's filter, each followed by a
+// space: destination prefixes allowed and denied, protocol and port.
+func nftMatch(ip string, c clause) string {
+	var b strings.Builder
+	join := func(ps []netip.Prefix) string {
+		s := make([]string, len(ps))
+		for i, p := range ps {
+			s[i] = p.String()
+		}
+		return "{ " + strings.Join(s, ", ") + " } "
+	}
+	if len(c.allow) > 0 {
+		b.WriteString(ip + " daddr " + join(c.allow))
+	}
+	if len(c.deny) > 0 {
+		b.WriteString(ip + " daddr != " + join(c.deny))
+	}
+	if len(c.ports) > 0 {
+		s := make([]string, len(c.ports))
+		for i, p := range c.ports {
+			s[i] = string(p.Protocol) + " . " + strconv.Itoa(int(p.Port))
+		}
+		b.WriteString("meta l4proto . th dport { " + strings.Join(s, ", ") + " } ")
+	}
+	return b.String()
+}
+
+// write makes the table of family f hold c in one transaction: only the
+// changed elements and chains when the table still verifiably holds what
+// the last write left (same generation, or same fingerprint), else the
+// whole table replaced (deleted and re-created, atomically). A transaction
+// that fails on a verified table leaves it verified: the failure was its
+// own, and the next write diffs again.
+func (w *nftWriter) write(ctx context.Context, f Family, c *compiled) error {
 	t, st := w.tables[f], &w.fam[f]
-	want := nftRender(next)
+	want := w.render(f, c)
 	g0, gerr := t.Generation()
 	if st.content != nil && !w.intact(ctx, f, g0, gerr) {
 		// Someone changed the table since it was last verified: a diff
@@ -280,19 +577,25 @@ func (w *nftWriter) write(ctx context.Context, f Family, next Desired) error {
 	var err error
 	if st.content != nil {
 		tx := t.NewTransaction()
-		nftDiff(tx, st.content, want)
-		err = w.run(ctx, f, tx, g0, gerr)
+		w.diff(tx, st.content, want)
+		genOK, ref := st.genOK, st.ref
+		if err = w.run(ctx, f, tx, g0, gerr); err == nil {
+			st.content = want
+			return nil
+		}
+		if g1, err1 := t.Generation(); gerr == nil && err1 == nil && g1 == g0 {
+			// Nothing was committed: the table is as it was.
+			st.genOK, st.ref = genOK, ref
+			return fmt.Errorf("write table %s %s: %w", knftFamily(f), w.table, err)
+		}
 	}
-	if st.content == nil || err != nil {
-		// Unknown state, or the diff did not apply: replace the table.
-		g0, gerr = t.Generation()
-		tx := t.NewTransaction()
-		nftReplace(tx, f, want)
-		err = w.run(ctx, f, tx, g0, gerr)
-	}
-	if err != nil {
+	// Unknown state, or the diff did not apply: replace the table.
+	g0, gerr = t.Generation()
+	tx := t.NewTransaction()
+	w.replace(tx, f, want)
+	if err = w.run(ctx, f, tx, g0, gerr); err != nil {
 		st.forget()
-		return fmt.Errorf("write table %s %s: %w", knftFamily(f), TableName, err)
+		return fmt.Errorf("write table %s %s: %w", knftFamily(f), w.table, err)
 	}
 	st.content = want
 	return nil
@@ -324,6 +627,7 @@ func (w *nftWriter) run(ctx context.Context, f Family, tx *knftables.Transaction
 	if err := t.Run(ctx, tx); err != nil {
 		return err
 	}
+	w.commits++
 	if gerr != nil {
 		return nil
 	}
@@ -340,69 +644,107 @@ func (w *nftWriter) run(ctx context.Context, f Family, tx *knftables.Transaction
 	return nil
 }
 
-// nftReplace adds to tx the whole table: deleted if it exists, then
-// created with its chain, set, maps, rules and elements.
-func nftReplace(tx *knftables.Transaction, f Family, c *nftContent) {
-	tx.Add(&knftables.Table{Comment: knftables.PtrTo(TableComment)})
+func (w *nftWriter) element(set string, e nftElem) *knftables.Element {
+	spec, _ := setSpec(w.sets(), set)
+	el := &knftables.Element{Key: e.key}
+	if spec.isMap {
+		el.Map = set
+		el.Value = []string{e.value}
+	} else {
+		el.Set = set
+	}
+	if e.comment != "" {
+		el.Comment = knftables.PtrTo(e.comment)
+	}
+	return el
+}
+
+func addChain(tx *knftables.Transaction, name string, rules []nftRule) {
+	tx.Add(&knftables.Chain{Name: name})
+	for _, r := range rules {
+		tx.Add(&knftables.Rule{Chain: name, Rule: r.rule, Comment: knftables.PtrTo(r.comment)})
+	}
+}
+
+// replace adds to tx the whole table: deleted if it exists, then created
+// with its schema, clause chains and elements.
+func (w *nftWriter) replace(tx *knftables.Transaction, f Family, c *nftContent) {
+	tx.Add(&knftables.Table{Comment: knftables.PtrTo(w.comment)})
 	tx.Delete(&knftables.Table{})
-	tx.Add(&knftables.Table{Comment: knftables.PtrTo(TableComment)})
-	objs, rules := nftSchema(f)
+	tx.Add(&knftables.Table{Comment: knftables.PtrTo(w.comment)})
+	objs, rules := w.schema(f)
 	for _, o := range objs {
 		tx.Add(o)
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.chains)) {
+		addChain(tx, name, c.chains[name])
 	}
 	for _, r := range rules {
 		tx.Add(r)
 	}
-	for _, p := range c.exclude {
-		tx.Add(&knftables.Element{Set: nftExclude, Key: []string{p}})
-	}
-	for _, name := range []string{nftSNATPorts, nftSNATAll} {
-		m := c.ports
-		if name == nftSNATAll {
-			m = c.all
-		}
-		for _, k := range slices.Sorted(maps.Keys(m)) {
-			e := m[k]
-			tx.Add(&knftables.Element{Map: name, Key: e.key, Value: []string{e.value}, Comment: knftables.PtrTo(e.comment)})
+	for _, s := range w.sets() {
+		for _, k := range slices.Sorted(maps.Keys(c.elems[s.name])) {
+			tx.Add(w.element(s.name, c.elems[s.name][k]))
 		}
 	}
 }
 
-// nftDiff adds to tx what turns the table from old into c: changed
-// exclusions rewrite the (small) set; map elements that went or changed
-// are deleted, new and changed ones added.
-func nftDiff(tx *knftables.Transaction, old, c *nftContent) {
-	if !slices.Equal(old.exclude, c.exclude) {
-		tx.Flush(&knftables.Set{Name: nftExclude})
-		for _, p := range c.exclude {
-			tx.Add(&knftables.Element{Set: nftExclude, Key: []string{p}})
+// diff adds to tx what turns the table from old into c: new clause chains
+// first (elements jump to them), then per set or map the elements that
+// went or changed are deleted and the new and changed ones added (an
+// interval set that changed is rewritten whole), then the clause chains
+// nothing uses any more are deleted.
+func (w *nftWriter) diff(tx *knftables.Transaction, old, c *nftContent) {
+	for _, name := range slices.Sorted(maps.Keys(c.chains)) {
+		before, ok := old.chains[name]
+		switch {
+		case !ok:
+			addChain(tx, name, c.chains[name])
+		case !slices.Equal(before, c.chains[name]):
+			tx.Flush(&knftables.Chain{Name: name})
+			for _, r := range c.chains[name] {
+				tx.Add(&knftables.Rule{Chain: name, Rule: r.rule, Comment: knftables.PtrTo(r.comment)})
+			}
 		}
 	}
-	for _, name := range []string{nftSNATPorts, nftSNATAll} {
-		before, after := old.ports, c.ports
-		if name == nftSNATAll {
-			before, after = old.all, c.all
+	for _, s := range w.sets() {
+		before, after := old.elems[s.name], c.elems[s.name]
+		if s.interval {
+			if !maps.EqualFunc(before, after, nftElem.same) {
+				tx.Flush(&knftables.Set{Name: s.name})
+				for _, k := range slices.Sorted(maps.Keys(after)) {
+					tx.Add(w.element(s.name, after[k]))
+				}
+			}
+			continue
 		}
 		// Only the changes are sorted (for a readable, stable transaction).
 		var gone, added []string
 		for k, b := range before {
-			if e, ok := after[k]; !ok || e.value != b.value || e.comment != b.comment {
+			if e, ok := after[k]; !ok || !e.same(b) {
 				gone = append(gone, k)
 			}
 		}
 		for k, e := range after {
-			if b, ok := before[k]; !ok || e.value != b.value || e.comment != b.comment {
+			if b, ok := before[k]; !ok || !e.same(b) {
 				added = append(added, k)
 			}
 		}
 		slices.Sort(gone)
 		slices.Sort(added)
 		for _, k := range gone {
-			tx.Delete(&knftables.Element{Map: name, Key: before[k].key})
+			el := w.element(s.name, before[k])
+			el.Value, el.Comment = nil, nil
+			tx.Delete(el)
 		}
 		for _, k := range added {
-			e := after[k]
-			tx.Add(&knftables.Element{Map: name, Key: e.key, Value: []string{e.value}, Comment: knftables.PtrTo(e.comment)})
+			tx.Add(w.element(s.name, after[k]))
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(old.chains)) {
+		if _, ok := c.chains[name]; !ok {
+			tx.Flush(&knftables.Chain{Name: name})
+			tx.Delete(&knftables.Chain{Name: name})
 		}
 	}
 }
@@ -447,8 +789,8 @@ func (w *nftWriter) check(ctx context.Context, fams []Family) (bool, error) {
 // seed reads what family f's table holds. When it is still exactly what the
 // last write left (no commit since, or its fingerprint matches), keep is
 // true and nothing else is read. Otherwise the elements are read back into
-// the Desired state they implement, and the next write replaces the table.
-func (w *nftWriter) seed(ctx context.Context, f Family) (Desired, bool, error) {
+// what they do to each pod, and the next write replaces the table.
+func (w *nftWriter) seed(ctx context.Context, f Family) (kernelState, bool, error) {
 	t, st := w.tables[f], &w.fam[f]
 	if st.content != nil {
 		g, gerr := t.Generation()
@@ -461,77 +803,125 @@ func (w *nftWriter) seed(ctx context.Context, f Family) (Desired, bool, error) {
 					st.gen, st.genOK = g, true
 				}
 			}
-			return Desired{}, true, nil
+			return kernelState{}, true, nil
 		}
 	}
 	st.forget()
-	d, err := nftRead(ctx, t, f)
-	return d, false, err
+	if w.fenceOnly {
+		return kernelState{}, false, nil
+	}
+	ks, err := nftRead(ctx, t)
+	return ks, false, err
 }
 
-// nftRead reads the elements of family f's table back into a Desired state:
-// one Rule per all-traffic element and per (Service, pod, source) of the
-// port elements. A missing table reads as empty.
-func nftRead(ctx context.Context, t NFTables, f Family) (Desired, error) {
-	var d Desired
-	ex, err := t.ListElements(ctx, "set", nftExclude)
-	if isNotFound(err) {
-		return Desired{}, nil
+// nftRead reads the elements of a family's table back into what they do
+// to each pod, and the exclusions. A missing table, set or map reads as
+// empty.
+func nftRead(ctx context.Context, t NFTables) (kernelState, error) {
+	list := func(name string) ([]*knftables.Element, error) {
+		typ := "map"
+		if s, _ := setSpec(nftSets, name); !s.isMap {
+			typ = "set"
+		}
+		elems, err := t.ListElements(ctx, typ, name)
+		if isNotFound(err) {
+			return nil, nil
+		}
+		return elems, err
 	}
+	var ks kernelState
+	ex, err := list(nftExclude)
 	if err != nil {
-		return Desired{}, err
+		return ks, err
 	}
 	for _, e := range ex {
 		if len(e.Key) == 1 {
 			if p := parsePrefix(e.Key[0]); p.IsValid() {
-				d.Exclude = append(d.Exclude, p)
+				ks.exclude = append(ks.exclude, p)
 			}
 		}
 	}
-	all, err := t.ListElements(ctx, "map", nftSNATAll)
-	if err != nil && !isNotFound(err) {
-		return Desired{}, err
-	}
-	for _, e := range all {
+	r := newPlanReader()
+	single := func(e *knftables.Element) (netip.Addr, string, bool) {
 		if len(e.Key) != 1 || len(e.Value) != 1 {
-			continue
+			return netip.Addr{}, "", false
 		}
-		pod, err1 := netip.ParseAddr(e.Key[0])
-		src, err2 := netip.ParseAddr(e.Value[0])
-		if err1 == nil && err2 == nil {
-			d.Rules = append(d.Rules, Rule{Service: comment(e), PodIP: pod, SourceIP: src})
-		}
+		pod, err := netip.ParseAddr(e.Key[0])
+		return pod.Unmap(), e.Value[0], err == nil
 	}
-	ports, err := t.ListElements(ctx, "map", nftSNATPorts)
-	if err != nil && !isNotFound(err) {
-		return Desired{}, err
-	}
-	type key struct {
-		service  string
-		pod, src netip.Addr
-	}
-	idx := map[key]int{}
-	for _, e := range ports {
+	triple := func(e *knftables.Element) (netip.Addr, annotations.DestinationPort, string, bool) {
 		if len(e.Key) != 3 || len(e.Value) != 1 {
-			continue
+			return netip.Addr{}, annotations.DestinationPort{}, "", false
 		}
 		pod, err1 := netip.ParseAddr(e.Key[0])
-		src, err2 := netip.ParseAddr(e.Value[0])
 		proto, ok := parseProto(e.Key[1])
-		port, err3 := strconv.ParseUint(e.Key[2], 10, 16)
-		if err1 != nil || err2 != nil || err3 != nil || !ok || port == 0 {
-			continue
+		port, err2 := strconv.ParseUint(e.Key[2], 10, 16)
+		if err1 != nil || err2 != nil || !ok || port == 0 {
+			return netip.Addr{}, annotations.DestinationPort{}, "", false
 		}
-		k := key{comment(e), pod, src}
-		i, seen := idx[k]
-		if !seen {
-			i = len(d.Rules)
-			idx[k] = i
-			d.Rules = append(d.Rules, Rule{Service: k.service, PodIP: pod, SourceIP: src})
-		}
-		d.Rules[i].Ports = append(d.Rules[i].Ports, annotations.DestinationPort{Protocol: proto, Port: uint16(port)})
+		return pod.Unmap(), annotations.DestinationPort{Protocol: proto, Port: uint16(port)}, e.Value[0], true
 	}
-	return d.forFamily(f), nil
+	// The SNAT maps first: an "accept" of pre-ports refers to them.
+	for _, name := range []string{nftSNATAll, nftSNATPorts, nftSNATChain, nftPreAll, nftPrePorts} {
+		elems, err := list(name)
+		if err != nil {
+			return ks, err
+		}
+		for _, e := range elems {
+			svc := comment(e)
+			switch name {
+			case nftSNATAll, nftSNATChain, nftPreAll:
+				pod, v, ok := single(e)
+				if !ok {
+					continue
+				}
+				switch {
+				case name == nftSNATAll:
+					if src, err := netip.ParseAddr(v); err == nil {
+						r.all(pod, action{kindSNAT, src.Unmap()}, svc)
+					}
+				case strings.HasPrefix(v, "goto "+nftSNATChainPrefix):
+					r.chain(pod, strings.TrimPrefix(v, "goto "+nftSNATChainPrefix))
+				case strings.HasPrefix(v, "goto "+nftPreChainPrefix):
+					r.chain(pod, strings.TrimPrefix(v, "goto "+nftPreChainPrefix))
+				default:
+					if k := verdictKind(v); k != 0 {
+						r.all(pod, action{kind: k}, svc)
+					}
+				}
+			default:
+				pod, port, v, ok := triple(e)
+				if !ok {
+					continue
+				}
+				if name == nftSNATPorts {
+					if src, err := netip.ParseAddr(v); err == nil {
+						r.port(pod, port, action{kindSNAT, src.Unmap()}, svc)
+					}
+					continue
+				}
+				switch k := verdictKind(v); {
+				case k != 0:
+					r.port(pod, port, action{kind: k}, svc)
+				case v == "accept":
+					r.accept(pod, port)
+				}
+			}
+		}
+	}
+	ks.plans = r.done()
+	return ks, nil
+}
+
+// verdictKind reads a prerouting verdict back.
+func verdictKind(v string) kind {
+	switch v {
+	case "drop":
+		return kindHold
+	case "goto " + nftSteer, "jump " + nftSteer:
+		return kindSteer
+	}
+	return 0
 }
 
 func comment(e *knftables.Element) string {
@@ -541,24 +931,13 @@ func comment(e *knftables.Element) string {
 	return *e.Comment
 }
 
-// parseProto reads an inet_proto value as nft prints it (a name) or as
-// egressvip writes it (a number).
-func parseProto(s string) (annotations.Protocol, bool) {
-	for p, n := range protoNumbers {
-		if s == string(p) || s == strconv.Itoa(int(n)) {
-			return p, true
-		}
-	}
-	return "", false
-}
-
 // cleanup deletes the table of both families; a missing one is fine.
 func (w *nftWriter) cleanup(ctx context.Context) error {
 	var errs []error
 	for _, f := range Families {
 		w.fam[f].forget()
 		if err := nftDeleteTable(ctx, w.tables[f]); err != nil {
-			errs = append(errs, fmt.Errorf("delete table %s %s: %w", knftFamily(f), TableName, err))
+			errs = append(errs, fmt.Errorf("delete table %s %s: %w", knftFamily(f), w.table, err))
 		}
 	}
 	return errors.Join(errs...)
@@ -575,25 +954,109 @@ func nftDeleteTable(ctx context.Context, t NFTables) error {
 	return t.Run(ctx, tx)
 }
 
-// services returns the comments of the map elements of both families.
+// services returns the comments of the map elements and clause chain
+// rules of both families.
 func (w *nftWriter) services(ctx context.Context) ([]string, error) {
 	var out []string
 	for _, f := range Families {
-		for _, m := range []string{nftSNATAll, nftSNATPorts} {
-			elems, err := w.tables[f].ListElements(ctx, "map", m)
+		t := w.tables[f]
+		for _, m := range []string{nftSNATAll, nftSNATPorts, nftPreAll, nftPrePorts} {
+			elems, err := t.ListElements(ctx, "map", m)
 			if isNotFound(err) {
 				continue
 			}
 			if err != nil {
-				return nil, fmt.Errorf("snat %s: list map %s: %w", f, m, err)
+				return nil, fmt.Errorf("%s: list map %s: %w", f, m, err)
 			}
 			for _, e := range elems {
-				if c := comment(e); c != "" {
+				if c := comment(e); c != "" && !strings.HasPrefix(c, "egressvip:") {
 					out = append(out, c)
+				}
+			}
+		}
+		chains, err := t.List(ctx, "chains")
+		if isNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: list chains: %w", f, err)
+		}
+		for _, ch := range chains {
+			if !strings.HasPrefix(ch, nftPreChainPrefix) && !strings.HasPrefix(ch, nftSNATChainPrefix) {
+				continue
+			}
+			rules, err := t.ListRules(ctx, ch)
+			if err != nil {
+				return nil, fmt.Errorf("%s: list chain %s: %w", f, ch, err)
+			}
+			for _, r := range rules {
+				if r.Comment != nil && !strings.HasPrefix(*r.Comment, "egressvip:") {
+					out = append(out, *r.Comment)
 				}
 			}
 		}
 	}
 	slices.Sort(out)
 	return slices.Compact(out), nil
+}
+
+// planReader rebuilds podPlans from what a backend holds: the SNAT
+// entries first, then the prerouting ones; the first entry for a pod's
+// traffic wins, as it did when they were written.
+type planReader struct {
+	plans   map[netip.Addr]*podPlan
+	accepts map[netip.Addr][]annotations.DestinationPort
+}
+
+func newPlanReader() *planReader {
+	return &planReader{plans: map[netip.Addr]*podPlan{}, accepts: map[netip.Addr][]annotations.DestinationPort{}}
+}
+
+func (r *planReader) pod(a netip.Addr) *podPlan {
+	p := r.plans[a]
+	if p == nil {
+		p = &podPlan{}
+		r.plans[a] = p
+	}
+	return p
+}
+
+func (r *planReader) all(pod netip.Addr, a action, svc string) {
+	if p := r.pod(pod); p.all.kind == 0 {
+		p.all = entry{a, svc}
+	}
+}
+
+func (r *planReader) port(pod netip.Addr, port annotations.DestinationPort, a action, svc string) {
+	p := r.pod(pod)
+	if _, ok := p.ports[port]; ok {
+		return
+	}
+	if p.ports == nil {
+		p.ports = map[annotations.DestinationPort]entry{}
+	}
+	p.ports[port] = entry{a, svc}
+}
+
+// accept records that prerouting leaves the pod's traffic to port alone:
+// its SNAT entry, or none.
+func (r *planReader) accept(pod netip.Addr, port annotations.DestinationPort) {
+	r.accepts[pod] = append(r.accepts[pod], port)
+}
+
+func (r *planReader) chain(pod netip.Addr, digest string) { r.pod(pod).digest = digest }
+
+func (r *planReader) done() map[netip.Addr]*podPlan {
+	for pod, ports := range r.accepts {
+		for _, port := range ports {
+			r.port(pod, port, action{}, "")
+		}
+	}
+	for _, p := range r.plans {
+		if p.digest != "" {
+			p.all, p.ports = entry{}, nil
+		}
+		p.canonical()
+	}
+	return r.plans
 }

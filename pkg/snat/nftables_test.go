@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/vishvananda/netlink"
 	"sigs.k8s.io/knftables"
 )
@@ -40,55 +40,33 @@ func foreignRun(t *testing.T, f *FakeNFT, fill func(tx *knftables.Transaction)) 
 	must(t, f.Run(t.Context(), tx))
 }
 
-// TestNFTTrace walks packets through the table egressvip writes, like
-// TestTrace does for the iptables chain.
-func TestNFTTrace(t *testing.T) {
-	d := Desired{
-		Rules: []Rule{
-			{Service: "default/sip", PodIP: pod4, SourceIP: lb4, Ports: []annotations.DestinationPort{udp5060, {Protocol: annotations.SCTP, Port: 5060}}},
-			{Service: "other/web", PodIP: pod4b, SourceIP: lb4b},
-			{Service: "default/sip", PodIP: pod6, SourceIP: lb6},
-		},
-		Exclude: []netip.Prefix{podNet4, svcNet4, podNet6, netip.MustParsePrefix("10.244.7.0/24")},
-	}
+// TestNFTTable: every element and rule names its Service, nested
+// exclusions are left out, the chains have their priorities.
+func TestNFTTable(t *testing.T) {
+	d := dualStack(udp5060)
+	d.SNAT = append(d.SNAT,
+		model.SNATRule{Service: "other/web", Pod: pod4b, Source: lb4b},
+		model.SNATRule{Service: "f/f", Pod: podF, Source: lb4, Filter: model.Filter{Allow: prefixes("198.51.100.0/24")}},
+	)
+	d.Steer = []model.SteerRule{{Service: "s/s", Pod: netip.MustParseAddr("10.244.1.8"), Filter: ports(tcp8080)}}
+	d.Exclude = append(d.Exclude, netip.MustParsePrefix("10.244.7.0/24"))
 	fakes := nftFakes()
 	m := newNFTManager(t, fakes, nil)
-	must(t, m.Apply(t.Context(), d))
+	noFail(t)(m.Apply(t.Context(), d))
 	t.Logf("IPv4 table:\n%s", fakes[IPv4].Dump())
 
-	tests := []struct {
-		name     string
-		src, dst netip.Addr
-		proto    annotations.Protocol
-		port     uint16
-		want     netip.Addr
-	}{
-		{"a packet from pod 10.244.1.5 to 198.51.100.9:5060/udp leaves with source 203.0.113.10", pod4, ext4, annotations.UDP, 5060, lb4},
-		{"SCTP port", pod4, ext4, annotations.SCTP, 5060, lb4},
-		{"other port is left alone", pod4, ext4, annotations.TCP, 8080, pod4},
-		{"same port, other protocol", pod4, ext4, annotations.TCP, 5060, pod4},
-		{"all-traffic rule", pod4b, ext4, annotations.TCP, 443, lb4b},
-		{"pod CIDR excluded", pod4b, netip.MustParseAddr("10.244.2.7"), annotations.TCP, 80, pod4b},
-		{"Service CIDR excluded", pod4b, netip.MustParseAddr("10.96.0.10"), annotations.UDP, 53, pod4b},
-		{"pod without rule", netip.MustParseAddr("10.244.1.99"), ext4, annotations.UDP, 5060, netip.MustParseAddr("10.244.1.99")},
-		{"IPv6 all traffic", pod6, ext6, annotations.UDP, 5060, lb6},
-		{"IPv6 pod CIDR excluded", pod6, netip.MustParseAddr("fd00:10:244:2::3"), annotations.UDP, 5060, pod6},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got := fakes[familyOf(tc.src)].Trace(tc.src, tc.dst, tc.proto, tc.port)
-			if got.Source != tc.want || got.Masquerade {
-				t.Errorf("packet from %s to %s:%d/%s %s; want source %s", tc.src, tc.dst, tc.port, tc.proto, got, tc.want)
-			}
-		})
-	}
-
-	// Every element names its Service, and Services reads them back.
 	fakes[IPv4].RLock()
-	for _, name := range []string{nftSNATAll, nftSNATPorts} {
-		for _, e := range fakes[IPv4].Table.Maps[name].Elements {
-			if e.Comment == nil || (*e.Comment != "default/sip" && *e.Comment != "other/web") {
+	for name, mp := range fakes[IPv4].Table.Maps {
+		for _, e := range mp.Elements {
+			if e.Comment == nil || !slices.Contains([]string{"default/sip", "other/web", "f/f", "s/s"}, *e.Comment) {
 				t.Errorf("map %s element %v without its Service as comment", name, e.Key)
+			}
+		}
+	}
+	for name, c := range fakes[IPv4].Table.Chains {
+		for _, r := range c.Rules {
+			if r.Comment == nil {
+				t.Errorf("chain %s rule %q without comment", name, r.Rule)
 			}
 		}
 	}
@@ -97,24 +75,31 @@ func TestNFTTrace(t *testing.T) {
 	if n := len(fakes[IPv4].Table.Sets[nftExclude].Elements); n != 2 {
 		t.Errorf("exclude set has %d elements, want 2", n)
 	}
-	chain := fakes[IPv4].Table.Chains[nftChain]
-	fakes[IPv4].RUnlock()
-	if prio, err := knftables.ParsePriority(knftables.IPv4Family, string(*chain.Priority)); err != nil || prio != 90 {
-		t.Errorf("chain priority %s (%d, %v), want 90: before iptables and kube-proxy (srcnat, 100)", *chain.Priority, prio, err)
+	prio := func(chain string) int {
+		c := fakes[IPv4].Table.Chains[chain]
+		p, err := knftables.ParsePriority(knftables.IPv4Family, string(*c.Priority))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
 	}
-	if got, err := m.Services(t.Context()); err != nil || !slices.Equal(got, []string{"default/sip", "other/web"}) {
+	if p := prio(nftPostrouting); p != 90 {
+		t.Errorf("nat chain priority %d, want 90: before iptables and kube-proxy (srcnat, 100)", p)
+	}
+	if p := prio(nftPrerouting); p != 0 {
+		t.Errorf("prerouting chain priority %d, want 0: after kube-proxy's DNAT (dstnat, -100)", p)
+	}
+	if p := prio(nftFence); p != 110 {
+		t.Errorf("fence priority %d, want 110: after the source translation (srcnat, 100)", p)
+	}
+	fakes[IPv4].RUnlock()
+	if got, err := m.Services(t.Context()); err != nil || !slices.Equal(got, []string{"default/sip", "f/f", "other/web", "s/s"}) {
 		t.Errorf("Services = %v, %v", got, err)
 	}
 }
 
-// traceNode traces a packet through the node's nat postrouting hook: the
-// egressvip table (priority 90) first, then iptables' nat POSTROUTING
-// (priority 100) when it did not translate the source.
-func traceNode(nft *FakeNFT, ipt *Fake, src, dst netip.Addr, proto annotations.Protocol, port uint16) Verdict {
-	if v := nft.Trace(src, dst, proto, port); v.Rule != "" {
-		return v
-	}
-	return ipt.Trace(src, dst, proto, port)
+func nftTrace(f *FakeNFT, src, dst netip.Addr, proto annotations.Protocol, port uint16) verdict {
+	return traceNFT(f, nil, protoPkt(src, dst, proto, port))
 }
 
 // TestNFTBeatsIPTablesMasquerade: a CNI's MASQUERADE at position 1 of
@@ -123,71 +108,17 @@ func traceNode(nft *FakeNFT, ipt *Fake, src, dst netip.Addr, proto annotations.P
 func TestNFTBeatsIPTablesMasquerade(t *testing.T) {
 	fakes := nftFakes()
 	m := newNFTManager(t, fakes, nil)
-	must(t, m.Apply(t.Context(), dualStack(udp5060)))
+	noFail(t)(m.Apply(t.Context(), dualStack(udp5060)))
 	ipt := NewFake()
-	must(t, ipt.Insert("POSTROUTING", 1, "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"))
-	if got := traceNode(fakes[IPv4], ipt, pod4, ext4, annotations.UDP, 5060); got.Source != lb4 || got.Masquerade {
+	must(t, ipt.Insert("nat", "POSTROUTING", 1, "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"))
+	if got := traceNFT(fakes[IPv4], ipt, udpPkt(pod4, ext4, 5060)); !got.leaves(lb4) {
 		t.Errorf("egress packet %s, want source %s", got, lb4)
 	}
-	if got := traceNode(fakes[IPv4], ipt, pod4, ext4, annotations.TCP, 443); !got.Masquerade {
+	if got := traceNFT(fakes[IPv4], ipt, protoPkt(pod4, ext4, annotations.TCP, 443)); !got.masquerade {
 		t.Errorf("packet without egress rule %s, want the CNI's MASQUERADE", got)
 	}
-	if got := traceNode(fakes[IPv4], ipt, pod4, netip.MustParseAddr("10.96.0.10"), annotations.UDP, 5060); !got.Masquerade {
+	if got := traceNFT(fakes[IPv4], ipt, udpPkt(pod4, clusterIP4, 5060)); !got.masquerade {
 		t.Errorf("packet to the Service CIDR %s, want the CNI's MASQUERADE (excluded by egressvip)", got)
-	}
-}
-
-// TestNFTSameAsIPTables applies random states to both backends and traces
-// random packets through both: the nftables maps must translate exactly
-// like the first-match iptables chain, and seeding from either must
-// produce the same conntrack flushes.
-func TestNFTSameAsIPTables(t *testing.T) {
-	rng := rand.New(rand.NewPCG(7, 11))
-	pods := []netip.Addr{pod4, pod4b, netip.MustParseAddr("10.244.1.7"), pod6, netip.MustParseAddr("fd00:10:244:1::6")}
-	lbs := map[Family][]netip.Addr{IPv4: {lb4, lb4b}, IPv6: {lb6, netip.MustParseAddr("2001:db8:1::11")}}
-	ports := []annotations.DestinationPort{udp5060, tcp8080, {Protocol: annotations.SCTP, Port: 5060}, {Protocol: annotations.TCP, Port: 5060}}
-	services := []string{"a/one", "b/two", "c/three"}
-	dsts := []netip.Addr{ext4, netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("10.244.9.9"), ext6, netip.MustParseAddr("fd00:10:244:3::3")}
-	ipt := [2]*Fake{NewFake(), NewFake()}
-	nft := nftFakes()
-	mi := newFakeManager(t, ipt, nil)
-	mn := newNFTManager(t, nft, nil)
-	for round := range 40 {
-		var d Desired
-		d.Exclude = []netip.Prefix{podNet4, svcNet4, podNet6}
-		for range rng.IntN(8) {
-			pod := pods[rng.IntN(len(pods))]
-			r := Rule{Service: services[rng.IntN(len(services))], PodIP: pod, SourceIP: lbs[familyOf(pod)][rng.IntN(2)]}
-			for range rng.IntN(3) {
-				r.Ports = append(r.Ports, ports[rng.IntN(len(ports))])
-			}
-			d.Rules = append(d.Rules, r)
-		}
-		must(t, mi.Apply(t.Context(), d))
-		must(t, mn.Apply(t.Context(), d))
-		for _, src := range pods {
-			for _, dst := range dsts {
-				if familyOf(src) != familyOf(dst) {
-					continue
-				}
-				for _, p := range ports {
-					f := familyOf(src)
-					a, b := ipt[f].Trace(src, dst, p.Protocol, p.Port), nft[f].Trace(src, dst, p.Protocol, p.Port)
-					if a.Source != b.Source {
-						t.Fatalf("round %d: packet from %s to %s:%d/%s: iptables %s, nftables %s\nrules %+v", round, src, dst, p.Port, p.Protocol, a, b, d.Rules)
-					}
-				}
-			}
-		}
-		// A restarted nftables Manager reads back a state with the same
-		// translations: no conntrack entry of an unchanged pod goes.
-		for _, f := range Families {
-			read, err := nftRead(t.Context(), nft[f], f)
-			must(t, err)
-			if fl := ConntrackFlushes(read, d.forFamily(f)); len(fl) != 0 {
-				t.Fatalf("round %d %s: state read back differs in translation: flushes %+v", round, f, fl)
-			}
-		}
 	}
 }
 
@@ -196,24 +127,24 @@ func TestNFTApplyWritesOnlyChanges(t *testing.T) {
 	ct := &fakeConntrack{}
 	m := newNFTManager(t, fakes, ct)
 	ctx := t.Context()
-	var d Desired
+	var d model.Datapath
 	d.Exclude = []netip.Prefix{podNet4, svcNet4, podNet6}
 	for i := range 50 {
-		d.Rules = append(d.Rules, Rule{Service: fmt.Sprintf("ns/svc%d", i), PodIP: netip.AddrFrom4([4]byte{10, 244, 2, byte(i)}), SourceIP: lb4, Ports: []annotations.DestinationPort{udp5060}})
+		d.SNAT = append(d.SNAT, model.SNATRule{Service: fmt.Sprintf("ns/svc%d", i), Pod: netip.AddrFrom4([4]byte{10, 244, 2, byte(i)}), Source: lb4, Filter: ports(udp5060)})
 	}
-	must(t, m.Apply(ctx, d))
+	noFail(t)(m.Apply(ctx, d))
 	if fakes[IPv4].Runs != 1 || fakes[IPv6].Runs != 1 {
 		t.Fatalf("runs %d/%d after the first Apply, want 1/1", fakes[IPv4].Runs, fakes[IPv6].Runs)
 	}
-	must(t, m.Apply(ctx, d))
+	noFail(t)(m.Apply(ctx, d))
 	if fakes[IPv4].Runs != 1 {
 		t.Fatalf("unchanged Apply ran a transaction")
 	}
 
 	// One Service changes its address: one element deleted, one added, in
 	// one transaction; nothing else is rewritten.
-	d.Rules[7].SourceIP = lb4b
-	must(t, m.Apply(ctx, d))
+	d.SNAT[7].Source = lb4b
+	noFail(t)(m.Apply(ctx, d))
 	fakes[IPv4].RLock()
 	tx := fakes[IPv4].LastTransaction.String()
 	fakes[IPv4].RUnlock()
@@ -225,22 +156,22 @@ func TestNFTApplyWritesOnlyChanges(t *testing.T) {
 	if tx != want {
 		t.Errorf("transaction for one changed Service:\n%s\nwant:\n%s", tx, want)
 	}
-	if got := fakes[IPv4].Trace(netip.MustParseAddr("10.244.2.7"), ext4, annotations.UDP, 5060); got.Source != lb4b {
+	if got := nftTrace(fakes[IPv4], netip.MustParseAddr("10.244.2.7"), ext4, annotations.UDP, 5060); !got.leaves(lb4b) {
 		t.Errorf("changed pod %s", got)
 	}
-	if got := fakes[IPv4].Trace(netip.MustParseAddr("10.244.2.8"), ext4, annotations.UDP, 5060); got.Source != lb4 {
+	if got := nftTrace(fakes[IPv4], netip.MustParseAddr("10.244.2.8"), ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 		t.Errorf("unchanged pod %s", got)
 	}
 	calls := ct.calls[netlink.FAMILY_V4]
-	if last := calls[len(calls)-1]; len(last) != 1 || last[0].PodIP != netip.MustParseAddr("10.244.2.7") {
+	if last := calls[len(calls)-1]; len(last) != 1 || last[0].pod != netip.MustParseAddr("10.244.2.7") {
 		t.Errorf("conntrack flushed %+v, want only the changed pod", last)
 	}
 
 	// A Service renamed with the same translation: the element's comment
 	// changes, no conntrack entry goes.
 	before := len(ct.calls[netlink.FAMILY_V4])
-	d.Rules[3].Service = "ns/renamed"
-	must(t, m.Apply(ctx, d))
+	d.SNAT[3].Service = "ns/renamed"
+	noFail(t)(m.Apply(ctx, d))
 	if got, _ := m.Services(ctx); !slices.Contains(got, "ns/renamed") || slices.Contains(got, "ns/svc3") {
 		t.Errorf("Services after the rename: %v", got)
 	}
@@ -249,9 +180,9 @@ func TestNFTApplyWritesOnlyChanges(t *testing.T) {
 	}
 
 	// Exclusions change: the set is rewritten.
-	d.Exclude = append(d.Exclude, netip.MustParsePrefix("192.0.2.0/24"))
-	must(t, m.Apply(ctx, d))
-	if got := fakes[IPv4].Trace(netip.MustParseAddr("10.244.2.8"), netip.MustParseAddr("192.0.2.1"), annotations.UDP, 5060); got.Source != netip.MustParseAddr("10.244.2.8") {
+	d.Exclude = append(d.Exclude, netip.MustParsePrefix("198.51.100.0/24"))
+	noFail(t)(m.Apply(ctx, d))
+	if got := nftTrace(fakes[IPv4], netip.MustParseAddr("10.244.2.8"), ext4, annotations.UDP, 5060); !got.leaves(netip.MustParseAddr("10.244.2.8")) {
 		t.Errorf("newly excluded destination %s", got)
 	}
 }
@@ -261,31 +192,31 @@ func TestNFTApplyWritesOnlyChanges(t *testing.T) {
 func TestNFTRestart(t *testing.T) {
 	fakes := nftFakes()
 	first := newNFTManager(t, fakes, nil)
-	must(t, first.Apply(t.Context(), dualStack(udp5060, tcp8080)))
+	noFail(t)(first.Apply(t.Context(), dualStack(udp5060, tcp8080)))
 
 	ct := &fakeConntrack{}
 	m := newNFTManager(t, fakes, ct)
-	must(t, m.Apply(t.Context(), dualStack(udp5060, tcp8080)))
+	noFail(t)(m.Apply(t.Context(), dualStack(udp5060, tcp8080)))
 	if len(ct.calls) != 0 {
 		t.Errorf("restart with unchanged rules flushed conntrack: %+v", ct.calls)
 	}
 	if fakes[IPv4].Runs != 2 {
 		t.Errorf("restart: %d runs, want the table replaced once", fakes[IPv4].Runs)
 	}
-	must(t, m.Apply(t.Context(), dualStack(udp5060)))
+	noFail(t)(m.Apply(t.Context(), dualStack(udp5060)))
 	calls := ct.calls[netlink.FAMILY_V4]
-	if len(calls) != 1 || len(calls[0]) != 1 || !slices.Equal(calls[0][0].Ports, []annotations.DestinationPort{tcp8080}) {
+	if len(calls) != 1 || len(calls[0]) != 1 || !slices.Equal(calls[0][0].ports, []annotations.DestinationPort{tcp8080}) {
 		t.Errorf("flushes %+v, want pod %s on tcp:8080", calls, pod4)
 	}
 	// The periodic Recheck of an intact table reads and writes nothing.
 	runs := fakes[IPv4].Runs
 	m.Recheck()
-	must(t, m.Apply(t.Context(), dualStack(udp5060)))
+	noFail(t)(m.Apply(t.Context(), dualStack(udp5060)))
 	if ok, err := m.Check(t.Context()); !ok || err != nil {
 		t.Fatalf("Check = %v, %v", ok, err)
 	}
 	m.Recheck()
-	must(t, m.Apply(t.Context(), dualStack(udp5060)))
+	noFail(t)(m.Apply(t.Context(), dualStack(udp5060)))
 	if fakes[IPv4].Runs != runs {
 		t.Errorf("Recheck of an intact table rewrote it")
 	}
@@ -302,7 +233,7 @@ func TestNFTCheck(t *testing.T) {
 			foreignRun(t, f, func(tx *knftables.Transaction) { tx.Delete(&knftables.Table{}) })
 		}, false},
 		{"chain flushed", func(t *testing.T, f *FakeNFT) {
-			foreignRun(t, f, func(tx *knftables.Transaction) { tx.Flush(&knftables.Chain{Name: nftChain}) })
+			foreignRun(t, f, func(tx *knftables.Transaction) { tx.Flush(&knftables.Chain{Name: nftPostrouting}) })
 		}, false},
 		{"map flushed", func(t *testing.T, f *FakeNFT) {
 			foreignRun(t, f, func(tx *knftables.Transaction) { tx.Flush(&knftables.Map{Name: nftSNATPorts}) })
@@ -315,7 +246,7 @@ func TestNFTCheck(t *testing.T) {
 		}, false},
 		{"rule added", func(t *testing.T, f *FakeNFT) {
 			foreignRun(t, f, func(tx *knftables.Transaction) {
-				tx.Insert(&knftables.Rule{Chain: nftChain, Rule: "ip saddr 10.244.0.0/16 masquerade"})
+				tx.Insert(&knftables.Rule{Chain: nftPostrouting, Rule: "ip saddr 10.244.0.0/16 masquerade"})
 			})
 		}, false},
 	}
@@ -324,7 +255,7 @@ func TestNFTCheck(t *testing.T) {
 			fakes := nftFakes()
 			m := newNFTManager(t, fakes, nil)
 			ctx := t.Context()
-			must(t, m.Apply(ctx, dualStack(udp5060)))
+			noFail(t)(m.Apply(ctx, dualStack(udp5060)))
 			// The first check after a write takes the reference listing.
 			for range 2 {
 				if ok, err := m.Check(ctx); !ok || err != nil {
@@ -339,14 +270,14 @@ func TestNFTCheck(t *testing.T) {
 				return
 			}
 			m.Recheck()
-			must(t, m.Apply(ctx, dualStack(udp5060)))
+			noFail(t)(m.Apply(ctx, dualStack(udp5060)))
 			if ok, err := m.Check(ctx); !ok || err != nil {
 				t.Fatalf("Check after repair = %v, %v", ok, err)
 			}
-			if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+			if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 				t.Errorf("after repair, packet %s", got)
 			}
-			if got := fakes[IPv4].Trace(pod4, ext4, annotations.TCP, 5060); got.Source != pod4 {
+			if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.TCP, 5060); !got.leaves(pod4) {
 				t.Errorf("after repair, foreign rule survived: packet %s", got)
 			}
 		})
@@ -362,13 +293,13 @@ func TestNFTCheckForeignCommitDuringWrite(t *testing.T) {
 	m := newNFTManager(t, fakes, nil)
 	ctx := t.Context()
 	fakes[IPv4].AfterRun = fakes[IPv4].OtherCommit
-	must(t, m.Apply(ctx, dualStack()))
+	noFail(t)(m.Apply(ctx, dualStack()))
 	fakes[IPv4].AfterRun = nil
 	if ok, _ := m.Check(ctx); ok {
 		t.Fatal("Check without a reference said intact")
 	}
 	m.Recheck()
-	must(t, m.Apply(ctx, dualStack()))
+	noFail(t)(m.Apply(ctx, dualStack()))
 	must2(m.Check(ctx))(t)
 	fakes[IPv4].OtherCommit()
 	must2(m.Check(ctx))(t)
@@ -391,9 +322,9 @@ func TestNFTErrors(t *testing.T) {
 		m := newNFTManager(t, fakes, ct)
 		boom := errors.New("nft: Error: Could not process rule: Operation not permitted")
 		fakes[IPv4].RunErr = boom
-		err := m.Apply(t.Context(), dualStack())
-		if !errors.Is(err, boom) || !strings.Contains(err.Error(), "IPv4") || !strings.Contains(err.Error(), "ip egressvip") {
-			t.Fatalf("Apply error = %v", err)
+		failed, err := m.Apply(t.Context(), dualStack())
+		if ferr := failed["default/sip"]; err != nil || !errors.Is(ferr, boom) || !strings.Contains(ferr.Error(), "IPv4") || !strings.Contains(ferr.Error(), "ip egressvip") {
+			t.Fatalf("Apply = %v, %v", failed, err)
 		}
 		if len(ct.pods(netlink.FAMILY_V4)) != 0 {
 			t.Error("conntrack flushed although nothing was written")
@@ -402,8 +333,8 @@ func TestNFTErrors(t *testing.T) {
 			t.Error("Check after a failed write said intact")
 		}
 		fakes[IPv4].RunErr = nil
-		must(t, m.Apply(t.Context(), dualStack()))
-		if got := fakes[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+		noFail(t)(m.Apply(t.Context(), dualStack()))
+		if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 			t.Errorf("after retry, packet %s", got)
 		}
 	})
@@ -412,23 +343,24 @@ func TestNFTErrors(t *testing.T) {
 		fakes[IPv6].RunErr = errors.New("nft: Error: Could not process rule: Address family not supported by protocol")
 		m := newNFTManager(t, fakes, nil)
 		ipv4Only := dualStack()
-		ipv4Only.Rules = ipv4Only.Rules[:1]
-		must(t, m.Apply(t.Context(), ipv4Only))
+		ipv4Only.SNAT = ipv4Only.SNAT[:1]
+		ipv4Only.Fenced = ipv4Only.Fenced[:1]
+		noFail(t)(m.Apply(t.Context(), ipv4Only))
 		must2(m.Check(t.Context()))(t)
-		if err := m.Apply(t.Context(), dualStack()); err == nil || !strings.Contains(err.Error(), "IPv6") {
-			t.Fatalf("an IPv6 rule that cannot be written must fail, got %v", err)
+		if failed, err := m.Apply(t.Context(), dualStack()); err != nil || failed["default/sip"] == nil || !strings.Contains(failed["default/sip"].Error(), "IPv6") {
+			t.Fatalf("an IPv6 rule that cannot be written must fail its Service, got %v, %v", failed, err)
 		}
 	})
 	t.Run("a diff that does not apply replaces the table", func(t *testing.T) {
 		fakes := nftFakes()
 		m := newNFTManager(t, fakes, nil)
-		must(t, m.Apply(t.Context(), dualStack(udp5060)))
+		noFail(t)(m.Apply(t.Context(), dualStack(udp5060)))
 		// Someone deletes the element the next diff deletes.
 		foreignRun(t, fakes[IPv4], func(tx *knftables.Transaction) {
 			tx.Delete(&knftables.Element{Map: nftSNATPorts, Key: []string{"10.244.1.5", "17", "5060"}})
 		})
-		must(t, m.Apply(t.Context(), dualStack(tcp8080)))
-		if got := fakes[IPv4].Trace(pod4, ext4, annotations.TCP, 8080); got.Source != lb4 {
+		noFail(t)(m.Apply(t.Context(), dualStack(tcp8080)))
+		if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.TCP, 8080); !got.leaves(lb4) {
 			t.Errorf("packet %s", got)
 		}
 	})
@@ -438,51 +370,52 @@ func TestNFTErrors(t *testing.T) {
 // other backends, after its own rules are written, and nothing else.
 func TestSwitchBackends(t *testing.T) {
 	t.Run("iptables to nftables", func(t *testing.T) {
-		ipt := [2]*Fake{NewFake(), NewFake()}
+		ipt := iptFakes()
 		for _, f := range ipt {
-			must(t, f.Append("POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE"))
+			must(t, f.Append("nat", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE"))
 		}
-		before := [2]string{string(ipt[0].Table().Save()), string(ipt[1].Table().Save())}
+		before := [2]string{ipt[0].Dump(), ipt[1].Dump()}
 		old := newFakeManager(t, ipt, nil)
-		must(t, old.Apply(t.Context(), dualStack()))
-		must(t, ipt[IPv4].Append("POSTROUTING", hookSpec...)) // a second hook
+		noFail(t)(old.Apply(t.Context(), dualStack()))
+		must(t, ipt[IPv4].Append("nat", "POSTROUTING", splitWords(natHookSpec())...)) // a second hook
 		must(t, ipt[IPv4].Restore(t.Context(), []byte("*nat\n:EGRESSVIP-OLD - [0:0]\nCOMMIT\n")))
 
 		nft := nftFakes()
 		m := newNFTManager(t, nft, nil)
 		var order []string
 		m.others = []leftovers{{name: BackendIPTablesLegacy, w: &orderWriter{writer: &iptablesWriter{runners: [2]Runner{ipt[0], ipt[1]}}, order: &order, nft: nft[IPv4]}}}
-		must(t, m.Apply(t.Context(), dualStack()))
+		noFail(t)(m.Apply(t.Context(), dualStack()))
 		for _, f := range Families {
-			if got := string(ipt[f].Table().Save()); got != before[f] {
-				t.Errorf("%s iptables after the switch:\n%s\nwant:\n%s", f, got, before[f])
+			got := ipt[f].Dump()
+			if strings.Contains(got, ChainPrefix) || !strings.Contains(got, "-A POSTROUTING -s 10.244.0.0/16 -j MASQUERADE") {
+				t.Errorf("%s iptables after the switch:\n%s\nwant what was there before:\n%s", f, got, before[f])
 			}
 		}
 		if !slices.Equal(order, []string{"nftables written, then leftovers removed"}) {
 			t.Errorf("order: %v", order)
 		}
-		if got := nft[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+		if got := nftTrace(nft[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 			t.Errorf("packet %s", got)
 		}
 		// Done once per Manager.
 		must(t, ipt[IPv4].Restore(t.Context(), []byte("*nat\n:EGRESSVIP-NEW - [0:0]\nCOMMIT\n")))
-		must(t, m.Apply(t.Context(), dualStack()))
-		if chains, _ := ipt[IPv4].ListChains(); !slices.Contains(chains, "EGRESSVIP-NEW") {
+		noFail(t)(m.Apply(t.Context(), dualStack()))
+		if chains := ipt[IPv4].Chains("nat"); !slices.Contains(chains, "EGRESSVIP-NEW") {
 			t.Errorf("leftovers looked for again on a later Apply")
 		}
 		must(t, m.RemoveOtherBackends(t.Context()))
-		if chains, _ := ipt[IPv4].ListChains(); slices.Contains(chains, "EGRESSVIP-NEW") {
+		if chains := ipt[IPv4].Chains("nat"); slices.Contains(chains, "EGRESSVIP-NEW") {
 			t.Errorf("RemoveOtherBackends left %v", chains)
 		}
 	})
 	t.Run("nftables to iptables", func(t *testing.T) {
 		nft := nftFakes()
 		old := newNFTManager(t, nft, nil)
-		must(t, old.Apply(t.Context(), dualStack()))
-		ipt := [2]*Fake{NewFake(), NewFake()}
+		noFail(t)(old.Apply(t.Context(), dualStack()))
+		ipt := iptFakes()
 		m := newFakeManager(t, ipt, nil)
-		m.others = []leftovers{{name: BackendNFTables, w: &nftWriter{tables: [2]NFTables{nft[0], nft[1]}}}}
-		must(t, m.Apply(t.Context(), dualStack()))
+		m.others = []leftovers{{name: BackendNFTables, w: &nftWriter{table: TableName, tables: [2]NFTables{nft[0], nft[1]}}}}
+		noFail(t)(m.Apply(t.Context(), dualStack()))
 		for _, f := range nft {
 			f.RLock()
 			if f.Table != nil {
@@ -519,10 +452,10 @@ func (o *orderWriter) cleanup(ctx context.Context) error {
 func TestCleanupEveryBackend(t *testing.T) {
 	nft := nftFakes()
 	m := newNFTManager(t, nft, nil)
-	must(t, m.Apply(t.Context(), dualStack()))
-	ipt := [2]*Fake{NewFake(), NewFake()}
-	must(t, newFakeManager(t, ipt, nil).Apply(t.Context(), dualStack()))
-	must(t, ipt[IPv6].Append("POSTROUTING", "-j", "MASQUERADE"))
+	noFail(t)(m.Apply(t.Context(), dualStack()))
+	ipt := iptFakes()
+	noFail(t)(newFakeManager(t, ipt, nil).Apply(t.Context(), dualStack()))
+	must(t, ipt[IPv6].Append("nat", "POSTROUTING", "-j", "MASQUERADE"))
 	m.others = []leftovers{{name: BackendIPTablesNFT, w: &iptablesWriter{runners: [2]Runner{ipt[0], ipt[1]}}}}
 	must(t, m.Cleanup())
 	for _, f := range nft {
@@ -533,12 +466,12 @@ func TestCleanupEveryBackend(t *testing.T) {
 		f.RUnlock()
 	}
 	for _, f := range Families {
-		save := string(ipt[f].Table().Save())
+		save := ipt[f].Dump()
 		if strings.Contains(save, ChainPrefix) {
 			t.Errorf("%s: iptables leftovers:\n%s", f, save)
 		}
 	}
-	if rules, _ := ipt[IPv6].List("POSTROUTING"); len(rules) != 1 {
+	if rules := ipt[IPv6].List("nat", "POSTROUTING"); len(rules) != 1 {
 		t.Errorf("foreign rule lost: %v", rules)
 	}
 	if got, err := m.Services(t.Context()); err != nil || len(got) != 0 {
@@ -552,22 +485,25 @@ func TestSelectBackend(t *testing.T) {
 	tests := []struct {
 		backend      string
 		withNFTables bool
-		probe        error // nil: nft works
+		probe        error  // nil: nft works
+		flavour      string // what the node's iptables rules say
 		want         string
 	}{
-		{"", false, nil, BackendNFTables},
-		{"auto", false, nftWorks, BackendIPTablesLegacy},
-		{"", true, nil, BackendIPTablesNFT},
-		{"AUTO", true, nftWorks, BackendIPTablesNFT},
-		{"nftables", true, nftWorks, BackendNFTables},
-		{"iptables-legacy", true, nil, BackendIPTablesLegacy},
-		{" iptables-nft ", false, nil, BackendIPTablesNFT},
+		{"", true, nil, BackendIPTablesLegacy, BackendNFTables},
+		{"auto", true, nftWorks, BackendIPTablesLegacy, BackendIPTablesLegacy},
+		{"", true, nftWorks, BackendIPTablesNFT, BackendIPTablesNFT},
+		{"", false, nil, BackendIPTablesNFT, BackendIPTablesNFT},
+		{"AUTO", false, nil, BackendIPTablesLegacy, BackendIPTablesLegacy},
+		{"nftables", false, nftWorks, BackendIPTablesLegacy, BackendNFTables},
+		{"iptables-legacy", true, nil, BackendIPTablesNFT, BackendIPTablesLegacy},
+		{" iptables-nft ", false, nil, BackendIPTablesLegacy, BackendIPTablesNFT},
 	}
 	for _, tc := range tests {
-		t.Run(fmt.Sprintf("%q,%v,%v", tc.backend, tc.withNFTables, tc.probe == nil), func(t *testing.T) {
-			orig := probeNFTables
-			t.Cleanup(func() { probeNFTables = orig })
+		t.Run(fmt.Sprintf("%q,%v,%v,%s", tc.backend, tc.withNFTables, tc.probe == nil, tc.flavour), func(t *testing.T) {
+			orig, origFlavour := probeNFTables, probeIPTablesFlavour
+			t.Cleanup(func() { probeNFTables, probeIPTablesFlavour = orig, origFlavour })
 			probeNFTables = func() error { return tc.probe }
+			probeIPTablesFlavour = func() (string, string) { return tc.flavour, "test" }
 			got, err := SelectBackend(tc.backend, tc.withNFTables)
 			if err != nil || got != tc.want {
 				t.Errorf("SelectBackend = %q, %v; want %q", got, err, tc.want)
@@ -591,12 +527,9 @@ func TestNewNFTablesMissing(t *testing.T) {
 }
 
 func TestMinimalPrefixes(t *testing.T) {
-	in := Desired{Exclude: []netip.Prefix{
-		netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12"),
-		netip.MustParsePrefix("192.168.0.0/24"), netip.MustParsePrefix("192.168.1.0/24"), netip.MustParsePrefix("192.168.0.7/32"),
-	}}.forFamily(IPv4)
-	got := minimalPrefixes(in.Exclude)
-	want := []string{"10.0.0.0/8", "192.168.0.0/24", "192.168.1.0/24"}
+	in := prefixesOf(IPv4, prefixes("10.0.0.0/8", "10.244.0.0/16", "10.96.0.0/12", "192.168.0.0/24", "192.168.1.0/24", "192.168.0.7/32", "fd00::/8"))
+	got := minimalPrefixes(in)
+	want := prefixes("10.0.0.0/8", "192.168.0.0/24", "192.168.1.0/24")
 	if !slices.Equal(got, want) {
 		t.Errorf("minimalPrefixes = %v, want %v", got, want)
 	}
@@ -616,21 +549,21 @@ func TestParseGenID(t *testing.T) {
 // TestSwitchBackendsKeepsOldRulesUntilNewOnesWork: leftovers stay while the
 // new backend cannot write, so egress keeps working through them.
 func TestSwitchBackendsKeepsOldRulesUntilNewOnesWork(t *testing.T) {
-	ipt := [2]*Fake{NewFake(), NewFake()}
-	must(t, newFakeManager(t, ipt, nil).Apply(t.Context(), dualStack()))
+	ipt := iptFakes()
+	noFail(t)(newFakeManager(t, ipt, nil).Apply(t.Context(), dualStack()))
 	nft := nftFakes()
 	nft[IPv4].RunErr = errors.New("nft: Error: Could not process rule: Operation not supported")
 	m := newNFTManager(t, nft, nil)
 	m.others = []leftovers{{name: BackendIPTablesLegacy, w: &iptablesWriter{runners: [2]Runner{ipt[0], ipt[1]}}}}
-	if err := m.Apply(t.Context(), dualStack()); err == nil {
+	if failed, err := m.Apply(t.Context(), dualStack()); err == nil && failed == nil {
 		t.Fatal("Apply did not fail")
 	}
-	if got := ipt[IPv4].Trace(pod4, ext4, annotations.UDP, 5060); got.Source != lb4 {
+	if got := ipTrace(ipt[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
 		t.Fatalf("old iptables rules removed before the new ones worked: packet %s", got)
 	}
 	nft[IPv4].RunErr = nil
-	must(t, m.Apply(t.Context(), dualStack()))
-	if chains, _ := ipt[IPv4].ListChains(); slices.Contains(chains, Chain) {
+	noFail(t)(m.Apply(t.Context(), dualStack()))
+	if chains := ipt[IPv4].Chains("nat"); slices.Contains(chains, Chain) {
 		t.Errorf("leftovers kept after the new backend worked: %v", chains)
 	}
 }
@@ -641,16 +574,68 @@ func TestNFTDiffOnlyOnAVerifiedTable(t *testing.T) {
 	fakes := nftFakes()
 	m := newNFTManager(t, fakes, nil)
 	ctx := t.Context()
-	must(t, m.Apply(ctx, dualStack(udp5060)))
+	noFail(t)(m.Apply(ctx, dualStack(udp5060)))
 	foreignRun(t, fakes[IPv4], func(tx *knftables.Transaction) {
 		tx.Add(&knftables.Element{Map: nftSNATAll, Key: []string{"10.244.1.99"}, Value: []string{"203.0.113.99"}})
 	})
-	must(t, m.Apply(ctx, dualStack(tcp8080))) // before any Check
-	if got := fakes[IPv4].Trace(netip.MustParseAddr("10.244.1.99"), ext4, annotations.UDP, 53); got.Source != netip.MustParseAddr("10.244.1.99") {
+	noFail(t)(m.Apply(ctx, dualStack(tcp8080))) // before any Check
+	if got := nftTrace(fakes[IPv4], netip.MustParseAddr("10.244.1.99"), ext4, annotations.UDP, 53); !got.leaves(netip.MustParseAddr("10.244.1.99")) {
 		t.Errorf("someone's element survived the write: packet %s", got)
 	}
 	must2(m.Check(ctx))(t)
-	if got := fakes[IPv4].Trace(pod4, ext4, annotations.TCP, 8080); got.Source != lb4 {
+	if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.TCP, 8080); !got.leaves(lb4) {
 		t.Errorf("packet %s", got)
+	}
+}
+
+// TestNFTClauseChains: pods with destination prefixes share a chain per
+// clause list; a change adds the new chain and deletes the old one in the
+// same transaction, and only the changed pods' entries are flushed.
+func TestNFTClauseChains(t *testing.T) {
+	fakes := nftFakes()
+	ct := &fakeConntrack{}
+	m := newNFTManager(t, fakes, ct)
+	f := model.Filter{Allow: prefixes("198.51.100.0/24"), Deny: prefixes("198.51.100.9/32")}
+	d := model.Datapath{Exclude: []netip.Prefix{podNet4}}
+	for i := range 3 {
+		d.SNAT = append(d.SNAT, model.SNATRule{Service: "ns/f", Pod: netip.AddrFrom4([4]byte{10, 244, 3, byte(i + 1)}), Source: lb4, Filter: f})
+	}
+	d.SNAT = append(d.SNAT, model.SNATRule{Service: "ns/g", Pod: pod4, Source: lb4b, Filter: f})
+	noFail(t)(m.Apply(t.Context(), d))
+	chains := func() []string {
+		fakes[IPv4].RLock()
+		defer fakes[IPv4].RUnlock()
+		var out []string
+		for name := range fakes[IPv4].Table.Chains {
+			if strings.HasPrefix(name, nftSNATChainPrefix) {
+				out = append(out, name)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	before := chains()
+	if len(before) != 2 {
+		t.Fatalf("clause chains %v, want one for ns/f's three pods and one for ns/g", before)
+	}
+	d.SNAT[3].Filter.Deny = prefixes("198.51.100.10/32")
+	runs := fakes[IPv4].Runs
+	calls := len(ct.calls[netlink.FAMILY_V4])
+	noFail(t)(m.Apply(t.Context(), d))
+	if fakes[IPv4].Runs != runs+1 {
+		t.Errorf("%d transactions, want 1", fakes[IPv4].Runs-runs)
+	}
+	after := chains()
+	if len(after) != 2 || !slices.Contains(after, before[0]) == !slices.Contains(after, before[1]) {
+		t.Errorf("chains %v -> %v: want ns/g's replaced, ns/f's kept", before, after)
+	}
+	if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 53); !got.leaves(lb4b) {
+		t.Errorf("newly allowed destination: %s", got)
+	}
+	if got := nftTrace(fakes[IPv4], pod4, netip.MustParseAddr("198.51.100.10"), annotations.UDP, 53); got.leaves(lb4b) {
+		t.Errorf("newly denied destination: %s", got)
+	}
+	if c := ct.calls[netlink.FAMILY_V4]; len(c) != calls+1 || len(c[calls]) != 1 || c[calls][0].pod != pod4 || c[calls][0].ports != nil {
+		t.Errorf("flushes %+v, want all of %s's entries only", c[calls:], pod4)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/egressvip/egressvip/internal/privtest"
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 func backendCaseOf(t *testing.T, name string) backendCase {
@@ -78,7 +79,7 @@ func (tp *topo) check(t *testing.T, m *Manager) bool {
 }
 
 // repair is what the sync loop does when Check fails.
-func (tp *topo) repair(t *testing.T, m *Manager, d Desired) {
+func (tp *topo) repair(t *testing.T, m *Manager, d model.Datapath) {
 	t.Helper()
 	m.Recheck()
 	tp.apply(t, m, d)
@@ -112,13 +113,18 @@ func TestPrivilegedCheck(t *testing.T) {
 				{"chain flushed", []string{b.ipt, "-t", "nat", "-F", Chain}},
 				{"hook deleted", []string{b.ipt, "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", HookComment, "-j", Chain}},
 				{"IPv6 hook behind a new rule", []string{b.ip6t, "-t", "nat", "-I", "POSTROUTING", "1", "-d", "2001:db8:9::/64", "-j", "RETURN"}},
+				{"anti-spoofing chain flushed", []string{b.ipt, "-t", "raw", "-F", ChainRaw}},
+				{"mangle hook behind a new rule", []string{b.ipt, "-t", "mangle", "-I", "PREROUTING", "1", "-j", "RETURN"}},
+				{"fence table deleted", []string{"nft", "delete", "table", "ip", fenceTable(map[bool]backend{true: nftBackend, false: legacyBackend}[b.name == BackendIPTablesNFT])}},
 			}
 		} else {
 			cases = []breakage{
 				{"table deleted", []string{"nft", "delete", "table", "ip", TableName}},
-				{"chain flushed", []string{"nft", "flush", "chain", "ip", TableName, nftChain}},
+				{"chain flushed", []string{"nft", "flush", "chain", "ip", TableName, nftPostrouting}},
+				{"prerouting chain flushed", []string{"nft", "flush", "chain", "ip", TableName, nftPrerouting}},
 				{"map flushed", []string{"nft", "flush", "map", "ip6", TableName, nftSNATPorts}},
 				{"element deleted", []string{"nft", "delete", "element", "ip", TableName, nftSNATPorts, "{ 10.244.1.5 . udp . 5060 }"}},
+				{"fence flushed", []string{"nft", "flush", "chain", "ip6", TableName, nftFence}},
 			}
 		}
 		for _, c := range cases {
@@ -144,24 +150,24 @@ func TestPrivilegedCheck(t *testing.T) {
 	})
 }
 
-// racingExecRunner wraps a real runner: right after the Manager listed nat
-// POSTROUTING, a CNI inserts a rule at position 1.
+// racingExecRunner wraps a real runner: right after the Manager read the
+// tables, a CNI inserts a rule at position 1 of nat POSTROUTING.
 type racingExecRunner struct {
 	Runner
 	race func()
 }
 
-func (r *racingExecRunner) List(chain string) ([]string, error) {
-	rules, err := r.Runner.List(chain)
-	if chain == hookChain && r.race != nil {
+func (r *racingExecRunner) Save(ctx context.Context) ([]byte, error) {
+	out, err := r.Runner.Save(ctx)
+	if r.race != nil {
 		r.race()
 		r.race = nil
 	}
-	return rules, err
+	return out, err
 }
 
 // TestPrivilegedHookRepairBySpec: the hook is repaired by rule spec inside
-// the restore, so a rule inserted between the Manager's listing and its
+// the restore, so a rule inserted between the Manager's reading and its
 // restore is kept, and one hook is left, first.
 func TestPrivilegedHookRepairBySpec(t *testing.T) {
 	for _, name := range []string{BackendIPTablesLegacy, BackendIPTablesNFT} {
@@ -209,8 +215,12 @@ func TestPrivilegedSwitchBackends(t *testing.T) {
 	tp := newTopo(t, b)
 	udp4, udp6 := netip.AddrPortFrom(extSrv4, 5060), netip.AddrPortFrom(extSrv6, 5060)
 	foreign := tp.foreignRules(t)
-	legacyLines := func() []string { return tp.iptLines(t, "iptables-legacy-save", "ip6tables-legacy-save") }
-	nftLines := func() []string { return tp.iptLines(t, "iptables-nft-save", "ip6tables-nft-save") }
+	legacyLines := func() []string {
+		return append(tp.iptLines(t, "iptables-legacy-save", "ip6tables-legacy-save"), tp.nftLines(t, fenceTable(legacyBackend))...)
+	}
+	nftLines := func() []string {
+		return append(tp.iptLines(t, "iptables-nft-save", "ip6tables-nft-save"), tp.nftLines(t, fenceTable(nftBackend))...)
+	}
 
 	steps := []string{BackendIPTablesLegacy, BackendNFTables, BackendIPTablesNFT, BackendIPTablesLegacy, BackendNFTables}
 	var last *Manager
@@ -226,7 +236,7 @@ func TestPrivilegedSwitchBackends(t *testing.T) {
 		owned := map[string][]string{
 			BackendIPTablesLegacy: legacyLines(),
 			BackendIPTablesNFT:    nftLines(),
-			BackendNFTables:       tp.nftLines(t),
+			BackendNFTables:       tp.nftLines(t, TableName),
 		}
 		for other, lines := range owned {
 			if (other == backend) != (len(lines) > 0) {
@@ -247,7 +257,7 @@ func TestPrivilegedSwitchBackends(t *testing.T) {
 		tp.apply(t, m, rulesFor())
 	}
 	tp.inNode(t, "Cleanup", last.Cleanup)
-	for name, lines := range map[string][]string{"iptables-legacy": legacyLines(), "iptables-nft": nftLines(), "nftables": tp.nftLines(t)} {
+	for name, lines := range map[string][]string{"iptables-legacy": legacyLines(), "iptables-nft": nftLines(), "nftables": tp.nftLines(t, TableName)} {
 		if len(lines) > 0 {
 			t.Errorf("after Cleanup, %s holds:\n%s", name, strings.Join(lines, "\n"))
 		}

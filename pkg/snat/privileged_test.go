@@ -13,22 +13,27 @@ import (
 
 	"github.com/egressvip/egressvip/internal/privtest"
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/sirupsen/logrus"
 	"github.com/vishvananda/netlink"
 )
 
 // The privileged tests build, per backend:
 //
-//	pod ns                node ns                          external ns
+//	pod ns (A)            node ns                          external ns
 //	10.244.1.5/24  eth0 - vpod 10.244.1.1/24
 //	fd00:10:244:1::5/64        fd00:10:244:1::1/64
-//	                           vext 203.0.113.1/24 - eth0 203.0.113.2/24
-//	                                2001:db8:1::1/64       2001:db8:1::2/64
+//	pod ns (B)
+//	10.244.1.6/32  eth0 - vpodb (routes to B's /32, /128)
+//	fd00:10:244:1::6/128       fe80::1
+//	                           vext 203.0.113.1/24 - eth0 203.0.113.2/24, .3
+//	                                2001:db8:1::1/64       2001:db8:1::2/64, ::3
 //	                           LB   203.0.113.10, 2001:db8:1::10
 //
 // The node forwards and has a CNI-like MASQUERADE rule for the pod CIDR, so
 // a packet that misses our rules arrives from the node address 203.0.113.1.
 // The external ns runs servers that answer with the peer address they see.
+// The steering test adds a holder ns (see TestPrivilegedSteer).
 
 // backendCase is a backend under test, with the iptables flavour of the
 // node's other components (the CNI's MASQUERADE rules): the backend's own
@@ -47,19 +52,19 @@ var backendCases = []backendCase{
 func (b backendCase) iptables() bool { return b.name != BackendNFTables }
 
 var (
-	node4      = netip.MustParseAddr("203.0.113.1")
 	node6      = netip.MustParseAddr("2001:db8:1::1")
 	extSrv4    = netip.MustParseAddr("203.0.113.2")
 	extSrv6    = netip.MustParseAddr("2001:db8:1::2")
+	extSrv4b   = netip.MustParseAddr("203.0.113.3")
+	extSrv6b   = netip.MustParseAddr("2001:db8:1::3")
 	nodePod4   = netip.MustParseAddr("10.244.1.1")
 	nodePod6   = netip.MustParseAddr("fd00:10:244:1::1")
-	svcNet6    = netip.MustParsePrefix("fd00:10:96::/112")
 	excludeAll = []netip.Prefix{podNet4, svcNet4, podNet6, svcNet6}
 )
 
 type topo struct {
-	b              backendCase
-	pod, node, ext *privtest.NS
+	b                    backendCase
+	pod, podB, node, ext *privtest.NS
 }
 
 func forEachBackend(t *testing.T, fn func(t *testing.T, b backendCase)) {
@@ -82,8 +87,9 @@ func requireBackend(t testing.TB, b backendCase) {
 
 func newTopo(t testing.TB, b backendCase) *topo {
 	t.Helper()
-	tp := &topo{b: b, pod: privtest.NewNS(t, "snat-pod"), node: privtest.NewNS(t, "snat-node"), ext: privtest.NewNS(t, "snat-ext")}
+	tp := &topo{b: b, pod: privtest.NewNS(t, "snat-pod"), podB: privtest.NewNS(t, "snat-podb"), node: privtest.NewNS(t, "snat-node"), ext: privtest.NewNS(t, "snat-ext")}
 	privtest.Veth(t, tp.pod, "eth0", tp.node, "vpod")
+	privtest.Veth(t, tp.podB, "eth0", tp.node, "vpodb")
 	privtest.Veth(t, tp.node, "vext", tp.ext, "eth0")
 
 	tp.pod.Exec(t, "ip", "addr", "add", "10.244.1.5/24", "dev", "eth0")
@@ -91,9 +97,22 @@ func newTopo(t testing.TB, b backendCase) *topo {
 	tp.pod.Exec(t, "ip", "route", "add", "default", "via", "10.244.1.1")
 	tp.pod.Exec(t, "ip", "-6", "route", "add", "default", "via", "fd00:10:244:1::1")
 
-	tp.node.Exec(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	tp.podB.Exec(t, "ip", "addr", "add", "10.244.1.6/32", "dev", "eth0")
+	tp.podB.Exec(t, "ip", "-6", "addr", "add", "fd00:10:244:1::6/128", "dev", "eth0", "nodad")
+	tp.podB.Exec(t, "ip", "route", "add", "10.244.1.1", "dev", "eth0")
+	tp.podB.Exec(t, "ip", "route", "add", "default", "via", "10.244.1.1")
+	tp.podB.Exec(t, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+
+	// No reverse path filter of the kernel's own: the forged packets
+	// must be stopped by egressvip's rules.
+	tp.node.Exec(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+		"net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.vpod.rp_filter=0",
+		"net.ipv4.conf.vpodb.rp_filter=0", "net.ipv4.conf.vext.rp_filter=0")
 	tp.node.Exec(t, "ip", "addr", "add", "10.244.1.1/24", "dev", "vpod")
 	tp.node.Exec(t, "ip", "-6", "addr", "add", "fd00:10:244:1::1/64", "dev", "vpod", "nodad")
+	tp.node.Exec(t, "ip", "-6", "addr", "add", "fe80::1/64", "dev", "vpodb", "nodad")
+	tp.node.Exec(t, "ip", "route", "add", "10.244.1.6/32", "dev", "vpodb")
+	tp.node.Exec(t, "ip", "-6", "route", "add", "fd00:10:244:1::6/128", "dev", "vpodb")
 	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.1/24", "dev", "vext")
 	tp.node.Exec(t, "ip", "addr", "add", "203.0.113.10/32", "dev", "vext")
 	tp.node.Exec(t, "ip", "-6", "addr", "add", "2001:db8:1::1/64", "dev", "vext", "nodad")
@@ -104,7 +123,9 @@ func newTopo(t testing.TB, b backendCase) *topo {
 	tp.node.Exec(t, b.ip6t, "-t", "nat", "-A", "POSTROUTING", "-s", "fd00:10:244::/56", "!", "-d", "fd00:10:244::/56", "-j", "MASQUERADE")
 
 	tp.ext.Exec(t, "ip", "addr", "add", "203.0.113.2/24", "dev", "eth0")
+	tp.ext.Exec(t, "ip", "addr", "add", "203.0.113.3/24", "dev", "eth0")
 	tp.ext.Exec(t, "ip", "-6", "addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad")
+	tp.ext.Exec(t, "ip", "-6", "addr", "add", "2001:db8:1::3/64", "dev", "eth0", "nodad")
 	tp.startServers(t)
 	return tp
 }
@@ -118,7 +139,7 @@ func (tp *topo) startServers(t testing.TB) {
 		err error
 	)
 	tp.ext.Do(t, func() {
-		for _, a := range []netip.Addr{extSrv4, extSrv6} {
+		for _, a := range []netip.Addr{extSrv4, extSrv6, extSrv4b, extSrv6b} {
 			var pc net.PacketConn
 			if pc, err = net.ListenPacket("udp", netip.AddrPortFrom(a, 5060).String()); err != nil {
 				return
@@ -237,7 +258,19 @@ func (tp *topo) manager(t testing.TB, wrap func(Family, Runner) Runner) *Manager
 
 func (tp *topo) managerFor(t testing.TB, backend string, wrap func(Family, Runner) Runner) *Manager {
 	t.Helper()
-	h, err := netlink.NewHandleAt(tp.node.Handle)
+	return tp.managerWith(t, Config{Backend: backend}, wrap)
+}
+
+// managerWith returns a Manager of cfg in the node ns (cfg's Log and
+// Conntrack are set here).
+func (tp *topo) managerWith(t testing.TB, cfg Config, wrap func(Family, Runner) Runner) *Manager {
+	t.Helper()
+	return newManagerIn(t, tp.node, cfg, wrap)
+}
+
+func newManagerIn(t testing.TB, ns *privtest.NS, cfg Config, wrap func(Family, Runner) Runner) *Manager {
+	t.Helper()
+	h, err := netlink.NewHandleAt(ns.Handle)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,31 +281,39 @@ func (tp *topo) managerFor(t testing.TB, backend string, wrap func(Family, Runne
 	if _, ok := t.(*testing.B); ok {
 		log.SetLevel(logrus.WarnLevel)
 	}
-	cfg := Config{Backend: backend, Log: logrus.NewEntry(log), Conntrack: h}
+	cfg.Log, cfg.Conntrack = logrus.NewEntry(log), h
 	var m *Manager
-	tp.inNode(t, "New", func() error {
+	ns.Do(t, func() {
 		if wrap != nil {
 			bk := legacyBackend
-			if backend == BackendIPTablesNFT {
+			if cfg.Backend == BackendIPTablesNFT {
 				bk = nftBackend
 			}
 			for _, f := range Families {
-				r, err := newExecRunner(f, bk.binaries[f])
-				if err != nil {
-					return err
+				var r *execRunner
+				if r, err = newExecRunner(f, bk.binaries[f]); err != nil {
+					return
 				}
 				cfg.Runners[f] = wrap(f, r)
+				// Wrapped runners make New skip the fence's nft: give
+				// it its tables.
+				if cfg.Tables[f], err = newRealNFT(f, fenceTable(bk)); err != nil {
+					return
+				}
 			}
 		}
 		m, err = New(cfg)
 		if err == nil && wrap != nil {
 			// Runners make New skip the other backends: add them.
-			m.others = realLeftovers(backend)
+			opts, _ := cfg.options()
+			m.others = realLeftovers(cfg.Backend, opts)
 		}
-		return err
 	})
-	if m.Backend() != backend {
-		t.Fatalf("backend %s, want %s", m.Backend(), backend)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if m.Backend() != cfg.Backend {
+		t.Fatalf("backend %s, want %s", m.Backend(), cfg.Backend)
 	}
 	return m
 }
@@ -287,17 +328,28 @@ func (tp *topo) inNode(t testing.TB, what string, fn func() error) {
 	}
 }
 
-func (tp *topo) apply(t testing.TB, m *Manager, d Desired) {
+func (tp *topo) apply(t testing.TB, m *Manager, d model.Datapath) {
 	t.Helper()
-	tp.inNode(t, "Apply", func() error { return m.Apply(context.Background(), d) })
+	applyIn(t, tp.node, m, d)
 }
 
-// foreignRules returns the nat rules of both families that are not ours.
+func applyIn(t testing.TB, ns *privtest.NS, m *Manager, d model.Datapath) {
+	t.Helper()
+	var (
+		failed map[string]error
+		err    error
+	)
+	ns.Do(t, func() { failed, err = m.Apply(context.Background(), d) })
+	applied(t, failed, err)
+}
+
+// foreignRules returns the iptables rules of both families that are not
+// ours.
 func (tp *topo) foreignRules(t *testing.T) []string {
 	t.Helper()
 	var out []string
 	for _, save := range []string{tp.b.save, tp.b.save6} {
-		for _, l := range strings.Split(tp.node.Exec(t, save, "-t", "nat"), "\n") {
+		for _, l := range strings.Split(tp.node.Exec(t, save), "\n") {
 			if strings.HasPrefix(l, "-A ") && !strings.Contains(l, ChainPrefix) {
 				out = append(out, save+": "+l)
 			}
@@ -307,21 +359,25 @@ func (tp *topo) foreignRules(t *testing.T) []string {
 }
 
 // ourLines returns what egressvip owns in the topology's backend: every
-// nat line of both families mentioning our prefix, or the listing of our
-// nftables tables.
+// iptables line of both families mentioning our prefix and the fence
+// table, or the listing of our nftables tables.
 func (tp *topo) ourLines(t *testing.T) []string {
 	t.Helper()
 	if !tp.b.iptables() {
-		return tp.nftLines(t)
+		return tp.nftLines(t, TableName)
 	}
-	return tp.iptLines(t, tp.b.save, tp.b.save6)
+	bk := legacyBackend
+	if tp.b.name == BackendIPTablesNFT {
+		bk = nftBackend
+	}
+	return append(tp.iptLines(t, tp.b.save, tp.b.save6), tp.nftLines(t, fenceTable(bk))...)
 }
 
 func (tp *topo) iptLines(t *testing.T, saves ...string) []string {
 	t.Helper()
 	var out []string
 	for _, save := range saves {
-		for _, l := range strings.Split(tp.node.Exec(t, save, "-t", "nat"), "\n") {
+		for _, l := range strings.Split(tp.node.Exec(t, save), "\n") {
 			if strings.Contains(l, ChainPrefix) {
 				out = append(out, l)
 			}
@@ -330,30 +386,31 @@ func (tp *topo) iptLines(t *testing.T, saves ...string) []string {
 	return out
 }
 
-// nftLines lists egressvip's nftables tables in the node ns.
-func (tp *topo) nftLines(t *testing.T) []string {
+// nftLines lists nftables tables of both families in the node ns.
+func (tp *topo) nftLines(t *testing.T, table string) []string {
 	t.Helper()
 	var out []string
 	for _, fam := range []string{"ip", "ip6"} {
-		text, err := tp.node.Try("nft", "list", "table", fam, TableName)
+		text, err := tp.node.Try("nft", "list", "table", fam, table)
 		if err != nil {
 			if strings.Contains(text, "No such file or directory") {
 				continue
 			}
-			t.Fatalf("nft list table %s %s: %v: %s", fam, TableName, err, text)
+			t.Fatalf("nft list table %s %s: %v: %s", fam, table, err, text)
 		}
 		out = append(out, strings.Split(strings.TrimSpace(text), "\n")...)
 	}
 	return out
 }
 
-func rulesFor(ports ...annotations.DestinationPort) Desired {
-	return Desired{
-		Rules: []Rule{
-			{Service: "default/sip", PodIP: pod4, SourceIP: lb4, Ports: ports},
-			{Service: "default/sip", PodIP: pod6, SourceIP: lb6, Ports: ports},
+func rulesFor(ps ...annotations.DestinationPort) model.Datapath {
+	return model.Datapath{
+		SNAT: []model.SNATRule{
+			{Service: "default/sip", Pod: pod4, Source: lb4, Filter: ports(ps...)},
+			{Service: "default/sip", Pod: pod6, Source: lb6, Filter: ports(ps...)},
 		},
 		Exclude: excludeAll,
+		Fenced:  []netip.Addr{lb4, lb6},
 	}
 }
 
@@ -396,7 +453,7 @@ func TestPrivilegedSNATPackets(t *testing.T) {
 		check("exclusion gone", "tcp", tcp4, lb4)
 		check("exclusion gone", "tcp", tcp6, lb6)
 
-		tp.apply(t, m, Desired{Exclude: excludeAll})
+		tp.apply(t, m, model.Datapath{Exclude: excludeAll})
 		check("no rules", "udp", udp4, node4)
 		check("no rules", "udp", udp6, node6)
 	})
@@ -424,7 +481,7 @@ func TestPrivilegedSNATStaleAndCleanup(t *testing.T) {
 		}
 
 		two := rulesFor()
-		two.Rules = append(two.Rules, Rule{Service: "other/web", PodIP: pod4b, SourceIP: lb4b})
+		two.SNAT = append(two.SNAT, model.SNATRule{Service: "other/web", Pod: pod4b, Source: lb4b})
 		m := tp.manager(t, nil)
 		tp.apply(t, m, two)
 		var svcs []string
@@ -543,7 +600,7 @@ func TestPrivilegedSNATConntrack(t *testing.T) {
 
 		// The Service stops egressing: the pod's flows to the outside must
 		// go (else they keep the LB IP), in-cluster ones stay.
-		tp.apply(t, m, Desired{Exclude: excludeAll})
+		tp.apply(t, m, model.Datapath{Exclude: excludeAll})
 		for _, c := range cases {
 			flows := tp.podFlows(t, c.f, c.pod)
 			if slices.Contains(flows, fmt.Sprintf("17 %s", c.ext)) {

@@ -10,21 +10,16 @@ import (
 	"github.com/coreos/go-iptables/iptables"
 )
 
-// Runner is the kernel side of one family's nat table: bulk writes and
-// reads of the whole table, and the listings the hook and the cheap check
-// need. The real one runs iptables binaries; Fake keeps a Table.
+// Runner is the kernel side of one family's iptables: bulk writes and one
+// read of every table. The real one runs the iptables binaries; tests pass
+// fakes.
 type Runner interface {
 	// Restore feeds payload to iptables-restore --noflush.
 	Restore(ctx context.Context, payload []byte) error
-	// Save returns the nat table as iptables-save -t nat prints it.
+	// Save returns every table as iptables-save prints it. For
+	// iptables-legacy only the tables that exist are listed, and none is
+	// created.
 	Save(ctx context.Context) ([]byte, error)
-	// List returns the rules of a nat chain as "-A CHAIN ..." lines.
-	List(chain string) ([]string, error)
-	// ListAt returns rule pos (1-based) of a nat chain as an "-A CHAIN ..."
-	// line; an error when the chain or the rule does not exist.
-	ListAt(chain string, pos int) (string, error)
-	// ListChains returns the names of all nat chains.
-	ListChains() ([]string, error)
 }
 
 // backend names the binaries of one iptables flavour.
@@ -44,11 +39,8 @@ var (
 	}}
 )
 
-// execRunner runs the binaries of one family: go-iptables for single rules,
-// iptables-restore and iptables-save for the table.
+// execRunner runs the restore and save binaries of one family.
 type execRunner struct {
-	ipt           *iptables.IPTables
-	bin           string
 	restore, save string
 	restoreWait   bool
 }
@@ -68,7 +60,7 @@ func newExecRunner(f Family, paths [3]string) (*execRunner, error) {
 	// iptables-restore learnt -w in 1.6.2.
 	v1, v2, v3 := ipt.GetIptablesVersion()
 	wait := v1 > 1 || (v1 == 1 && (v2 > 6 || (v2 == 6 && v3 >= 2)))
-	return &execRunner{ipt: ipt, bin: paths[0], restore: paths[1], save: paths[2], restoreWait: wait}, nil
+	return &execRunner{restore: paths[1], save: paths[2], restoreWait: wait}, nil
 }
 
 func (r *execRunner) Restore(ctx context.Context, payload []byte) error {
@@ -87,7 +79,7 @@ func (r *execRunner) Restore(ctx context.Context, payload []byte) error {
 }
 
 func (r *execRunner) Save(ctx context.Context) ([]byte, error) {
-	cmd := exec.CommandContext(ctx, r.save, "-t", "nat")
+	cmd := exec.CommandContext(ctx, r.save)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -96,36 +88,3 @@ func (r *execRunner) Save(ctx context.Context) ([]byte, error) {
 	}
 	return out, nil
 }
-
-func (r *execRunner) List(chain string) ([]string, error) {
-	lines, err := r.ipt.List("nat", chain)
-	if err != nil {
-		return nil, err
-	}
-	var rules []string
-	for _, l := range lines {
-		if strings.HasPrefix(l, "-A ") {
-			rules = append(rules, l)
-		}
-	}
-	return rules, nil
-}
-
-func (r *execRunner) ListAt(chain string, pos int) (string, error) {
-	// go-iptables' ListById indexes an empty answer.
-	cmd := exec.Command(r.bin, "-w", fmt.Sprint(lockWait), "-t", "nat", "-S", chain, fmt.Sprint(pos))
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("%s -S %s %d: %w: %s", r.bin, chain, pos, err, strings.TrimSpace(stderr.String()))
-	}
-	for l := range strings.Lines(string(out)) {
-		if strings.HasPrefix(l, "-A ") {
-			return strings.TrimSpace(l), nil
-		}
-	}
-	return "", fmt.Errorf("%s -S %s %d: no such rule", r.bin, chain, pos)
-}
-
-func (r *execRunner) ListChains() ([]string, error) { return r.ipt.ListChains("nat") }

@@ -12,52 +12,71 @@ import (
 	"github.com/egressvip/egressvip/pkg/annotations"
 )
 
-// builtinChains are the chains of the nat table that always exist.
-var builtinChains = []string{"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}
+// builtinChains are the chains of each iptables table that always exist.
+var builtinChains = map[string][]string{
+	"raw":      {"PREROUTING", "OUTPUT"},
+	"mangle":   {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+	"nat":      {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+	"filter":   {"INPUT", "FORWARD", "OUTPUT"},
+	"security": {"INPUT", "FORWARD", "OUTPUT"},
+}
 
-// Table is a parsed nat table, as iptables-save prints it: enough to read
-// back what egressvip owns and to trace a packet through POSTROUTING.
-type Table struct {
+func isBuiltin(table, chain string) bool { return slices.Contains(builtinChains[table], chain) }
+
+// ruleset is what iptables-save prints: its tables by name.
+type ruleset map[string]*table
+
+// table is one parsed iptables table: enough to read back what egressvip
+// owns, compare it with what it writes, and find its hooks.
+type table struct {
+	name   string
 	order  []string
 	chains map[string][]tableRule
 }
 
 type tableRule struct {
-	words []string
-	m     match
+	// spec is the rule without "-A CHAIN", as joinWords prints it.
+	spec string
+	m    match
 }
 
 // match is the subset of a rule spec egressvip understands.
 type match struct {
 	src, dst       netip.Prefix
 	notSrc, notDst bool
+	in, out        string
 	proto          string
 	dport          uint16
+	mark           string
+	ctOrigDst      netip.Prefix
+	rpfilter       bool
+	tcpFlags       string
 	comment        string
 	target         string
 	toSource       netip.Addr
+	setXmark       string
 }
 
-// NewTable returns a nat table with only the built-in chains.
-func NewTable() *Table {
-	t := &Table{chains: map[string][]tableRule{}}
-	for _, c := range builtinChains {
+func newTable(name string) *table {
+	t := &table{name: name, chains: map[string][]tableRule{}}
+	for _, c := range builtinChains[name] {
 		t.addChain(c)
 	}
 	return t
 }
 
-func (t *Table) addChain(name string) {
+func (t *table) addChain(name string) {
 	if _, ok := t.chains[name]; !ok {
 		t.order = append(t.order, name)
 		t.chains[name] = nil
 	}
 }
 
-// ParseSave parses the *nat section of iptables-save output.
-func ParseSave(data []byte) (*Table, error) {
-	t := NewTable()
-	inNat := false
+// parseSave parses iptables-save output, every table in it; only the rules
+// of the chains keep accepts (nil: all) are parsed.
+func parseSave(data []byte, keep func(table, chain string) bool) (ruleset, error) {
+	rs := ruleset{}
+	var t *table
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(nil, 1<<20)
 	for n := 1; sc.Scan(); n++ {
@@ -65,14 +84,22 @@ func ParseSave(data []byte) (*Table, error) {
 		switch {
 		case line == "" || line[0] == '#':
 		case line[0] == '*':
-			inNat = line == "*nat"
-		case !inNat:
+			t = newTable(line[1:])
+			rs[t.name] = t
+		case t == nil:
+			return nil, fmt.Errorf("line %d: %q outside a table", n, line)
 		case line == "COMMIT":
-			inNat = false
+			t = nil
 		case line[0] == ':':
 			name, _, _ := strings.Cut(line[1:], " ")
 			t.addChain(name)
 		case strings.HasPrefix(line, "-A "):
+			if chain, _, _ := strings.Cut(line[3:], " "); keep != nil && !keep(t.name, chain) {
+				if _, ok := t.chains[chain]; !ok {
+					return nil, fmt.Errorf("line %d: rule in undeclared chain %q", n, chain)
+				}
+				continue
+			}
 			words := splitWords(line[3:])
 			if len(words) == 0 {
 				return nil, fmt.Errorf("line %d: rule without chain", n)
@@ -85,181 +112,130 @@ func ParseSave(data []byte) (*Table, error) {
 			return nil, fmt.Errorf("line %d: unexpected %q", n, line)
 		}
 	}
-	return t, sc.Err()
+	return rs, sc.Err()
 }
 
-func (t *Table) append(chain string, words []string) {
-	t.chains[chain] = append(t.chains[chain], tableRule{words: words, m: parseMatch(words)})
+func (t *table) append(chain string, words []string) {
+	t.chains[chain] = append(t.chains[chain], tableRule{spec: joinWords(words), m: parseMatch(words)})
 }
 
-// Chains returns the chain names in table order.
-func (t *Table) Chains() []string { return slices.Clone(t.order) }
-
-// Rules returns the rules of chain as "-A CHAIN ..." lines.
-func (t *Table) Rules(chain string) []string {
-	var out []string
-	for _, r := range t.chains[chain] {
-		out = append(out, "-A "+chain+" "+joinWords(r.words))
+// specs returns the rule specs of chain.
+func (t *table) specs(chain string) []string {
+	if t == nil {
+		return nil
+	}
+	out := make([]string, len(t.chains[chain]))
+	for i, r := range t.chains[chain] {
+		out[i] = r.spec
 	}
 	return out
 }
 
-// Save prints the table as iptables-save does (without counters).
-func (t *Table) Save() []byte {
-	var b bytes.Buffer
-	b.WriteString("*nat\n")
-	for _, c := range t.order {
-		policy := "-"
-		if slices.Contains(builtinChains, c) {
-			policy = "ACCEPT"
-		}
-		fmt.Fprintf(&b, ":%s %s [0:0]\n", c, policy)
-	}
-	for _, c := range t.order {
-		for _, l := range t.Rules(c) {
-			b.WriteString(l + "\n")
-		}
-	}
-	b.WriteString("COMMIT\n")
-	return b.Bytes()
-}
+// ownedChain says whether chain is one egressvip owns, for parseSave.
+func ownedChain(_, chain string) bool { return strings.HasPrefix(chain, ChainPrefix) }
 
-// Owned reads back the Desired state that Render would turn into the
-// current contents of Chain. Rules it does not recognise are left out.
-func (t *Table) Owned() Desired {
-	type key struct {
-		service  string
-		pod, src netip.Addr
-	}
-	var d Desired
-	idx := map[key]int{}
-	all := map[int]bool{}
-	for _, r := range t.chains[Chain] {
-		m := r.m
-		switch {
-		case m.target == "RETURN" && m.dst.IsValid() && !m.notDst && !m.src.IsValid():
-			d.Exclude = append(d.Exclude, m.dst)
-		case m.target == "SNAT" && m.src.IsValid() && m.src.IsSingleIP() && !m.notSrc && !m.dst.IsValid() && m.toSource.IsValid():
-			k := key{m.comment, m.src.Addr(), m.toSource}
-			i, ok := idx[k]
-			if !ok {
-				i = len(d.Rules)
-				idx[k] = i
-				d.Rules = append(d.Rules, Rule{Service: m.comment, PodIP: k.pod, SourceIP: k.src})
-			}
-			if m.proto == "" {
-				all[i] = true
-			} else if m.dport != 0 {
-				d.Rules[i].Ports = append(d.Rules[i].Ports, annotations.DestinationPort{Protocol: annotations.Protocol(m.proto), Port: m.dport})
-			}
-		}
-	}
-	for i := range all {
-		d.Rules[i].Ports = nil
-	}
-	return d
-}
+// planChains are the chains readPlans reads, for parseSave.
+func planChains(_, chain string) bool { return chain == Chain || chain == ChainPre }
 
-// Services returns the sorted, distinct comments (namespace/name) of the
-// SNAT rules in the chains egressvip owns.
-func (t *Table) Services() []string {
+// owned returns the chains of the table egressvip owns (ChainPrefix).
+func (t *table) owned() []string {
+	if t == nil {
+		return nil
+	}
 	var out []string
 	for _, c := range t.order {
-		if !strings.HasPrefix(c, ChainPrefix) {
-			continue
+		if strings.HasPrefix(c, ChainPrefix) {
+			out = append(out, c)
 		}
-		for _, r := range t.chains[c] {
-			if r.m.target == "SNAT" && r.m.comment != "" {
-				out = append(out, r.m.comment)
+	}
+	return out
+}
+
+// readPlans reads back what the owned chains of nat and mangle do to each
+// pod, and the exclusions.
+func (rs ruleset) readPlans() kernelState {
+	var ks kernelState
+	r := newPlanReader()
+	single := func(m match) (netip.Addr, bool) {
+		return m.src.Addr(), m.src.IsValid() && m.src.IsSingleIP() && !m.notSrc && !m.dst.IsValid()
+	}
+	port := func(m match) (annotations.DestinationPort, bool) {
+		p, ok := parseProto(m.proto)
+		return annotations.DestinationPort{Protocol: p, Port: m.dport}, ok && m.dport != 0
+	}
+	if nat := rs["nat"]; nat != nil {
+		for _, tr := range nat.chains[Chain] {
+			m := tr.m
+			if m.target == "RETURN" && m.dst.IsValid() && !m.notDst && !m.src.IsValid() && m.comment == ExcludeComment {
+				ks.exclude = append(ks.exclude, m.dst)
+				continue
+			}
+			pod, ok := single(m)
+			if !ok {
+				continue
+			}
+			switch {
+			case m.target == "SNAT" && m.toSource.IsValid():
+				a := action{kindSNAT, m.toSource.Unmap()}
+				if p, ok := port(m); ok {
+					r.port(pod, p, a, m.comment)
+				} else if m.proto == "" {
+					r.all(pod, a, m.comment)
+				}
+			case strings.HasPrefix(m.target, chainSNATPrefix):
+				r.chain(pod, strings.ToLower(strings.TrimPrefix(m.target, chainSNATPrefix)))
+			}
+		}
+	}
+	if mangle := rs["mangle"]; mangle != nil {
+		for _, tr := range mangle.chains[ChainPre] {
+			m := tr.m
+			pod, ok := single(m)
+			if !ok {
+				continue
+			}
+			var k kind
+			switch {
+			case m.target == "MARK":
+				k = kindSteer
+			case m.target == "DROP":
+				k = kindHold
+			case strings.HasPrefix(m.target, chainPrePrefix):
+				r.chain(pod, strings.ToLower(strings.TrimPrefix(m.target, chainPrePrefix)))
+				continue
+			case m.target != "RETURN":
+				continue
+			}
+			p, isPort := port(m)
+			switch {
+			case isPort && k == 0:
+				r.accept(pod, p)
+			case isPort:
+				r.port(pod, p, action{kind: k}, m.comment)
+			case m.proto == "" && k != 0:
+				r.all(pod, action{kind: k}, m.comment)
+			}
+		}
+	}
+	ks.plans = r.done()
+	return ks
+}
+
+// services returns the comments of the rules of owned chains that do
+// something to a pod's traffic.
+func (rs ruleset) services() []string {
+	var out []string
+	for _, t := range rs {
+		for _, c := range t.owned() {
+			for _, r := range t.chains[c] {
+				if r.m.comment != "" && !strings.HasPrefix(r.m.comment, "egressvip:") {
+					out = append(out, r.m.comment)
+				}
 			}
 		}
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
-}
-
-// Verdict is the outcome of tracing a packet through nat POSTROUTING.
-type Verdict struct {
-	// Source is the address the packet leaves with; the zero Addr when it
-	// is masqueraded (the kernel picks a node address).
-	Source     netip.Addr
-	Masquerade bool
-	// Rule is the rule that decided, "" when the packet left unchanged by
-	// falling off the end of POSTROUTING.
-	Rule string
-}
-
-func (v Verdict) String() string {
-	switch {
-	case v.Masquerade:
-		return "is masqueraded to a node address by " + v.Rule
-	case v.Rule == "":
-		return "leaves with source " + v.Source.String() + " (no rule matched)"
-	default:
-		return "leaves with source " + v.Source.String() + " by " + v.Rule
-	}
-}
-
-type packet struct {
-	src, dst netip.Addr
-	proto    string
-	dport    uint16
-}
-
-// Trace walks a packet through nat POSTROUTING like the kernel would, the
-// way kube-proxy's tracePacket does, and says which source it leaves with:
-// "a packet from 10.244.1.5 to 198.51.100.9:5060/udp leaves with source
-// 203.0.113.10". It follows jumps to user chains, RETURN, ACCEPT, SNAT and
-// MASQUERADE, and understands -s, -d (with !), -p and --dport; other match
-// options are assumed to match.
-func (t *Table) Trace(src, dst netip.Addr, proto annotations.Protocol, dport uint16) Verdict {
-	p := packet{src: src.Unmap(), dst: dst.Unmap(), proto: string(proto), dport: dport}
-	if v, done := t.walk(hookChain, p, 0); done {
-		return v
-	}
-	return Verdict{Source: p.src}
-}
-
-func (t *Table) walk(chain string, p packet, depth int) (Verdict, bool) {
-	if depth > 32 {
-		return Verdict{}, false
-	}
-	for _, r := range t.chains[chain] {
-		m := r.m
-		if !m.matches(p) {
-			continue
-		}
-		rule := "-A " + chain + " " + joinWords(r.words)
-		switch m.target {
-		case "SNAT":
-			return Verdict{Source: m.toSource, Rule: rule}, true
-		case "MASQUERADE":
-			return Verdict{Masquerade: true, Rule: rule}, true
-		case "ACCEPT":
-			return Verdict{Source: p.src, Rule: rule}, true
-		case "RETURN":
-			return Verdict{}, false
-		}
-		if _, ok := t.chains[m.target]; ok && !slices.Contains(builtinChains, m.target) {
-			if v, done := t.walk(m.target, p, depth+1); done {
-				return v, true
-			}
-		}
-	}
-	return Verdict{}, false
-}
-
-func (m match) matches(p packet) bool {
-	if m.src.IsValid() && m.src.Contains(p.src) == m.notSrc {
-		return false
-	}
-	if m.dst.IsValid() && m.dst.Contains(p.dst) == m.notDst {
-		return false
-	}
-	if m.proto != "" && m.proto != "all" && m.proto != p.proto {
-		return false
-	}
-	return m.dport == 0 || m.dport == p.dport
 }
 
 // parseMatch reads the options egressvip understands from a rule spec.
@@ -281,6 +257,12 @@ func parseMatch(words []string) match {
 		case "-d", "--destination":
 			m.dst, m.notDst = parsePrefix(next), neg
 			i++
+		case "-i", "--in-interface":
+			m.in = next
+			i++
+		case "-o", "--out-interface":
+			m.out = next
+			i++
 		case "-p", "--protocol":
 			m.proto = strings.ToLower(next)
 			i++
@@ -289,6 +271,19 @@ func parseMatch(words []string) match {
 				m.dport = uint16(n)
 			}
 			i++
+		case "--mark":
+			m.mark = next
+			i++
+		case "--ctorigdst":
+			m.ctOrigDst = parsePrefix(next)
+			i++
+		case "rpfilter":
+			m.rpfilter = true
+		case "--tcp-flags":
+			if i+2 < len(words) {
+				m.tcpFlags = next + " " + words[i+2]
+				i += 2
+			}
 		case "--comment":
 			m.comment = next
 			i++
@@ -298,6 +293,9 @@ func parseMatch(words []string) match {
 		case "--to-source":
 			m.toSource = parseToSource(next)
 			i++
+		case "--set-xmark":
+			m.setXmark = next
+			i++
 		}
 		neg = false
 	}
@@ -306,9 +304,10 @@ func parseMatch(words []string) match {
 
 func parsePrefix(s string) netip.Prefix {
 	if p, err := netip.ParsePrefix(s); err == nil {
-		return p.Masked()
+		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-ifMapped(p.Addr())).Masked()
 	}
 	if a, err := netip.ParseAddr(s); err == nil {
+		a = a.Unmap()
 		return netip.PrefixFrom(a, a.BitLen())
 	}
 	return netip.Prefix{}
