@@ -54,7 +54,7 @@ func TestPrivilegedLongInterfaceName(t *testing.T) {
 	m := tp.manager(t, iface, false)
 	ctx := context.Background()
 
-	added, _, err := m.Sync(ctx, []netip.Addr{lb4, lb6})
+	added, _, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6})
 	if err != nil || !slices.Equal(added, []netip.Addr{lb4, lb6}) {
 		t.Fatalf("Sync: added %v, err %v", added, err)
 	}
@@ -81,12 +81,12 @@ func TestPrivilegedLongInterfaceName(t *testing.T) {
 	if err != nil || slices.Contains(h.Own, lb4) || !slices.Contains(h.Own, netip.MustParseAddr("203.0.113.98")) {
 		t.Fatalf("Host().Own = %v, %v: want the foreign addresses, not ours", h.Own, err)
 	}
-	if added, removed, err := m.Sync(ctx, []netip.Addr{lb4, lb6}); err != nil || len(added)+len(removed) != 0 {
+	if added, removed, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6}); err != nil || len(added)+len(removed) != 0 {
 		t.Fatalf("idempotent Sync: added %v removed %v err %v", added, removed, err)
 	}
 
 	// Failover / Service deletion: the IPv4 address goes.
-	_, removed, err := m.Sync(ctx, []netip.Addr{lb6})
+	_, removed, err := syncAddrs(ctx, m, []netip.Addr{lb6})
 	if err != nil || !slices.Equal(removed, []netip.Addr{lb4}) {
 		t.Fatalf("shrink: removed %v, err %v", removed, err)
 	}
@@ -96,7 +96,7 @@ func TestPrivilegedLongInterfaceName(t *testing.T) {
 	checkForeign("after shrinking")
 
 	// `egressvip cleanup` (a new process) removes the rest.
-	if _, _, err := m.Sync(ctx, []netip.Addr{lb4, lb6}); err != nil {
+	if _, _, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6}); err != nil {
 		t.Fatal(err)
 	}
 	if err := tp.manager(t, iface, false).Cleanup(); err != nil {
@@ -126,11 +126,11 @@ func TestPrivilegedLegacyMarkers(t *testing.T) {
 		t.Fatalf("Owned = %v, %v: want the addresses an older version bound", owned, err)
 	}
 	// Still wanted after the upgrade: kept as they are, not re-added.
-	added, removed, err := m.Sync(ctx, []netip.Addr{old4, old6})
+	added, removed, err := syncAddrs(ctx, m, []netip.Addr{old4, old6})
 	if err != nil || len(added)+len(removed) != 0 {
 		t.Fatalf("upgrade Sync: added %v removed %v err %v", added, removed, err)
 	}
-	_, removed, err = m.Sync(ctx, nil)
+	_, removed, err = syncAddrs(ctx, m, nil)
 	if err != nil || !slices.Equal(removed, []netip.Addr{old4, old6}) {
 		t.Fatalf("removed %v, err %v", removed, err)
 	}
@@ -138,7 +138,7 @@ func TestPrivilegedLegacyMarkers(t *testing.T) {
 	// Fallback: no protocol, the label and NODAD only.
 	legacy := tp.manager(t, "eth1", false)
 	legacy.proto = false
-	if _, _, err := legacy.Sync(ctx, []netip.Addr{lb4, lb6}); err != nil {
+	if _, _, err := syncAddrs(ctx, legacy, []netip.Addr{lb4, lb6}); err != nil {
 		t.Fatal(err)
 	}
 	got := kernelAddrs(t, tp.node, "eth1")
@@ -160,7 +160,7 @@ func TestPrivilegedLegacyMarkers(t *testing.T) {
 	// New addresses carry both markers while the label fits, so that a
 	// downgraded egressvip still finds them.
 	if kernelHasAddrProto() {
-		if _, _, err := m.Sync(ctx, []netip.Addr{lb4}); err != nil {
+		if _, _, err := syncAddrs(ctx, m, []netip.Addr{lb4}); err != nil {
 			t.Fatal(err)
 		}
 		if a := kernelAddrs(t, tp.node, "eth1")[lb4.String()]; a.Label != "eth1:evip" {

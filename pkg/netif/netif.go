@@ -14,12 +14,21 @@
 //
 // IPv6 addresses are bound with IFA_F_NOPREFIXROUTE, so that each one does
 // not add a /128 route to the main table; owned addresses an earlier
-// version bound without it get it in place (see Manager.upgrade).
+// version bound without it get it in place (see Sync).
 //
 // Watch notices within milliseconds when the kernel lost something egressvip
 // keeps (an owned address deleted, the interface down, up, deleted or
 // re-created); the next Sync restores the addresses and announces them
 // again.
+//
+// An egress address is an identity a firewall trusts, so it must be on one
+// node only, also when the daemon dies, is frozen or loses the API server.
+// Config.Lifetime fences it in the kernel: owned addresses get a finite
+// valid lifetime that Refresh renews, so a daemon that stops running loses
+// them by itself (see lifetime.go). Before binding an address it has just
+// acquired the daemon can Probe the wire for a host that still answers for
+// it, and Conflicts reports any other host that claims one of its
+// addresses (see acd.go).
 package netif
 
 import (
@@ -38,10 +47,18 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 // ErrInterfaceNotFound says the serviceInterface does not exist.
 var ErrInterfaceNotFound = errors.New("interface not found")
+
+// ErrInterfaceDown says the serviceInterface exists but cannot carry
+// traffic: administratively down, or without carrier (see linkUp). Sync
+// then adds nothing: an address bound there would not be reachable, and
+// the daemon should rather let another node serve it.
+var ErrInterfaceDown = errors.New("interface down")
 
 // LabelSuffix is appended to the interface name to label owned IPv4
 // addresses (when the result fits in 15 characters).
@@ -65,7 +82,22 @@ type Config struct {
 	// new address is announced (default 4 times, 1 s apart).
 	AnnounceCount    int
 	AnnounceInterval time.Duration
+	// Lifetime is the valid lifetime of the owned addresses egressvip
+	// binds; 0 means forever. With a lifetime, the kernel removes an
+	// address by itself once nobody renewed it for that long, so a daemon
+	// that is killed, frozen or cut off stops holding its addresses
+	// without having to run; Refresh (every 500 ms) and Sync renew them.
+	// The kernel counts lifetimes in whole seconds: Lifetime is rounded up
+	// to one, and must be at least 2 s so that renewals have a margin
+	// (see Refresh). The kernel removes an expired address up to about a
+	// second late (see the package's lifetime tests for the bound).
+	Lifetime time.Duration
 }
+
+// minLifetime is the shortest Config.Lifetime: an address is renewed once
+// at most two thirds of its lifetime are left, as the kernel reports it in
+// whole seconds, which for one second would be never.
+const minLifetime = 2 * time.Second
 
 // Manager keeps the owned addresses of one interface.
 type Manager struct {
@@ -80,6 +112,24 @@ type Manager struct {
 	label  string // label(cfg.Interface)
 	log    *logrus.Entry
 
+	// lifetime is Config.Lifetime in the kernel's unit: whole seconds, or
+	// infinity.
+	lifetime uint32
+	// syncMu serialises Sync, Refresh and Persist, which write lifetimes
+	// and share the fields below.
+	syncMu sync.Mutex
+	// persisted are addresses Persist made permanent: Sync and Refresh
+	// keep them forever too, so that a renewal running after Persist at
+	// shutdown cannot give them a finite lifetime again.
+	persisted map[netip.Addr]bool
+	// renewedAt is when each owned address was last written with a
+	// lifetime (the time before the request): it proves how long the
+	// address is certainly still bound (see renewable).
+	renewedAt map[netip.Addr]time.Time
+	// refreshAt is when Refresh has to list the interface again (zero:
+	// at once); see planRefresh.
+	refreshAt time.Time
+
 	mu         sync.Mutex
 	announcing map[netip.Addr]*pending
 	announcer  bool          // the announcing goroutine runs
@@ -92,11 +142,11 @@ type Manager struct {
 // linkState is what Sync and Watch share about the interface.
 type linkState struct {
 	mu sync.Mutex
-	// wanted is the last Sync's want, each distinct address with its
-	// index: Watch pokes when one of them is deleted. Sync's own removals
-	// are never in it. Never modified once set: Syncs with the same want
-	// share it.
-	wanted map[netip.Addr]int
+	// wanted is the last Sync's want: Watch pokes when one of its
+	// addresses is deleted, Refresh renews those the kernel holds. Sync's
+	// own removals are never in it. Never modified once set: Syncs with
+	// the same want share it.
+	wanted *wantSet
 	// index and up: the interface as the last Sync saw it (index 0: not
 	// yet seen).
 	index int
@@ -131,8 +181,13 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
+	lifetime, err := lifetimeSeconds(cfg.Lifetime)
+	if err != nil {
+		return nil, err
+	}
 	m := &Manager{cfg: cfg, h: &netlink.Handle{}, proto: kernelHasAddrProto(), label: label(cfg.Interface),
-		log: cfg.Log.WithField("interface", cfg.Interface), announcing: map[netip.Addr]*pending{}, wake: make(chan struct{}, 1)}
+		log: cfg.Log.WithField("interface", cfg.Interface), announcing: map[netip.Addr]*pending{}, wake: make(chan struct{}, 1),
+		lifetime: lifetime, persisted: map[netip.Addr]bool{}, renewedAt: map[netip.Addr]time.Time{}}
 	if cfg.inOtherNS() {
 		var err error
 		if m.h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {
@@ -197,24 +252,69 @@ func (m *Manager) Owned() ([]netip.Addr, error) {
 	return out, nil
 }
 
+// Result is what one Sync did, address by address. After it, each wanted
+// address is bound and owned (kept, or Added), Absent, in Failed because
+// it could not be added, or held by the interface without being
+// egressvip's (left alone, reported nowhere).
+type Result struct {
+	// Added were bound by this Sync (and are being announced, with
+	// Config.Announce).
+	Added []netip.Addr
+	// Removed were owned and not wanted; this Sync unbound them.
+	Removed []netip.Addr
+	// Absent are wanted addresses the interface lacks that Sync did not
+	// try to add: KeepOnly ones (expired or deleted since they were
+	// bound), and every missing one while the interface is down.
+	Absent []netip.Addr
+	// Failed are the addresses whose addition, removal or lifetime
+	// renewal the kernel refused, with its error; the other addresses
+	// were done all the same. An address whose renewal failed is still
+	// bound, until its lifetime runs out.
+	Failed map[netip.Addr]error
+}
+
+func (r *Result) fail(ip netip.Addr, err error) {
+	if r.Failed == nil {
+		r.Failed = map[netip.Addr]error{}
+	}
+	r.Failed[ip] = err
+}
+
 // Sync makes the owned addresses exactly want: missing ones are added and
-// announced, owned ones not wanted are removed. Addresses egressvip does not
-// own are never touched, even when wanted. When the interface came back up
-// or was re-created since the previous Sync (or Watch saw it happen in
-// between), every wanted owned address is announced again, also those the
-// kernel kept: the neighbours and switches may have forgotten them.
-func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed []netip.Addr, err error) {
+// announced (KeepOnly ones excepted: they are only kept, see
+// model.Binding), owned ones not wanted are removed, and the lifetime of
+// every wanted owned address is renewed where it needs it (see Refresh),
+// or reset when it is not what Config.Lifetime says (a previous process
+// may have bound it forever). Addresses egressvip does not own are never
+// touched, even when wanted.
+//
+// One address the kernel refuses does not stop the others: it is reported
+// in Result.Failed and the error stays nil. The error says the interface as
+// a whole is unusable: ErrInterfaceNotFound (nothing done), ErrInterfaceDown
+// (nothing added, but unwanted owned addresses are removed and wanted ones
+// renewed), or a failed listing.
+//
+// When the interface came back up or was re-created since the previous
+// Sync (or Watch saw it happen in between), every wanted owned address is
+// announced again, also those the kernel kept: the neighbours and switches
+// may have forgotten them.
+func (m *Manager) Sync(ctx context.Context, want []model.Binding) (Result, error) {
+	m.syncMu.Lock()
+	defer m.syncMu.Unlock()
+	var res Result
 	wanted := m.wantedSet(want)
 	// Before any removal, so that Watch never takes one of ours for a loss.
 	m.state.mu.Lock()
 	m.state.wanted = wanted
 	m.state.mu.Unlock()
+	m.forgetUnwanted(wanted)
 
 	l, err := m.link()
 	if err != nil {
-		return nil, nil, err
+		return res, err
 	}
 	index := l.Attrs().Index
+	up := linkUp(l.Attrs())
 	// What the interface has of each wanted address, by its index in
 	// wanted.
 	const (
@@ -222,18 +322,20 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 		foreign
 		ours
 	)
-	seen := make([]uint8, len(wanted))
+	seen := make([]uint8, len(wanted.index))
 	var (
-		drop    []Addr       // owned, not wanted
-		upgrade []netip.Addr // owned, wanted, IPv6 with a prefix route
-		own     []netip.Prefix
+		drop  []Addr    // owned, not wanted
+		renew []renewal // owned, wanted, with a lifetime or flags to rewrite
+		own   []netip.Prefix
 	)
 	upgradable := kernelHasNoPrefixRoute()
+	listed := time.Now()
 	err = m.eachAddr(index, func() {
 		clear(seen)
-		drop, upgrade, own = drop[:0], upgrade[:0], nil
+		drop, renew, own = drop[:0], renew[:0], nil
+		listed = time.Now()
 	}, func(a ifAddr, msg []byte) error {
-		i, isWanted := wanted[a.ip]
+		i, isWanted := wanted.index[a.ip]
 		switch {
 		case !m.owned(a):
 			if isWanted {
@@ -242,8 +344,14 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 			own = append(own, netip.PrefixFrom(a.ip, a.ones))
 		case isWanted:
 			seen[i] = ours
-			if upgradable && a.ip.Is6() && a.flags&unix.IFA_F_NOPREFIXROUTE == 0 {
-				upgrade = append(upgrade, a.ip)
+			stale := m.needsRenewal(a)
+			// IPv6 addresses an earlier version bound without
+			// IFA_F_NOPREFIXROUTE get it in place (they stay bound
+			// throughout), which removes their /128 routes from the
+			// main table; once flagged they are left alone.
+			upgrade := upgradable && a.ip.Is6() && a.flags&unix.IFA_F_NOPREFIXROUTE == 0
+			if stale || upgrade {
+				renew = append(renew, renewal{addr: a, upgradeOnly: !stale})
 			}
 		default:
 			// Removals are rare: only they need the whole address.
@@ -256,119 +364,142 @@ func (m *Manager) Sync(ctx context.Context, want []netip.Addr) (added, removed [
 		return nil
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+		return res, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
 	}
-	var errs []error
 	for i := range drop {
 		ip := ipOf(drop[i])
 		if err := m.h.AddrDel(l, &drop[i].Addr); err != nil {
-			errs = append(errs, fmt.Errorf("remove %s from %s: %w", ip, m.cfg.Interface, err))
+			res.fail(ip, fmt.Errorf("remove %s from %s: %w", ip, m.cfg.Interface, err))
 			continue
 		}
 		m.stopAnnouncing(ip)
-		removed = append(removed, ip)
+		delete(m.renewedAt, ip)
+		res.Removed = append(res.Removed, ip)
 	}
-	for ip, i := range wanted {
+	for ip, i := range wanted.index {
+		if seen[i] != ours {
+			// Expired, deleted or not ours: nothing to renew.
+			delete(m.renewedAt, ip)
+		}
 		if seen[i] != absent {
 			continue
 		}
-		if err := m.addOwned(index, ip, false); err != nil {
-			errs = append(errs, fmt.Errorf("bind %s to %s: %w", ip, m.cfg.Interface, err))
+		if wanted.keepOnly[i] || !up {
+			res.Absent = append(res.Absent, ip)
 			continue
 		}
-		added = append(added, ip)
+		at := time.Now()
+		if err := m.addOwned(index, ip, false, m.validFor(ip)); err != nil {
+			res.fail(ip, fmt.Errorf("bind %s to %s: %w", ip, m.cfg.Interface, err))
+			continue
+		}
+		m.renewedAt[ip] = at
+		res.Added = append(res.Added, ip)
 	}
-	m.upgrade(index, upgrade)
-	slices.SortFunc(added, netip.Addr.Compare)
-	slices.SortFunc(removed, netip.Addr.Compare)
+	_, complete := m.renewAll(ctx, index, listed, renew, &res)
+	m.planRefresh(wanted, complete)
+	slices.SortFunc(res.Added, netip.Addr.Compare)
+	slices.SortFunc(res.Removed, netip.Addr.Compare)
+	slices.SortFunc(res.Absent, netip.Addr.Compare)
 	m.state.mu.Lock()
 	m.state.own, m.state.listed = own, true
 	m.state.mu.Unlock()
 
-	up := linkUp(l.Attrs())
 	all := m.observe(index, up)
-	if m.cfg.Announce && up {
-		announce := added
+	if !up {
+		return res, fmt.Errorf("interface %q is not up: %w", m.cfg.Interface, ErrInterfaceDown)
+	}
+	if m.cfg.Announce {
+		announce := res.Added
 		if all {
 			var kept []netip.Addr
-			for ip, i := range wanted {
+			for ip, i := range wanted.index {
 				if seen[i] == ours {
 					kept = append(kept, ip)
 				}
 			}
 			slices.SortFunc(kept, netip.Addr.Compare)
-			announce = append(kept, added...)
+			announce = append(kept, res.Added...)
 			m.log.WithField("addresses", len(announce)).Info("interface came back: announcing every address again")
 		}
 		for _, ip := range announce {
 			m.announce(ctx, l, ip)
 		}
 	}
-	return added, removed, errors.Join(errs...)
+	return res, nil
+}
+
+// wantSet is the distinct addresses of a Sync's want, each with its index
+// into keepOnly.
+type wantSet struct {
+	index map[netip.Addr]int
+	// keepOnly: every binding of the address is KeepOnly. An address two
+	// Services share is added when either may add it.
+	keepOnly []bool
 }
 
 // wantedSet indexes the distinct addresses of want. When they are those
 // of the previous Sync, the usual case, it returns that Sync's set (Watch
 // only reads it), so that a Sync that changes nothing builds no map.
-func (m *Manager) wantedSet(want []netip.Addr) map[netip.Addr]int {
+func (m *Manager) wantedSet(want []model.Binding) *wantSet {
 	m.state.mu.Lock()
 	prev := m.state.wanted
 	m.state.mu.Unlock()
-	if prev != nil && len(want) >= len(prev) {
-		hit := make([]bool, len(prev))
+	if prev != nil && len(want) >= len(prev.index) {
+		const (
+			hit     = 1
+			addable = 2
+		)
+		marks := make([]uint8, len(prev.index))
 		n := 0
-		for _, a := range want {
-			i, ok := prev[a.Unmap()]
+		for _, b := range want {
+			i, ok := prev.index[b.Addr.Unmap()]
 			if !ok {
 				n = -1
 				break
 			}
-			if !hit[i] {
-				hit[i] = true
+			if marks[i]&hit == 0 {
 				n++
 			}
+			marks[i] |= hit
+			if !b.KeepOnly {
+				marks[i] |= addable
+			}
 		}
-		if n == len(prev) {
+		same := n == len(prev.index)
+		for i := 0; same && i < len(marks); i++ {
+			same = prev.keepOnly[i] == (marks[i]&addable == 0)
+		}
+		if same {
 			return prev
 		}
 	}
-	wanted := make(map[netip.Addr]int, len(want))
-	for _, a := range want {
-		a = a.Unmap()
-		if _, ok := wanted[a]; !ok {
-			wanted[a] = len(wanted)
+	ws := &wantSet{index: make(map[netip.Addr]int, len(want))}
+	for _, b := range want {
+		a := b.Addr.Unmap()
+		i, ok := ws.index[a]
+		if !ok {
+			i = len(ws.keepOnly)
+			ws.index[a] = i
+			ws.keepOnly = append(ws.keepOnly, true)
 		}
+		ws.keepOnly[i] = ws.keepOnly[i] && b.KeepOnly
 	}
-	return wanted
+	return ws
 }
 
-// upgrade sets IFA_F_NOPREFIXROUTE on owned IPv6 addresses an earlier
-// version bound without it, in place (the addresses stay bound
-// throughout), which removes their /128 routes from the main table.
-// Once flagged, an address is left alone: this happens once per address.
-// Failures only keep a route that is useless but harmless; they are logged
-// and tried again at the next Sync. The replacement also resets the
-// lifetimes to egressvip's (preferred 0, valid forever) and stamps
-// AddrProto, as for a new address.
-func (m *Manager) upgrade(index int, ips []netip.Addr) {
-	var (
-		done  int
-		first error
-	)
-	for _, ip := range ips {
-		if err := m.addOwned(index, ip, true); err != nil {
-			if first == nil {
-				first = fmt.Errorf("%s: %w", ip, err)
-			}
-			continue
+// forgetUnwanted drops what the Manager remembers of addresses no longer
+// wanted. Called with syncMu held.
+func (m *Manager) forgetUnwanted(wanted *wantSet) {
+	for ip := range m.renewedAt {
+		if _, ok := wanted.index[ip]; !ok {
+			delete(m.renewedAt, ip)
 		}
-		done++
 	}
-	if done > 0 {
-		m.log.WithField("addresses", done).Info("removed the prefix routes of addresses an earlier version bound")
-	}
-	if first != nil {
-		m.log.WithError(first).WithField("addresses", len(ips)-done).Warn("cannot remove the prefix routes of addresses an earlier version bound")
+	for ip := range m.persisted {
+		if _, ok := wanted.index[ip]; !ok {
+			delete(m.persisted, ip)
+		}
 	}
 }
 
@@ -394,11 +525,20 @@ func (m *Manager) observe(index int, up bool) bool {
 	return all
 }
 
-// Cleanup removes every owned address (for `egressvip cleanup`).
+// Cleanup removes every owned address (for `egressvip cleanup`). An
+// interface that is down is cleaned all the same; an address the kernel
+// refuses to remove makes it fail.
 func (m *Manager) Cleanup() error {
-	_, _, err := m.Sync(context.Background(), nil)
+	res, err := m.Sync(context.Background(), nil)
 	m.Wait()
-	return err
+	if errors.Is(err, ErrInterfaceDown) {
+		err = nil
+	}
+	errs := []error{err}
+	for _, e := range res.Failed {
+		errs = append(errs, e)
+	}
+	return errors.Join(errs...)
 }
 
 // Wait blocks until running announcements have ended.
@@ -444,6 +584,10 @@ type Host struct {
 	Own      []netip.Addr
 	Subnets  []netip.Prefix
 	Gateways []netip.Addr
+	// Up says the interface can carry traffic (administratively up and
+	// running): a node whose serviceInterface is down should not stand
+	// for addresses, which Sync would not bind (ErrInterfaceDown).
+	Up bool
 }
 
 // Host returns the interface's own addresses, from the last Sync's
@@ -457,6 +601,7 @@ func (m *Manager) Host() (Host, error) {
 	if err != nil {
 		return h, err
 	}
+	h.Up = linkUp(l.Attrs())
 	own, err := m.ownPrefixes(l)
 	if err != nil {
 		return h, err

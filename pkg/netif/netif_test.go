@@ -3,14 +3,16 @@ package netif
 import (
 	"net"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 func ipnet(t *testing.T, s string) *net.IPNet {
@@ -239,45 +241,157 @@ func TestRouteGateways(t *testing.T) {
 	}
 }
 
-// A Sync whose want is the previous one's shares its set.
+// A Sync whose want is the previous one's, KeepOnly flags included,
+// shares its set; an address is KeepOnly only when every binding of it is.
 func TestWantedSet(t *testing.T) {
 	m := &Manager{}
 	a, b, c, d := netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8:1::10"),
 		netip.MustParseAddr("203.0.113.11"), netip.MustParseAddr("203.0.113.12")
-	same := func(x, y map[netip.Addr]int) bool {
-		return reflect.ValueOf(x).UnsafePointer() == reflect.ValueOf(y).UnsafePointer()
+	add := func(ips ...netip.Addr) []model.Binding {
+		out := make([]model.Binding, len(ips))
+		for i, ip := range ips {
+			out[i] = model.Binding{Addr: ip}
+		}
+		return out
 	}
-	first := m.wantedSet([]netip.Addr{a, b, b, c})
-	if len(first) != 3 {
-		t.Fatalf("set %v", first)
+	keep := func(ip netip.Addr) model.Binding { return model.Binding{Addr: ip, KeepOnly: true} }
+	keepOnly := func(ws *wantSet, ip netip.Addr) bool { return ws.keepOnly[ws.index[ip]] }
+
+	first := m.wantedSet(append(add(a, b, b), keep(c), keep(d), model.Binding{Addr: d}))
+	if len(first.index) != 4 || len(first.keepOnly) != 4 {
+		t.Fatalf("set %v", first.index)
 	}
 	seen := map[int]bool{}
-	for _, i := range first {
-		if i < 0 || i >= len(first) || seen[i] {
-			t.Fatalf("indices %v: want 0..2, each once", first)
+	for _, i := range first.index {
+		if i < 0 || i >= len(first.index) || seen[i] {
+			t.Fatalf("indices %v: want 0..3, each once", first.index)
 		}
 		seen[i] = true
 	}
-	m.state.wanted = first
-	if got := m.wantedSet([]netip.Addr{c, netip.AddrFrom16(a.As16()), b}); !same(got, first) {
-		t.Errorf("the same addresses (one IPv4-mapped) in another order built a new set")
+	if keepOnly(first, a) || !keepOnly(first, c) || keepOnly(first, d) {
+		t.Fatalf("keepOnly a %v c %v d %v: want false, true, false (d also has a binding that adds)",
+			keepOnly(first, a), keepOnly(first, c), keepOnly(first, d))
 	}
-	for name, want := range map[string][]netip.Addr{
-		"fewer":             {a, b},
-		"fewer, duplicated": {a, b, b, a},
-		"more":              {a, b, c, d},
-		"other":             {a, b, d},
+	m.state.wanted = first
+	if got := m.wantedSet(append(add(d, netip.AddrFrom16(a.As16()), b), keep(c))); got != first {
+		t.Errorf("the same bindings (one IPv4-mapped) in another order built a new set")
+	}
+	for name, want := range map[string][]model.Binding{
+		"fewer":             add(a, b),
+		"fewer, duplicated": add(a, b, b, a),
+		"more":              append(add(a, b, c, d), model.Binding{Addr: netip.MustParseAddr("203.0.113.13")}),
+		"other":             add(a, b, c, netip.MustParseAddr("203.0.113.13")),
+		"c may be added":    add(a, b, c, d),
+		"a kept only":       append(add(b, d), keep(a), keep(c)),
 		"none":              nil,
 	} {
 		got := m.wantedSet(want)
-		if same(got, first) {
+		if got == first {
 			t.Errorf("%s: the previous set was reused", name)
 		}
-		for _, ip := range want {
-			if _, ok := got[ip]; !ok {
-				t.Errorf("%s: %v lacks %s", name, got, ip)
+		for _, bd := range want {
+			i, ok := got.index[bd.Addr]
+			if !ok {
+				t.Errorf("%s: %v lacks %s", name, got.index, bd.Addr)
+				continue
+			}
+			if got.keepOnly[i] != bd.KeepOnly {
+				t.Errorf("%s: %s keepOnly %v", name, bd.Addr, got.keepOnly[i])
 			}
 		}
+	}
+}
+
+// lifetimeStale decides which owned addresses Sync and Refresh write.
+func TestLifetimeStale(t *testing.T) {
+	const L = 6
+	for _, tc := range []struct {
+		name          string
+		noCacheinfo   bool
+		notDeprecated bool // preferred lifetime not 0
+		valid         uint32
+		want          uint32
+		stale         bool
+	}{
+		{name: "fresh", valid: 6, want: L},
+		{name: "a third gone", valid: 5, want: L},
+		{name: "two thirds left", valid: 4, want: L, stale: true},
+		{name: "about to expire", valid: 1, want: L, stale: true},
+		{name: "forever, should be finite (persisted by a previous process)", valid: infinity, want: L, stale: true},
+		{name: "longer than ours", valid: 60, want: L, stale: true},
+		{name: "preferred lifetime set by hand", notDeprecated: true, valid: 6, want: L, stale: true},
+		{name: "forever and not deprecated", notDeprecated: true, valid: infinity, want: infinity, stale: true},
+		{name: "forever, wanted forever", valid: infinity, want: infinity},
+		{name: "finite, wanted forever", valid: 6, want: infinity, stale: true},
+		{name: "no cacheinfo", noCacheinfo: true, want: L, stale: true},
+		{name: "2 s: fresh", valid: 2, want: 2},
+		{name: "2 s: one second left", valid: 1, want: 2, stale: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := ifAddr{cacheinfo: !tc.noCacheinfo, flags: unix.IFA_F_DEPRECATED, valid: tc.valid}
+			if tc.notDeprecated {
+				a.flags = 0
+			}
+			if got := lifetimeStale(a, tc.want); got != tc.stale {
+				t.Fatalf("lifetimeStale(%+v; want %d) = %v", a, tc.want, got)
+			}
+		})
+	}
+}
+
+func TestLifetimeSeconds(t *testing.T) {
+	for _, tc := range []struct {
+		d       time.Duration
+		want    uint32
+		wantErr bool
+	}{
+		{d: 0, want: infinity},
+		{d: 2 * time.Second, want: 2},
+		{d: 2500 * time.Millisecond, want: 3},
+		{d: time.Minute, want: 60},
+		{d: time.Second, wantErr: true},
+		{d: -time.Second, wantErr: true},
+		{d: 1 << 62, wantErr: true},
+	} {
+		got, err := lifetimeSeconds(tc.d)
+		if (err != nil) != tc.wantErr || err == nil && got != tc.want {
+			t.Errorf("lifetimeSeconds(%v) = %d, %v; want %d (error %v)", tc.d, got, err, tc.want, tc.wantErr)
+		}
+	}
+}
+
+// renewable writes a renewal only while the address is certainly bound:
+// a replacement of an expired address would bind it again.
+func TestRenewable(t *testing.T) {
+	now := time.Now()
+	m := &Manager{lifetime: 2, renewedAt: map[netip.Addr]time.Time{}}
+	ip := netip.MustParseAddr("203.0.113.10")
+	at := func(valid uint32) ifAddr { return ifAddr{ip: ip, cacheinfo: true, valid: valid} }
+	for _, tc := range []struct {
+		name      string
+		valid     uint32
+		listedAgo time.Duration
+		wroteAgo  time.Duration // 0: never written by this Manager
+		want      bool
+	}{
+		{name: "forever", valid: infinity, listedAgo: time.Hour, want: true},
+		{name: "listed with 2 s left, just now", valid: 2, want: true},
+		{name: "listed with 2 s left, 900 ms ago", valid: 2, listedAgo: 900 * time.Millisecond},
+		{name: "listed with 1 s left, unknown write", valid: 1},
+		{name: "listed with 1 s left, written 1.2 s ago", valid: 1, wroteAgo: 1200 * time.Millisecond, want: true},
+		{name: "written 1.9 s ago", valid: 1, wroteAgo: 1900 * time.Millisecond},
+		{name: "written 5 s ago (frozen since)", valid: 1, wroteAgo: 5 * time.Second},
+		{name: "expired", valid: 0, wroteAgo: 3 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clear(m.renewedAt)
+			if tc.wroteAgo > 0 {
+				m.renewedAt[ip] = now.Add(-tc.wroteAgo)
+			}
+			if got := m.renewable(at(tc.valid), now.Add(-tc.listedAgo), now); got != tc.want {
+				t.Fatalf("renewable = %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
 
@@ -409,5 +523,33 @@ func TestObserve(t *testing.T) {
 		if got := m.observe(s.index, s.up); got != s.wantAll {
 			t.Fatalf("%s: observe(%d, %v) = %v, want %v", s.name, s.index, s.up, got, s.wantAll)
 		}
+	}
+}
+
+// Refresh looks at the kernel again when the first address this Manager
+// wrote reaches a third of its lifetime, or at once after a renewal that
+// was not written.
+func TestPlanRefresh(t *testing.T) {
+	a, b, c := netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8:1::10"), netip.MustParseAddr("203.0.113.11")
+	t0 := time.Now()
+	m := &Manager{lifetime: 6, renewedAt: map[netip.Addr]time.Time{
+		a: t0.Add(-time.Second),
+		b: t0,
+		c: t0.Add(-5 * time.Second), // not wanted any more
+	}}
+	wanted := &wantSet{index: map[netip.Addr]int{a: 0, b: 1, netip.MustParseAddr("203.0.113.12"): 2}, keepOnly: make([]bool, 3)}
+	m.planRefresh(wanted, true)
+	if want := t0.Add(-time.Second + 2*time.Second + 50*time.Millisecond); !m.refreshAt.Equal(want) {
+		t.Fatalf("refreshAt %v after t0, want %v", m.refreshAt.Sub(t0), want.Sub(t0))
+	}
+	m.planRefresh(wanted, false)
+	if !m.refreshAt.IsZero() {
+		t.Fatalf("refreshAt %v after an incomplete renewal, want at once", m.refreshAt)
+	}
+	// Nothing written: look again within a lifetime all the same.
+	m.renewedAt = map[netip.Addr]time.Time{}
+	m.planRefresh(wanted, true)
+	if d := time.Until(m.refreshAt); d <= 5*time.Second || d > 6*time.Second {
+		t.Fatalf("refreshAt in %v with nothing written, want within the lifetime", d)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/egressvip/egressvip/internal/privtest"
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 // topology: a "node" namespace whose interface (eth1 unless named) is a
@@ -51,6 +52,32 @@ func (tp *topology) wire(t testing.TB) {
 	// (accept_untracked_na applies to routers only, hence forwarding.)
 	tp.peer.Exec(t, "sysctl", "-qw", "net.ipv4.conf.ext0.arp_accept=1", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.ext0.accept_untracked_na=1")
 	tp.nodeMAC = linkMAC(t, tp.node, tp.iface)
+	// Sync binds nothing on an interface that is not running yet, and
+	// a veth reports running a moment after it was set up.
+	waitLinkRunning(t, tp.node, tp.iface)
+}
+
+// waitLinkRunning waits (at most 5 s) until dev in ns is up and running
+// (operationally up, as linkUp wants it).
+func waitLinkRunning(t testing.TB, ns *privtest.NS, dev string) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var links []struct {
+			Flags     []string `json:"flags"`
+			OperState string   `json:"operstate"`
+		}
+		out := ns.Exec(t, "ip", "-j", "link", "show", "dev", dev)
+		if err := json.Unmarshal([]byte(out), &links); err != nil || len(links) != 1 {
+			t.Fatalf("link %s: %v", dev, err)
+		}
+		// IFF_RUNNING is operationally up, or unknown.
+		if slices.Contains(links[0].Flags, "UP") && (links[0].OperState == "UP" || links[0].OperState == "UNKNOWN") {
+			return
+		}
+		if time.Now().After(end) {
+			t.Fatalf("%s is not running after 5 s: %s", dev, out)
+		}
+	}
 }
 
 // peerLearns waits until the peer's neighbour table maps ip to the node's
@@ -91,6 +118,10 @@ type kernelAddr struct {
 	NoDAD      bool   `json:"nodad"`
 	// NoPrefixRoute: IFA_F_NOPREFIXROUTE.
 	NoPrefixRoute bool `json:"noprefixroute"`
+	// Valid and Preferred are the remaining lifetimes in seconds
+	// (4294967295: forever).
+	Valid     uint64 `json:"valid_life_time"`
+	Preferred uint64 `json:"preferred_life_time"`
 }
 
 func kernelAddrs(t testing.TB, ns *privtest.NS, dev string) map[string]kernelAddr {
@@ -110,14 +141,21 @@ func kernelAddrs(t testing.TB, ns *privtest.NS, dev string) map[string]kernelAdd
 
 func (tp *topology) manager(t testing.TB, iface string, announce bool) *Manager {
 	t.Helper()
+	return managerIn(t, tp.node, Config{Interface: iface, Announce: announce, AnnounceCount: 3, AnnounceInterval: 200 * time.Millisecond})
+}
+
+// managerIn returns a Manager of cfg working in ns, logging to the test
+// when it runs verbose.
+func managerIn(t testing.TB, ns *privtest.NS, cfg Config) *Manager {
+	t.Helper()
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	if testing.Verbose() {
 		log.SetOutput(t.Output())
 		log.SetLevel(logrus.DebugLevel)
 	}
-	m, err := New(Config{Interface: iface, Announce: announce, Log: logrus.NewEntry(log), NetNS: tp.node.Handle,
-		AnnounceCount: 3, AnnounceInterval: 200 * time.Millisecond})
+	cfg.Log, cfg.NetNS = logrus.NewEntry(log), ns.Handle
+	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,12 +168,32 @@ var (
 	lb6 = netip.MustParseAddr("2001:db8:1::10")
 )
 
+// bindings are Sync's want for addresses it may add.
+func bindings(addrs ...netip.Addr) []model.Binding {
+	out := make([]model.Binding, len(addrs))
+	for i, a := range addrs {
+		out[i] = model.Binding{Addr: a}
+	}
+	return out
+}
+
+// syncAddrs is Sync of addresses it may add, reporting as the tests of
+// the add/remove behaviour need it: a failed address is an error.
+func syncAddrs(ctx context.Context, m *Manager, want []netip.Addr) (added, removed []netip.Addr, err error) {
+	res, err := m.Sync(ctx, bindings(want...))
+	errs := []error{err}
+	for ip, e := range res.Failed {
+		errs = append(errs, fmt.Errorf("%s: %w", ip, e))
+	}
+	return res.Added, res.Removed, errors.Join(errs...)
+}
+
 func TestPrivilegedSyncBindsOnlyOwnedAddresses(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", false)
 	ctx := context.Background()
 
-	added, removed, err := m.Sync(ctx, []netip.Addr{lb6, lb4, lb4})
+	added, removed, err := syncAddrs(ctx, m, []netip.Addr{lb6, lb4, lb4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,13 +222,13 @@ func TestPrivilegedSyncBindsOnlyOwnedAddresses(t *testing.T) {
 	}
 
 	// The same set again changes nothing in the kernel.
-	added, removed, err = m.Sync(ctx, []netip.Addr{lb4, lb6})
+	added, removed, err = syncAddrs(ctx, m, []netip.Addr{lb4, lb6})
 	if err != nil || len(added)+len(removed) != 0 {
 		t.Fatalf("idempotent Sync: added %v removed %v err %v", added, removed, err)
 	}
 
 	// A smaller set removes only ours; a wanted foreign address is left alone.
-	added, removed, err = m.Sync(ctx, []netip.Addr{lb4, netip.MustParseAddr("203.0.113.99")})
+	added, removed, err = syncAddrs(ctx, m, []netip.Addr{lb4, netip.MustParseAddr("203.0.113.99")})
 	if err != nil || len(added) != 0 || !slices.Equal(removed, []netip.Addr{lb6}) {
 		t.Fatalf("shrink: added %v removed %v err %v", added, removed, err)
 	}
@@ -199,7 +257,7 @@ func TestPrivilegedSyncBindsOnlyOwnedAddresses(t *testing.T) {
 func TestPrivilegedOwnedAddressIsNotASource(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", false)
-	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4}); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4}); err != nil {
 		t.Fatal(err)
 	}
 	// The node's own traffic to the external network keeps its /24 address.
@@ -212,7 +270,7 @@ func TestPrivilegedOwnedAddressIsNotASource(t *testing.T) {
 func TestPrivilegedMissingInterface(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth9", false)
-	_, _, err := m.Sync(context.Background(), []netip.Addr{lb4})
+	_, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4})
 	if !errors.Is(err, ErrInterfaceNotFound) || !strings.Contains(err.Error(), `"eth9"`) {
 		t.Fatalf("err = %v, want ErrInterfaceNotFound naming eth9", err)
 	}
@@ -221,7 +279,7 @@ func TestPrivilegedMissingInterface(t *testing.T) {
 func TestPrivilegedAnnouncementsReachTheNeighbour(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", true)
-	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4, lb6}); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4, lb6}); err != nil {
 		t.Fatal(err)
 	}
 	// The peer never talked to these addresses: only the gratuitous ARP and
@@ -240,20 +298,20 @@ func BenchmarkSync(b *testing.B) {
 	}
 	b.Run("add-and-remove-1000", func(b *testing.B) {
 		for b.Loop() {
-			if _, _, err := m.Sync(ctx, want); err != nil {
+			if _, _, err := syncAddrs(ctx, m, want); err != nil {
 				b.Fatal(err)
 			}
-			if _, _, err := m.Sync(ctx, nil); err != nil {
+			if _, _, err := syncAddrs(ctx, m, nil); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
-	if _, _, err := m.Sync(ctx, want); err != nil {
+	if _, _, err := syncAddrs(ctx, m, want); err != nil {
 		b.Fatal(err)
 	}
 	b.Run("unchanged-1000", func(b *testing.B) {
 		for b.Loop() {
-			if _, _, err := m.Sync(ctx, want); err != nil {
+			if _, _, err := syncAddrs(ctx, m, want); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -267,7 +325,7 @@ func TestPrivilegedHostReportsTheNodesOwnAddresses(t *testing.T) {
 	tp.node.Exec(t, "ip", "link", "set", "eth1", "up")
 	tp.node.Exec(t, "ip", "route", "add", "default", "via", "203.0.113.250", "dev", "eth1")
 	m := tp.manager(t, "eth1", false)
-	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4, lb6}); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4, lb6}); err != nil {
 		t.Fatal(err)
 	}
 	h, err := m.Host()

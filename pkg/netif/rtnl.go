@@ -26,9 +26,10 @@ func (m *Manager) request(typ, flags int) *nl.NetlinkRequest {
 
 // addOwned binds ip to the interface with index as an owned address: full
 // length, preferred lifetime 0 so the kernel never picks it as source for
-// the node's own traffic, valid forever, for IPv6 without duplicate address
-// detection so it is usable at once, marked with AddrProto (when the kernel
-// has it) and, for IPv4, the label when it fits.
+// the node's own traffic, valid for valid seconds (infinity: forever; see
+// Config.Lifetime), for IPv6 without duplicate address detection so it is
+// usable at once, marked with AddrProto (when the kernel has it) and, for
+// IPv4, the label when it fits.
 //
 // IPv6 addresses also get IFA_F_NOPREFIXROUTE: without it the kernel adds
 // a /128 route for each one to the main table ("2001:db8::1 dev eth1 proto
@@ -39,9 +40,13 @@ func (m *Manager) request(typ, flags int) *nl.NetlinkRequest {
 // the flag, ignores it and adds the route as before.
 //
 // replace modifies an existing address in place (NLM_F_REPLACE) instead of
-// failing with EEXIST: the kernel keeps the address bound, and removes its
-// prefix route when the flag is new.
-func (m *Manager) addOwned(index int, ip netip.Addr, replace bool) error {
+// failing with EEXIST: the kernel keeps the address bound, renews its
+// lifetimes, and removes its prefix route when the flag is new. (IPv4 keeps
+// the label and flags it has; IPv6 takes the flags written here.) Beware:
+// both families create the address when it is missing, NLM_F_CREATE or
+// not, so a replacement must only be sent for an address known to be still
+// bound (see Manager.renewable).
+func (m *Manager) addOwned(index int, ip netip.Addr, replace bool, valid uint32) error {
 	family := unix.AF_INET6
 	if ip.Is4() {
 		family = unix.AF_INET
@@ -69,7 +74,7 @@ func (m *Manager) addOwned(index int, ip netip.Addr, replace bool) error {
 	if l := label(m.cfg.Interface); ip.Is4() && l != "" {
 		req.AddData(nl.NewRtAttr(unix.IFA_LABEL, nl.ZeroTerminated(l)))
 	}
-	ci := nl.IfaCacheInfo{IfaCacheinfo: unix.IfaCacheinfo{Prefered: 0, Valid: infinity}}
+	ci := nl.IfaCacheInfo{IfaCacheinfo: unix.IfaCacheinfo{Prefered: 0, Valid: valid}}
 	req.AddData(nl.NewRtAttr(unix.IFA_CACHEINFO, ci.Serialize()))
 	if m.proto {
 		req.AddData(nl.NewRtAttr(ifaProto, []byte{AddrProto}))
@@ -157,6 +162,13 @@ type ifAddr struct {
 	flags uint32
 	proto uint8
 	label []byte
+	// cacheinfo says whether IFA_CACHEINFO came; valid is then the
+	// remaining valid lifetime in whole seconds as the kernel rounds it
+	// down (infinity: forever). Its preferred lifetime is not read: for
+	// an IPv4 address valid forever the kernel reports it as forever
+	// whatever it is; IFA_F_DEPRECATED says whether it is over.
+	cacheinfo bool
+	valid     uint32
 }
 
 // eachAddr passes each address of the interface with index to visit,
@@ -206,6 +218,10 @@ func decodeAddr(b []byte) (a ifAddr, ok bool, err error) {
 		case ifaProto:
 			if len(v) >= 1 {
 				a.proto = v[0]
+			}
+		case unix.IFA_CACHEINFO:
+			if len(v) >= unix.SizeofIfaCacheinfo {
+				a.cacheinfo, a.valid = true, native.Uint32(v[4:8])
 			}
 		}
 	})

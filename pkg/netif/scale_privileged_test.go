@@ -155,7 +155,7 @@ func TestPrivilegedManyIPv6WithoutPrefixRoutes(t *testing.T) {
 
 			many := manyIPv6(200)
 			want := append([]netip.Addr{lb4}, many...)
-			added, removed, err := m.Sync(ctx, want)
+			added, removed, err := syncAddrs(ctx, m, want)
 			if err != nil || len(added) != len(want) || len(removed) != 0 {
 				t.Fatalf("Sync: added %d of %d, removed %v, err %v", len(added), len(want), removed, err)
 			}
@@ -196,7 +196,7 @@ func TestPrivilegedManyIPv6WithoutPrefixRoutes(t *testing.T) {
 			if owned, err := m.Owned(); err != nil || !slices.Equal(owned, want) {
 				t.Fatalf("Owned: %d addresses, err %v; want %d", len(owned), err, len(want))
 			}
-			if added, removed, err := m.Sync(ctx, want); err != nil || len(added)+len(removed) != 0 {
+			if added, removed, err := syncAddrs(ctx, m, want); err != nil || len(added)+len(removed) != 0 {
 				t.Fatalf("idempotent Sync: added %v removed %v err %v", added, removed, err)
 			}
 
@@ -274,7 +274,7 @@ func TestPrivilegedLegacyPrefixRoutesRemovedInPlace(t *testing.T) {
 	p := watch(t, m)
 	ctx := context.Background()
 
-	added, removed, err := m.Sync(ctx, []netip.Addr{kept, lb6})
+	added, removed, err := syncAddrs(ctx, m, []netip.Addr{kept, lb6})
 	if err != nil || !slices.Equal(added, []netip.Addr{lb6}) || !slices.Equal(removed, []netip.Addr{gone}) {
 		t.Fatalf("Sync: added %v removed %v err %v", added, removed, err)
 	}
@@ -301,7 +301,7 @@ func TestPrivilegedLegacyPrefixRoutesRemovedInPlace(t *testing.T) {
 	}
 	// Only the deletion of an address Sync removed itself happened.
 	p.expectNone(t, 300*time.Millisecond, "the in-place upgrade")
-	if added, removed, err := m.Sync(ctx, []netip.Addr{kept, lb6}); err != nil || len(added)+len(removed) != 0 {
+	if added, removed, err := syncAddrs(ctx, m, []netip.Addr{kept, lb6}); err != nil || len(added)+len(removed) != 0 {
 		t.Fatalf("second Sync: added %v removed %v err %v", added, removed, err)
 	}
 	tp.udpEcho(t, kept)
@@ -327,7 +327,7 @@ func TestPrivilegedDumpFallsBackWhenTheKernelRefusesFilters(t *testing.T) {
 	if m.strict.Load() {
 		t.Fatal("still strict after the kernel refused a filter")
 	}
-	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4, lb6}); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4, lb6}); err != nil {
 		t.Fatal(err)
 	}
 	if owned, err := m.Owned(); err != nil || !slices.Equal(owned, []netip.Addr{lb4, lb6}) {
@@ -344,7 +344,7 @@ func BenchmarkManyIPv6(b *testing.B) {
 	m := tp.manager(b, "eth1", false)
 	ctx := context.Background()
 	want := manyIPv6(2000)
-	if added, _, err := m.Sync(ctx, want); err != nil || len(added) != len(want) {
+	if added, _, err := syncAddrs(ctx, m, want); err != nil || len(added) != len(want) {
 		b.Fatalf("Sync: added %d, err %v", len(added), err)
 	}
 	b.Run("Host", func(b *testing.B) {
@@ -359,7 +359,7 @@ func BenchmarkManyIPv6(b *testing.B) {
 	b.Run("Sync-unchanged", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			if added, removed, err := m.Sync(ctx, want); err != nil || len(added)+len(removed) != 0 {
+			if added, removed, err := syncAddrs(ctx, m, want); err != nil || len(added)+len(removed) != 0 {
 				b.Fatalf("Sync: added %v removed %v err %v", added, removed, err)
 			}
 		}

@@ -29,7 +29,10 @@ const (
 // serviceInterface and calls onChange when something Sync restores was lost:
 //
 //   - an address of the last Sync's want was deleted from the interface
-//     (Sync's own removals never are: it removes only what it does not want);
+//     (Sync's own removals never are: it removes only what it does not want),
+//     also by the kernel when its lifetime ran out (Config.Lifetime): the
+//     next Sync adds it again unless its binding is KeepOnly, and reports
+//     it Absent then;
 //   - the interface went down or came up (administratively or its carrier;
 //     going down drops the IPv6 addresses, coming up needs announcements);
 //   - the interface was deleted, re-created (a new index) or renamed.
@@ -219,7 +222,10 @@ func (w *watcher) addr(u netlink.AddrUpdate) {
 		return // owned addresses are full length
 	}
 	w.m.state.mu.Lock()
-	_, lost := w.m.state.wanted[ip]
+	lost := false
+	if wanted := w.m.state.wanted; wanted != nil {
+		_, lost = wanted.index[ip]
+	}
 	w.m.state.mu.Unlock()
 	if lost {
 		w.m.log.WithField("ip", ip.String()).Debug("watch: address deleted")

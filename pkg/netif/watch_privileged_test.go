@@ -105,12 +105,13 @@ func waitRunning(t testing.TB, m *Manager) {
 }
 
 // syncUntil plays the sync loop: Sync after each poke (and at least every
-// 200 ms, tolerating a missing interface) until ok or the deadline.
+// 200 ms, tolerating a missing or down interface) until ok or the
+// deadline.
 func syncUntil(t testing.TB, m *Manager, p *pokes, want []netip.Addr, within time.Duration, ok func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
-		if _, _, err := m.Sync(context.Background(), want); err != nil && !errors.Is(err, ErrInterfaceNotFound) {
+		if _, _, err := syncAddrs(context.Background(), m, want); err != nil && !errors.Is(err, ErrInterfaceNotFound) && !errors.Is(err, ErrInterfaceDown) {
 			t.Fatal(err)
 		}
 		if ok() {
@@ -156,7 +157,7 @@ func TestPrivilegedWatchAddressDeleted(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", false)
 	want := []netip.Addr{lb4, lb6}
-	if _, _, err := m.Sync(context.Background(), want); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, want); err != nil {
 		t.Fatal(err)
 	}
 	p := watch(t, m)
@@ -166,7 +167,7 @@ func TestPrivilegedWatchAddressDeleted(t *testing.T) {
 		tp.node.Exec(t, "ip", "addr", "del", netip.PrefixFrom(ip, ip.BitLen()).String(), "dev", "eth1")
 		ran := time.Since(start)
 		poked := p.expect(t, time.Second, "ip addr del "+ip.String())
-		added, _, err := m.Sync(context.Background(), want)
+		added, _, err := syncAddrs(context.Background(), m, want)
 		back := time.Since(start)
 		if err != nil || !slices.Equal(added, []netip.Addr{ip}) {
 			t.Fatalf("Sync after the poke: added %v, err %v; want %v", added, err, ip)
@@ -197,7 +198,7 @@ func TestPrivilegedWatchAddressDeleted(t *testing.T) {
 			t.Fatal(err)
 		}
 		poked := p.expect(t, time.Second, "deleting "+ip.String())
-		if added, _, err := m.Sync(context.Background(), want); err != nil || len(added) != 1 {
+		if added, _, err := syncAddrs(context.Background(), m, want); err != nil || len(added) != 1 {
 			t.Fatalf("added %v, err %v", added, err)
 		}
 		toPoke, toBack = append(toPoke, poked.Sub(start)), append(toBack, time.Since(start))
@@ -212,7 +213,7 @@ func TestPrivilegedWatchLinkDownUp(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", true)
 	want := []netip.Addr{lb4, lb6}
-	if _, _, err := m.Sync(context.Background(), want); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, want); err != nil {
 		t.Fatal(err)
 	}
 	tp.peerLearns(t, lb4, 5*time.Second)
@@ -223,10 +224,14 @@ func TestPrivilegedWatchLinkDownUp(t *testing.T) {
 	start := time.Now()
 	tp.node.Exec(t, "ip", "link", "set", "eth1", "down")
 	t.Logf("ip link set down → onChange %v", p.expect(t, time.Second, "link down").Sub(start).Round(time.Microsecond))
-	// While down: Sync puts IPv6 back (the kernel keeps it for the up)
+	// While down: Sync adds nothing (the kernel dropped IPv6), says so,
 	// and announces nothing.
-	if _, _, err := m.Sync(context.Background(), want); err != nil {
-		t.Fatal(err)
+	res, err := m.Sync(context.Background(), bindings(want...))
+	if !errors.Is(err, ErrInterfaceDown) || len(res.Added) != 0 || !slices.Equal(res.Absent, []netip.Addr{lb6}) {
+		t.Fatalf("Sync while down: %+v, %v; want ErrInterfaceDown, nothing added, %s absent", res, err, lb6)
+	}
+	if h, err := m.Host(); err != nil || h.Up {
+		t.Fatalf("Host while down: Up %v, %v", h.Up, err)
 	}
 
 	start = time.Now()
@@ -261,7 +266,7 @@ func TestPrivilegedWatchInterfaceRecreated(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", true)
 	want := []netip.Addr{lb4, lb6}
-	if _, _, err := m.Sync(context.Background(), want); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, want); err != nil {
 		t.Fatal(err)
 	}
 	m.Wait()
@@ -269,7 +274,7 @@ func TestPrivilegedWatchInterfaceRecreated(t *testing.T) {
 
 	tp.node.Exec(t, "ip", "link", "del", "eth1")
 	p.expect(t, time.Second, "ip link del")
-	if _, _, err := m.Sync(context.Background(), want); !errors.Is(err, ErrInterfaceNotFound) {
+	if _, _, err := syncAddrs(context.Background(), m, want); !errors.Is(err, ErrInterfaceNotFound) {
 		t.Fatalf("Sync without the interface: %v", err)
 	}
 	start := time.Now()
@@ -287,7 +292,7 @@ func TestPrivilegedWatchIgnoresOtherChanges(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", false)
 	ctx := context.Background()
-	if _, _, err := m.Sync(ctx, []netip.Addr{lb4, lb6}); err != nil {
+	if _, _, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6}); err != nil {
 		t.Fatal(err)
 	}
 	p := watch(t, m)
@@ -308,14 +313,14 @@ func TestPrivilegedWatchIgnoresOtherChanges(t *testing.T) {
 	tp.node.Exec(t, "ip", "addr", "del", "203.0.113.77/32", "dev", "eth1")
 	tp.node.Exec(t, "ip", "addr", "del", "203.0.113.99/32", "dev", "eth1")
 	// Sync removes and adds its own.
-	if _, removed, err := m.Sync(ctx, []netip.Addr{lb4}); err != nil || len(removed) != 1 {
+	if _, removed, err := syncAddrs(ctx, m, []netip.Addr{lb4}); err != nil || len(removed) != 1 {
 		t.Fatalf("removed %v, err %v", removed, err)
 	}
 	// Let Watch read the removal while the address is unwanted: had the
 	// next Sync wanted it again first, the late event would rightly look
 	// like a loss (one extra Sync, harmless, but not what this checks).
 	time.Sleep(100 * time.Millisecond)
-	if added, _, err := m.Sync(ctx, []netip.Addr{lb4, lb6}); err != nil || len(added) != 1 {
+	if added, _, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6}); err != nil || len(added) != 1 {
 		t.Fatalf("added %v, err %v", added, err)
 	}
 	p.expectNone(t, 500*time.Millisecond, "changes that need no Sync")
@@ -329,7 +334,7 @@ func TestPrivilegedWatchIgnoresOtherChanges(t *testing.T) {
 func TestPrivilegedWatchResubscribes(t *testing.T) {
 	tp := newTopology(t)
 	m := tp.manager(t, "eth1", false)
-	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4}); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4}); err != nil {
 		t.Fatal(err)
 	}
 	p := watch(t, m)
@@ -364,7 +369,7 @@ func TestPrivilegedWatchResubscribes(t *testing.T) {
 	}
 	p.expect(t, 5*time.Second, "re-subscribing")
 	// The new subscription works.
-	if _, _, err := m.Sync(context.Background(), []netip.Addr{lb4}); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, []netip.Addr{lb4}); err != nil {
 		t.Fatal(err)
 	}
 	p.drain()
@@ -384,7 +389,7 @@ func BenchmarkWatchRestore(b *testing.B) {
 	tp := newTopology(b)
 	m := tp.manager(b, "eth1", false)
 	want := []netip.Addr{lb4}
-	if _, _, err := m.Sync(context.Background(), want); err != nil {
+	if _, _, err := syncAddrs(context.Background(), m, want); err != nil {
 		b.Fatal(err)
 	}
 	p := watch(b, m)
@@ -405,7 +410,7 @@ func BenchmarkWatchRestore(b *testing.B) {
 			b.Fatal(err)
 		}
 		toPoke += p.expect(b, time.Second, "deleting").Sub(start)
-		if added, _, err := m.Sync(context.Background(), want); err != nil || len(added) != 1 {
+		if added, _, err := syncAddrs(context.Background(), m, want); err != nil || len(added) != 1 {
 			b.Fatalf("added %v, err %v", added, err)
 		}
 	}
