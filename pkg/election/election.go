@@ -1,42 +1,70 @@
-// Package election decides which node serves each Service, at an API cost
-// that does not grow with the number of Services:
+// Package election decides which node holds each LoadBalancer IP, at an API
+// cost that does not grow with the number of Services:
 //
 //   - Node liveness: every daemon renews one Lease of its own, its
 //     heartbeat (egressvip.node.<node> in the daemon's namespace). It is
-//     the only periodic write.
-//   - Service ownership: each Service has a Lease in its namespace
-//     (egressvip-<service>) naming the node that holds it. It is written
-//     when ownership changes (acquisition, release), never renewed, and a
-//     holder is valid while its heartbeat is. Optimistic concurrency on
-//     resourceVersion decides races; an ownerReference to the Service
-//     removes the Lease with it.
+//     the only periodic write. It publishes what other nodes need to know
+//     of it: its protocol version, whether it stands, where steered
+//     traffic reaches it, its serviceInterface addresses.
+//   - Address ownership: each LoadBalancer IP has a Lease in the daemon's
+//     namespace (egressvip.addr.<address>) naming the node that holds it.
+//     Addresses, not Services, are elected: Services that share an address
+//     (a TCP and a UDP Service of one DNS server) are served by the one
+//     node that holds it. These Leases live where a namespace admin cannot
+//     write, so they also record which namespace claimed the address first.
+//   - Service Leases (egressvip-<service> in the Service's namespace) name
+//     the node serving each Service, for people (kubectl get lease) and for
+//     daemons of earlier releases during a rolling upgrade, which elect per
+//     Service: a node binds an address only while no such Lease of the
+//     Services claiming it names another valid holder.
 //
-// Candidates learn about holders and heartbeats from informers, not by
-// polling. What to acquire or release is decided by the pure planner
-// (pkg/plan) from a View; this package only keeps the view and performs
-// the writes. Nothing here touches the kernel.
+// Ownership Leases are written when ownership changes (acquisition,
+// release), never renewed: a holding is valid while its holder's heartbeat
+// is. Optimistic concurrency on resourceVersion decides races. Candidates
+// learn about holders and heartbeats from informers, not by polling. What
+// to acquire or release is decided by the pure planner (pkg/plan) from a
+// model.ElectionView; this package only keeps the view and performs the
+// writes. Nothing here touches the kernel.
 package election
 
 import (
 	"cmp"
 	"fmt"
 	"hash/fnv"
+	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// LeasePrefix starts the name of every per-Service Lease:
-// egressvip-<service name>, in the Service's namespace.
+// LeasePrefix starts the name of every Service Lease: egressvip-<service
+// name>, in the Service's namespace.
 const LeasePrefix = "egressvip-"
 
 // HeartbeatPrefix starts the name of every node's heartbeat Lease. The dot
-// keeps it apart from every per-Service Lease name: Service names are DNS
+// keeps it apart from every Service Lease name: Service names are DNS
 // labels and have no dots.
 const HeartbeatPrefix = "egressvip.node."
 
-// Labels on the Leases egressvip writes; the informers select on them.
+// AddressPrefix starts the name of every address Lease.
+const AddressPrefix = "egressvip.addr."
+
+// ProtocolVersion is the election protocol of this release: address
+// Leases decide. The heartbeat release published none (0).
+const ProtocolVersion = 2
+
+// LegacyHoldSeconds is the LeaseDurationSeconds written on Service Leases.
+// Daemons of the release before heartbeats (one client-go elector per
+// Service) take a Lease over once it has not changed for that long; current
+// daemons ignore it (a holding is valid while its holder's heartbeat is).
+// An hour keeps such a daemon, during a rolling upgrade or a rollback, off
+// the Services current daemons hold, without renewals.
+const LegacyHoldSeconds = 3600
+
+// Labels and annotations on the Leases egressvip writes; the informers
+// select on the labels.
 const (
 	LabelManagedBy = "app.kubernetes.io/managed-by"
 	ManagedBy      = "egressvip"
@@ -44,8 +72,9 @@ const (
 	RoleHeartbeat  = "heartbeat"
 	RoleService    = "service"
 	RoleGlobal     = "global"
-	// AnnotationValidWhile on a Service Lease names the heartbeat Lease
-	// that keeps the holding valid, for whoever reads it with kubectl.
+	RoleAddress    = "address"
+	// AnnotationValidWhile names the heartbeat Lease that keeps a holding
+	// valid, for whoever reads it with kubectl.
 	AnnotationValidWhile = "egressvip.io/valid-while"
 	// AnnotationDraining on a heartbeat says the node is shutting down:
 	// its holdings stay valid until it releases them, but it is no
@@ -55,6 +84,18 @@ const (
 	// its serviceInterface, which may be missing from its Node's status:
 	// no node binds them as a LoadBalancer IP.
 	AnnotationAddresses = "egressvip.io/interface-addresses"
+	// AnnotationNode on a heartbeat is the node's published state (JSON,
+	// see nodeRecord): protocol version, standing, steering next hops,
+	// VXLAN endpoint.
+	AnnotationNode = "egressvip.io/node"
+	// AnnotationAddress on an address Lease is the address it elects.
+	AnnotationAddress = "egressvip.io/address"
+	// AnnotationClaimedBy on an address Lease is the namespace the holder
+	// serves it for.
+	AnnotationClaimedBy = "egressvip.io/claimed-by"
+	// AnnotationAddressLeases on a Service Lease names the address Leases
+	// that decide who serves the Service.
+	AnnotationAddressLeases = "egressvip.io/address-leases"
 )
 
 // LeaseName is the Lease that records the node serving a Service.
@@ -62,6 +103,33 @@ func LeaseName(service string) string { return LeasePrefix + service }
 
 // HeartbeatName is the heartbeat Lease of a node.
 func HeartbeatName(node string) string { return HeartbeatPrefix + node }
+
+// AddressLeaseName is the Lease that elects the node holding addr. IPv6
+// addresses are written out in full with dashes, so every name is a valid
+// DNS subdomain that starts and ends with a hex digit.
+func AddressLeaseName(addr netip.Addr) string {
+	addr = addr.Unmap()
+	if addr.Is4() {
+		return AddressPrefix + addr.String()
+	}
+	return AddressPrefix + strings.ReplaceAll(addr.StringExpanded(), ":", "-")
+}
+
+// AddressOfLease parses the address out of an address Lease name.
+func AddressOfLease(name string) (netip.Addr, bool) {
+	rest, ok := strings.CutPrefix(name, AddressPrefix)
+	if !ok {
+		return netip.Addr{}, false
+	}
+	if a, err := netip.ParseAddr(rest); err == nil && a.Is4() {
+		return a, true
+	}
+	a, err := netip.ParseAddr(strings.ReplaceAll(rest, "-", ":"))
+	if err != nil || !a.Is6() {
+		return netip.Addr{}, false
+	}
+	return a, true
+}
 
 // Timing is the lease timing; Validate it before use.
 type Timing struct {
@@ -72,7 +140,7 @@ type Timing struct {
 	// keeps acting on what another node could take over.
 	RenewDeadline time.Duration
 	// RetryPeriod is the heartbeat interval, and the delay between two
-	// candidates' turns for a free Service.
+	// candidates' turns for a free address.
 	RetryPeriod time.Duration
 }
 
@@ -90,58 +158,23 @@ func (t Timing) Validate() error {
 	return nil
 }
 
-// View is one consistent picture of the election, the planner's input.
-type View struct {
-	Self string
-	Now  time.Time
-	// Established is true once this node's heartbeat has been written by
-	// this process (or the previous process's heartbeat was taken over
-	// without a gap): only then may it acquire.
-	Established bool
-	// Overdue is true while this node's last successful heartbeat renewal
-	// is older than the renew deadline (or there was none): other nodes
-	// may soon see it expired.
-	Overdue bool
-	// Draining is true once this node has started shutting down.
-	Draining bool
-	// Live are the nodes whose heartbeat is valid in this node's view,
-	// this node included while it is established and not overdue.
-	Live map[string]bool
-	// Candidates are the live nodes that may acquire: Live without the
-	// draining ones.
-	Candidates map[string]bool
-	// Leases are the Service Leases (and the global Lease) by name.
-	Leases map[types.NamespacedName]Lease
+// AddressLifetime is how long a bound address stays in the kernel without
+// the daemon confirming it (its valid lifetime, refreshed by the sync
+// loop): shorter than the time any other node needs to take it over. Others
+// take over a lease duration after the last heartbeat renewal they saw; the
+// last refresh may come a retry period after that renewal, and the kernel
+// removes expired addresses up to a second late (it checks lifetimes in
+// whole seconds). So: lease duration - retry period - 2 s, at least 1 s
+// (2 s with the defaults 5/3/1).
+func (t Timing) AddressLifetime() time.Duration {
+	d := (t.LeaseDuration - t.RetryPeriod - 2*time.Second).Truncate(time.Second)
+	return max(d, time.Second)
 }
 
-// Lease is what the view knows of one ownership Lease.
-type Lease struct {
-	// Holder is the node named in the Lease ("" if released).
-	Holder string
-	// Current is true when Holder is this node and this process wrote (or
-	// took over without a heartbeat gap) the holding: nobody else can
-	// have acquired it since.
-	Current bool
-	// Pending is true while a write for this Lease is in flight or
-	// backing off after a failure.
-	Pending bool
-	// OwnerUID is the UID of the Service the Lease belongs to.
-	OwnerUID types.UID
-	// Legacy is true for a Lease of an earlier egressvip version (no
-	// labels, renewed by its holder): it is taken over like a free one.
-	Legacy bool
-}
-
-// HolderValid says whether the view's Lease names a node whose heartbeat is
-// valid.
-func (v View) HolderValid(l Lease) bool {
-	return l.Holder != "" && !l.Legacy && (l.Holder == v.Self || v.Live[l.Holder])
-}
-
-// Rank orders the candidates for a Lease the same way on every node
+// Rank orders the candidates for a key the same way on every node
 // (rendezvous hashing): the first acquires at once, the others stand back
 // one retry period per place unless it does not.
-func Rank(lease types.NamespacedName, candidates []string) []string {
+func Rank(key string, candidates []string) []string {
 	type scored struct {
 		node  string
 		score uint64
@@ -149,7 +182,7 @@ func Rank(lease types.NamespacedName, candidates []string) []string {
 	s := make([]scored, 0, len(candidates))
 	for _, n := range candidates {
 		h := fnv.New64a()
-		_, _ = h.Write([]byte(lease.Namespace + "/" + lease.Name + "\x00" + n))
+		_, _ = h.Write([]byte(key + "\x00" + n))
 		s = append(s, scored{n, mix(h.Sum64())})
 	}
 	slices.SortFunc(s, func(a, b scored) int {
@@ -174,4 +207,9 @@ func mix(x uint64) uint64 {
 	x *= 0x94d049bb133111eb
 	x ^= x >> 31
 	return x
+}
+
+// ServiceLeaseKey is the Service Lease of a Service.
+func ServiceLeaseKey(svc types.NamespacedName) types.NamespacedName {
+	return types.NamespacedName{Namespace: svc.Namespace, Name: LeaseName(svc.Name)}
 }

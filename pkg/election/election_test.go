@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -22,6 +23,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/egressvip/egressvip/pkg/kube/kubefake"
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 var fast = Timing{LeaseDuration: 1200 * time.Millisecond, RenewDeadline: 800 * time.Millisecond, RetryPeriod: 100 * time.Millisecond}
@@ -34,10 +36,10 @@ func quietLog() *logrus.Entry {
 	return logrus.NewEntry(l)
 }
 
-// eventually polls cond for at most 10 s; it is a bound, not a timing assertion.
+// eventually polls cond for at most 30 s; it is a bound, not a timing assertion.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if cond() {
 			return
@@ -111,21 +113,35 @@ func (s *apiServer) lease(t *testing.T, key types.NamespacedName) *coordinationv
 	return l
 }
 
+func (s *apiServer) remove(t *testing.T, key types.NamespacedName) {
+	t.Helper()
+	if err := s.CoordinationV1().Leases(key.Namespace).Delete(context.Background(), key.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type options struct {
+	node       func() NodeInfo
+	nodeExists func(string) (bool, bool)
+}
+
 // start runs a Manager for node until the test ends or stop is called.
-func start(t *testing.T, api *apiServer, node string) (*Manager, context.CancelFunc) {
+func start(t *testing.T, api *apiServer, node string, opts ...options) (*Manager, context.CancelFunc) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	m := NewManager(Config{
+	cfg := Config{
 		Identity: node, Namespace: daemonNS, Timing: fast,
 		HeartbeatClient: kubefake.Wrap(api), Client: kubefake.Wrap(api), Log: quietLog(),
-	})
+	}
+	for _, o := range opts {
+		cfg.Node, cfg.NodeExists = o.node, o.nodeExists
+	}
+	m := NewManager(cfg)
 	m.Run(ctx)
 	eventually(t, node+" synced and established", func() bool { return m.HasSynced() && m.View().Established })
 	return m, cancel
 }
-
-func holder(l Lease) string { return l.Holder }
 
 // current counts the holdings m's view shows as current.
 func current(m *Manager) int {
@@ -138,10 +154,19 @@ func current(m *Manager) int {
 	return n
 }
 
-var web = types.NamespacedName{Namespace: "default", Name: LeaseName("web")}
+var (
+	web     = types.NamespacedName{Namespace: "default", Name: LeaseName("web")}
+	webAddr = netip.MustParseAddr("203.0.113.10")
+	addrKey = types.NamespacedName{Namespace: daemonNS, Name: AddressLeaseName(webAddr)}
+)
 
-func owner(name string) *metav1.OwnerReference {
-	return &metav1.OwnerReference{APIVersion: "v1", Kind: "Service", Name: name, UID: types.UID("uid-" + name)}
+func svcClaim(key types.NamespacedName) model.Claim {
+	return model.Claim{Lease: key, Kind: model.ServiceLease, Owners: []model.Owner{{Name: "web", UID: "uid-web"}},
+		AddressLeases: []string{addrKey.Name}}
+}
+
+func addrClaim() model.Claim {
+	return model.Claim{Lease: addrKey, Kind: model.AddressLease, Address: webAddr, ClaimedBy: "default"}
 }
 
 func TestTimingValidate(t *testing.T) {
@@ -163,27 +188,85 @@ func TestTimingValidate(t *testing.T) {
 	}
 }
 
-// Each node renews one heartbeat; the others see it live, and see it
-// expire a lease duration after it stops.
+// The kernel forgets an address before any other node may take it: the
+// lifetime is shorter than the lease duration by the retry period (the
+// last refresh may follow the last renewal) and the kernel's whole-second
+// rounding.
+func TestAddressLifetime(t *testing.T) {
+	for _, tc := range []struct {
+		timing Timing
+		want   time.Duration
+	}{
+		{Timing{5 * time.Second, 3 * time.Second, time.Second}, 2 * time.Second},
+		{Timing{15 * time.Second, 10 * time.Second, 2 * time.Second}, 11 * time.Second},
+		{Timing{3 * time.Second, 2 * time.Second, time.Second}, time.Second},
+	} {
+		got := tc.timing.AddressLifetime()
+		if got != tc.want {
+			t.Errorf("%+v: %s, want %s", tc.timing, got, tc.want)
+		}
+		if got+time.Second >= tc.timing.LeaseDuration-tc.timing.RetryPeriod && tc.timing.LeaseDuration > 3*time.Second {
+			t.Errorf("%+v: lifetime %s plus a second of rounding reaches the takeover", tc.timing, got)
+		}
+	}
+}
+
+func TestAddressLeaseNames(t *testing.T) {
+	for _, s := range []string{"203.0.113.10", "2001:db8:1::10", "::1"} {
+		a := netip.MustParseAddr(s)
+		name := AddressLeaseName(a)
+		if got, ok := AddressOfLease(name); !ok || got != a {
+			t.Errorf("%s: name %q parses back to %v %v", s, name, got, ok)
+		}
+		rest := strings.TrimPrefix(name, AddressPrefix)
+		if strings.ContainsAny(name, ":") || strings.HasPrefix(rest, "-") || strings.HasSuffix(rest, "-") {
+			t.Errorf("%s: %q is not a DNS subdomain", s, name)
+		}
+	}
+}
+
+// Each node renews one heartbeat publishing its state; the others see it
+// live, and see it expire a lease duration after it stops.
 func TestHeartbeatsAndLiveness(t *testing.T) {
 	api := newAPIServer()
 	a, _ := start(t, api, "node-a")
-	_, stopB := start(t, api, "node-b")
-	eventually(t, "node-a sees node-b", func() bool { return a.View().Live["node-b"] })
-
-	hb := api.lease(t, types.NamespacedName{Namespace: daemonNS, Name: HeartbeatName("node-a")})
-	if holderOf(hb) != "node-a" || hb.Labels[LabelRole] != RoleHeartbeat || hb.Spec.LeaseDurationSeconds == nil || hb.Spec.RenewTime == nil {
-		t.Fatalf("heartbeat %+v", hb)
+	_, stopB := start(t, api, "node-b", options{node: func() NodeInfo {
+		return NodeInfo{Standing: true, Via: []netip.Addr{netip.MustParseAddr("198.51.100.12")}, UID: "uid-node-b",
+			VTEPMAC: "02:00:00:00:00:02", VTEPUnderlay: netip.MustParseAddr("198.51.100.12"),
+			Addresses: []netip.Addr{netip.MustParseAddr("203.0.113.12"), netip.MustParseAddr("fe80::1")}}
+	}})
+	eventually(t, "node-a sees node-b", func() bool { return a.View().Peers["node-b"].Live })
+	p := a.View().Peers["node-b"]
+	if p.Version != ProtocolVersion || !p.Candidate || len(p.Via) != 1 || p.VTEPMAC != "02:00:00:00:00:02" || !p.VTEPUnderlay.IsValid() {
+		t.Fatalf("peer %+v", p)
 	}
-	if v := a.View(); !v.Live["node-a"] || !v.Candidates["node-a"] || v.Overdue {
+	if !a.PeerAddresses()[netip.MustParseAddr("203.0.113.12")] || a.PeerAddresses()[netip.MustParseAddr("fe80::1")] {
+		t.Fatalf("peer addresses %v", a.PeerAddresses())
+	}
+	hb := api.lease(t, types.NamespacedName{Namespace: daemonNS, Name: HeartbeatName("node-b")})
+	if len(hb.OwnerReferences) != 1 || hb.OwnerReferences[0].Kind != "Node" || hb.OwnerReferences[0].UID != "uid-node-b" {
+		t.Fatalf("the heartbeat does not go with its Node: %+v", hb.OwnerReferences)
+	}
+	if v := a.View(); !v.Live("node-a") || !v.Candidate("node-a") || v.Overdue {
 		t.Fatalf("node-a's own view: %+v", v)
 	}
-
 	stopB()
 	stopped := time.Now()
-	eventually(t, "node-b expires in node-a's view", func() bool { return !a.View().Live["node-b"] })
+	eventually(t, "node-b expires in node-a's view", func() bool { return !a.View().Peers["node-b"].Live })
 	if waited := time.Since(stopped); waited < fast.LeaseDuration-fast.RetryPeriod {
 		t.Fatalf("node-b expired %s after its last renewal, before the lease duration %s", waited, fast.LeaseDuration)
+	}
+}
+
+// A node that does not stand (its serviceInterface is down) is live but no
+// candidate.
+func TestNotStandingIsNoCandidate(t *testing.T) {
+	api := newAPIServer()
+	a, _ := start(t, api, "node-a")
+	start(t, api, "node-b", options{node: func() NodeInfo { return NodeInfo{Standing: false} }})
+	eventually(t, "node-a sees node-b", func() bool { return a.View().Peers["node-b"].Live })
+	if a.View().Peers["node-b"].Candidate {
+		t.Fatal("a node whose interface is down is a candidate")
 	}
 }
 
@@ -194,83 +277,83 @@ func TestAcquireRaceHasOneWinner(t *testing.T) {
 		t.Run(fmt.Sprintf("lease exists %v", exists), func(t *testing.T) {
 			api := newAPIServer()
 			if exists {
-				released := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: web.Namespace, Name: web.Name,
-					Labels: map[string]string{LabelRole: RoleService, LabelManagedBy: ManagedBy}}}
-				if _, err := api.CoordinationV1().Leases(web.Namespace).Create(context.Background(), released, metav1.CreateOptions{}); err != nil {
+				released := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: daemonNS, Name: addrKey.Name,
+					Labels: map[string]string{LabelRole: RoleAddress, LabelManagedBy: ManagedBy}}}
+				if _, err := api.CoordinationV1().Leases(daemonNS).Create(context.Background(), released, metav1.CreateOptions{}); err != nil {
 					t.Fatal(err)
 				}
 			}
 			a, _ := start(t, api, "node-a")
 			b, _ := start(t, api, "node-b")
-			eventually(t, "both synced", func() bool { _, ok := b.View().Leases[web]; return !exists || ok })
-			a.Acquire(Claim{Lease: web, Owner: owner("web")})
-			b.Acquire(Claim{Lease: web, Owner: owner("web")})
+			eventually(t, "both synced", func() bool { _, ok := b.View().Leases[addrKey]; return !exists || ok })
+			a.Acquire(addrClaim())
+			b.Acquire(addrClaim())
 			eventually(t, "both views agree on one holder", func() bool {
-				la, lb := a.View().Leases[web], b.View().Leases[web]
+				la, lb := a.View().Leases[addrKey], b.View().Leases[addrKey]
 				return la.Holder != "" && la.Holder == lb.Holder && !la.Pending && !lb.Pending
 			})
-			winner := holderOf(api.lease(t, web))
-			if got := holder(a.View().Leases[web]); got != winner {
-				t.Fatalf("views say %s, the API server %s", got, winner)
-			}
+			l := api.lease(t, addrKey)
+			winner := holderOf(l)
 			for _, m := range []*Manager{a, b} {
-				l := m.View().Leases[web]
-				if l.Current != (m.Identity() == winner) {
-					t.Fatalf("%s: Current=%v with holder %s", m.Identity(), l.Current, winner)
+				lv := m.View().Leases[addrKey]
+				if lv.Current != (m.Identity() == winner) || !lv.Valid || lv.Kind != model.AddressLease || lv.ClaimedBy != "default" {
+					t.Fatalf("%s: %+v with holder %s", m.Identity(), lv, winner)
 				}
+			}
+			if l.Annotations[AnnotationAddress] != webAddr.String() || l.Spec.LeaseDurationSeconds != nil {
+				t.Fatalf("address Lease %+v", l)
 			}
 		})
 	}
 }
 
 // A holder whose heartbeat is live keeps its Lease; once it expired, the
-// Lease is taken over, and the write carries the owner and labels.
+// Lease is taken over, and the write carries the owner, the labels and the
+// duration that keeps earlier releases off it.
 func TestTakeoverOnlyAfterTheHeartbeatExpired(t *testing.T) {
 	api := newAPIServer()
 	a, _ := start(t, api, "node-a")
 	b, stopB := start(t, api, "node-b")
-	b.Acquire(Claim{Lease: web, Owner: owner("web")})
+	b.Acquire(svcClaim(web))
 	eventually(t, "node-a sees node-b hold it", func() bool { return a.View().Leases[web].Holder == "node-b" })
 
-	a.Acquire(Claim{Lease: web, Owner: owner("web")})
+	a.Acquire(svcClaim(web))
 	eventually(t, "the attempt ends", func() bool { return !a.View().Leases[web].Pending })
 	if h := holderOf(api.lease(t, web)); h != "node-b" {
 		t.Fatalf("took the Lease from a live holder: now %s", h)
 	}
 
 	stopB()
-	eventually(t, "node-b expires", func() bool { return !a.View().Live["node-b"] })
+	eventually(t, "node-b expires", func() bool { return !a.View().Peers["node-b"].Live })
 	eventually(t, "node-a takes over", func() bool {
-		a.Acquire(Claim{Lease: web, Owner: owner("web")})
+		a.Acquire(svcClaim(web))
 		return a.View().Leases[web].Holder == "node-a" && a.View().Leases[web].Current
 	})
 	l := api.lease(t, web)
-	if l.Labels[LabelRole] != RoleService || len(l.OwnerReferences) != 1 || l.OwnerReferences[0].UID != "uid-web" {
+	if l.Labels[LabelRole] != RoleService || len(l.OwnerReferences) != 1 || l.OwnerReferences[0].UID != "uid-web" ||
+		l.Annotations[AnnotationAddressLeases] != addrKey.Name {
 		t.Fatalf("lease metadata %+v", l.ObjectMeta)
 	}
-	if l.Spec.LeaseTransitions == nil || *l.Spec.LeaseTransitions != 1 || l.Spec.LeaseDurationSeconds != nil {
+	if l.Spec.LeaseTransitions == nil || *l.Spec.LeaseTransitions != 1 || l.Spec.LeaseDurationSeconds == nil || *l.Spec.LeaseDurationSeconds != LegacyHoldSeconds {
 		t.Fatalf("lease spec %+v", l.Spec)
 	}
 }
 
-// A Service Lease is written on acquisition and release only: steady
-// state costs the heartbeat alone, whatever the number of Services.
+// Ownership Leases are written on acquisition and release only: steady
+// state costs the heartbeat alone, whatever the number of addresses.
 func TestSteadyStateWritesOnlyHeartbeats(t *testing.T) {
 	api := newAPIServer()
 	a, _ := start(t, api, "node-a")
 	for i := range 50 {
-		a.Acquire(Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Owner: owner("s")})
+		a.Acquire(model.Claim{Lease: types.NamespacedName{Namespace: daemonNS, Name: AddressLeaseName(netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}))},
+			Kind: model.AddressLease})
 	}
 	eventually(t, "50 held", func() bool { return current(a) == 50 })
 	before := api.writes.Load()
 	time.Sleep(10 * fast.RetryPeriod)
 	if w := api.writes.Load() - before; w > 12 {
-		t.Fatalf("%d writes in 10 retry periods with 50 Services held, want about 10 (the heartbeat)", w)
+		t.Fatalf("%d writes in 10 retry periods with 50 addresses held, want about 10 (the heartbeat)", w)
 	}
-	a.Release(types.NamespacedName{Namespace: "default", Name: LeaseName("s0")})
-	eventually(t, "released", func() bool {
-		return a.View().Leases[types.NamespacedName{Namespace: "default", Name: LeaseName("s0")}].Holder == ""
-	})
 }
 
 // Many acquisitions at once queue behind a bounded number of writers.
@@ -291,17 +374,12 @@ func TestAcquisitionsAreBounded(t *testing.T) {
 	})
 	a, _ := start(t, api, "node-a")
 	for i := range 200 {
-		a.Acquire(Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Owner: owner("s")})
+		a.Acquire(model.Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Kind: model.ServiceLease})
 	}
 	eventually(t, "200 held", func() bool { return current(a) == 200 })
 	if m := most.Load(); m > 16 {
 		t.Fatalf("%d writes ran at once, want at most the 16 workers", m)
 	}
-	eventually(t, "the workers stop with an empty queue", func() bool {
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		return a.workers == 0
-	})
 }
 
 // Failing renewals make the node overdue within the renew deadline;
@@ -310,8 +388,8 @@ func TestAcquisitionsAreBounded(t *testing.T) {
 func TestOverdueAndEpoch(t *testing.T) {
 	api := newAPIServer()
 	a, _ := start(t, api, "node-a")
-	a.Acquire(Claim{Lease: web, Owner: owner("web")})
-	eventually(t, "held", func() bool { return a.View().Leases[web].Current })
+	a.Acquire(addrClaim())
+	eventually(t, "held", func() bool { return a.View().Leases[addrKey].Current })
 
 	api.failHeartbeats.Store(true)
 	failed := time.Now()
@@ -322,11 +400,11 @@ func TestOverdueAndEpoch(t *testing.T) {
 	time.Sleep(fast.LeaseDuration)
 	api.failHeartbeats.Store(false)
 	eventually(t, "renewed again", func() bool { return !a.View().Overdue })
-	if a.View().Leases[web].Current {
+	if a.View().Leases[addrKey].Current {
 		t.Fatal("a holding from before a heartbeat gap still counts as current")
 	}
-	a.Acquire(Claim{Lease: web, Owner: owner("web")})
-	eventually(t, "confirmed", func() bool { return a.View().Leases[web].Current })
+	a.Acquire(addrClaim())
+	eventually(t, "confirmed", func() bool { return a.View().Leases[addrKey].Current })
 }
 
 // A restarted daemon whose heartbeat never lapsed keeps its holdings
@@ -334,14 +412,14 @@ func TestOverdueAndEpoch(t *testing.T) {
 func TestRestartAdoptsHoldingsWithoutAGap(t *testing.T) {
 	api := newAPIServer()
 	a, stop := start(t, api, "node-a")
-	a.Acquire(Claim{Lease: web, Owner: owner("web")})
-	eventually(t, "held", func() bool { return a.View().Leases[web].Current })
+	a.Acquire(addrClaim())
+	eventually(t, "held", func() bool { return a.View().Leases[addrKey].Current })
 	stop()
 
 	before := api.writes.Load()
 	again, stopAgain := start(t, api, "node-a")
-	eventually(t, "the Lease is seen", func() bool { return again.View().Leases[web].Holder == "node-a" })
-	if !again.View().Leases[web].Current {
+	eventually(t, "the Lease is seen", func() bool { return again.View().Leases[addrKey].Holder == "node-a" })
+	if !again.View().Leases[addrKey].Current {
 		t.Fatal("a restart without a heartbeat gap lost its holding")
 	}
 	if w := api.writes.Load() - before; w > 3 {
@@ -351,27 +429,9 @@ func TestRestartAdoptsHoldingsWithoutAGap(t *testing.T) {
 
 	time.Sleep(fast.LeaseDuration + 200*time.Millisecond)
 	late, _ := start(t, api, "node-a")
-	eventually(t, "the Lease is seen", func() bool { return late.View().Leases[web].Holder == "node-a" })
-	if late.View().Leases[web].Current {
+	eventually(t, "the Lease is seen", func() bool { return late.View().Leases[addrKey].Holder == "node-a" })
+	if late.View().Leases[addrKey].Current {
 		t.Fatal("a restart after a heartbeat gap counts its old holding as current")
-	}
-}
-
-// A node publishes its interface addresses in its heartbeat; the others
-// learn them.
-func TestHeartbeatPublishesInterfaceAddresses(t *testing.T) {
-	api := newAPIServer()
-	a, _ := start(t, api, "node-a")
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	b := NewManager(Config{Identity: "node-b", Namespace: daemonNS, Timing: fast, HeartbeatClient: kubefake.Wrap(api), Client: kubefake.Wrap(api), Log: quietLog(),
-		HostAddresses: func() []netip.Addr {
-			return []netip.Addr{netip.MustParseAddr("203.0.113.12"), netip.MustParseAddr("fe80::1")}
-		}})
-	b.Run(ctx)
-	eventually(t, "node-a learns node-b's address", func() bool { return a.PeerAddresses()[netip.MustParseAddr("203.0.113.12")] })
-	if a.PeerAddresses()[netip.MustParseAddr("fe80::1")] {
-		t.Fatal("a link-local address was published")
 	}
 }
 
@@ -380,17 +440,145 @@ func TestDrainingNodeIsNoCandidate(t *testing.T) {
 	api := newAPIServer()
 	a, _ := start(t, api, "node-a")
 	b, _ := start(t, api, "node-b")
-	eventually(t, "node-a sees node-b", func() bool { return a.View().Candidates["node-b"] })
+	eventually(t, "node-a sees node-b", func() bool { return a.View().Peers["node-b"].Candidate })
 	b.Drain(context.Background())
-	eventually(t, "node-b draining", func() bool { v := a.View(); return v.Live["node-b"] && !v.Candidates["node-b"] })
-	if !b.View().Draining || b.View().Candidates["node-b"] {
+	eventually(t, "node-b draining", func() bool { p := a.View().Peers["node-b"]; return p.Live && !p.Candidate })
+	if v := b.View(); !v.Draining || v.Candidate("node-b") {
 		t.Fatal("node-b's own view does not show it draining")
 	}
 }
 
+// A heartbeat deleted by hand does not make the others take the node's
+// addresses: its peer stays live until it would have expired, the owner
+// writes it again at once, and a takeover attempt finds the holder alive.
+func TestDeletedHeartbeatIsNoTakeover(t *testing.T) {
+	api := newAPIServer()
+	exists := func(string) (bool, bool) { return true, true }
+	a, _ := start(t, api, "node-a", options{nodeExists: exists})
+	b, _ := start(t, api, "node-b", options{nodeExists: exists})
+	b.Acquire(addrClaim())
+	eventually(t, "node-a sees node-b hold it", func() bool { return a.View().Leases[addrKey].Holder == "node-b" })
+	hb := types.NamespacedName{Namespace: daemonNS, Name: HeartbeatName("node-b")}
+	for range 3 {
+		api.remove(t, hb)
+		if err := a.confirmExpired(context.Background(), "node-b"); !errors.Is(err, errHolderAlive) {
+			t.Fatalf("a deleted heartbeat of a Node that exists confirmed as expired: %v", err)
+		}
+		if !a.View().Peers["node-b"].Live || !a.View().Leases[addrKey].Valid {
+			t.Fatal("node-b's holding became invalid when its heartbeat was deleted")
+		}
+		eventually(t, "node-b writes its heartbeat again", func() bool {
+			_, err := api.CoordinationV1().Leases(daemonNS).Get(context.Background(), hb.Name, metav1.GetOptions{})
+			return err == nil
+		})
+	}
+	a.Acquire(addrClaim())
+	eventually(t, "the attempt ends", func() bool { return !a.View().Leases[addrKey].Pending })
+	if h := holderOf(api.lease(t, addrKey)); h != "node-b" {
+		t.Fatalf("the address moved to %s", h)
+	}
+}
+
+// The heartbeat of a deleted Node goes with it, and its holdings with it.
+func TestHeartbeatOfADeletedNodeGoes(t *testing.T) {
+	api := newAPIServer()
+	var gone atomic.Bool
+	exists := func(n string) (bool, bool) { return n != "node-b" || !gone.Load(), true }
+	a, _ := start(t, api, "node-a", options{nodeExists: exists})
+	_, stopB := start(t, api, "node-b")
+	eventually(t, "node-a sees node-b", func() bool { return a.View().Peers["node-b"].Live })
+	stopB()
+	gone.Store(true)
+	api.remove(t, types.NamespacedName{Namespace: daemonNS, Name: HeartbeatName("node-b")})
+	eventually(t, "node-b forgotten", func() bool { _, ok := a.View().Peers["node-b"]; return !ok })
+}
+
+// A Lease deleted by hand keeps its live holder in the others' views (they
+// do not take it for free), and the holder's own view keeps it current.
+func TestDeletedLeaseKeepsItsHolder(t *testing.T) {
+	api := newAPIServer()
+	a, _ := start(t, api, "node-a")
+	b, _ := start(t, api, "node-b")
+	b.Acquire(svcClaim(web))
+	eventually(t, "node-a sees node-b hold it", func() bool { return a.View().Leases[web].Holder == "node-b" })
+	api.remove(t, web)
+	eventually(t, "both saw the deletion", func() bool { return a.View().Leases[web].Deleted && b.View().Leases[web].Deleted })
+	if lv := a.View().Leases[web]; lv.Holder != "node-b" || !lv.Valid {
+		t.Fatalf("node-a's view of the deleted Lease: %+v", lv)
+	}
+	if lv := b.View().Leases[web]; !lv.Current {
+		t.Fatalf("the holder's view of its deleted Lease: %+v", lv)
+	}
+	b.Acquire(svcClaim(web))
+	eventually(t, "written again", func() bool { lv := a.View().Leases[web]; return !lv.Deleted && lv.Holder == "node-b" })
+}
+
+// A Lease of the release before heartbeats (no labels, renewed by its
+// holder, which has no heartbeat) is valid while it is renewed, as
+// client-go's elector judges it, and only then taken over.
+func TestLegacyLeaseIsValidWhileRenewed(t *testing.T) {
+	api := newAPIServer()
+	a, _ := start(t, api, "node-a")
+	dur := int32(1)
+	legacy := func(renew time.Time) *coordinationv1.Lease {
+		holder := "old-node"
+		return &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: web.Namespace, Name: web.Name},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &dur, RenewTime: &metav1.MicroTime{Time: renew}}}
+	}
+	cur, err := api.CoordinationV1().Leases(web.Namespace).Create(context.Background(), legacy(time.Now()), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// node-a learns of it when it tries to acquire.
+	a.Acquire(svcClaim(web))
+	eventually(t, "node-a sees the legacy holder", func() bool { return a.View().Leases[web].Holder == "old-node" })
+	lv := a.View().Leases[web]
+	if lv.Writer != model.Legacy || !lv.Valid {
+		t.Fatalf("legacy Lease %+v", lv)
+	}
+	// Renewed for a while: stays valid and held.
+	deadline := time.Now().Add(2500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		cur.Spec.RenewTime = &metav1.MicroTime{Time: time.Now()}
+		if cur, err = api.CoordinationV1().Leases(web.Namespace).Update(context.Background(), cur, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		a.Acquire(svcClaim(web))
+		time.Sleep(fast.RetryPeriod)
+		if lv := a.View().Leases[web]; !lv.Valid || lv.Holder != "old-node" {
+			t.Fatalf("a renewed legacy Lease lost: %+v", lv)
+		}
+	}
+	// Not renewed any more: invalid after its duration, then taken.
+	eventually(t, "the legacy holding expires", func() bool { return !a.View().Leases[web].Valid })
+	eventually(t, "node-a takes it", func() bool {
+		a.Acquire(svcClaim(web))
+		return a.View().Leases[web].Holder == "node-a"
+	})
+	if l := api.lease(t, web); l.Labels[LabelRole] != RoleService {
+		t.Fatalf("taken over without labels: %+v", l.Labels)
+	}
+}
+
+// An address Lease nobody holds is deleted on request.
+func TestDeleteUnclaimedAddressLease(t *testing.T) {
+	api := newAPIServer()
+	api.PrependReactor("delete", "leases", func(a k8stesting.Action) (bool, runtime.Object, error) { return false, nil, nil })
+	a, _ := start(t, api, "node-a")
+	a.Acquire(addrClaim())
+	eventually(t, "held", func() bool { return a.View().Leases[addrKey].Current })
+	a.Release(addrKey)
+	eventually(t, "released", func() bool { lv := a.View().Leases[addrKey]; return lv.Holder == "" && !lv.Pending })
+	a.Delete(addrKey)
+	eventually(t, "deleted", func() bool {
+		_, err := api.CoordinationV1().Leases(daemonNS).Get(context.Background(), addrKey.Name, metav1.GetOptions{})
+		return apierrors.IsNotFound(err)
+	})
+}
+
 func TestRankIsStableAndOrderFree(t *testing.T) {
-	a := Rank(web, []string{"n1", "n2", "n3"})
-	b := Rank(web, []string{"n3", "n1", "n2"})
+	a := Rank("203.0.113.10", []string{"n1", "n2", "n3"})
+	b := Rank("203.0.113.10", []string{"n3", "n1", "n2"})
 	if fmt.Sprint(a) != fmt.Sprint(b) {
 		t.Fatalf("rank depends on input order: %v vs %v", a, b)
 	}

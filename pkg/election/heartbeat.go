@@ -2,14 +2,45 @@ package election
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
+
+// NodeInfo is what this node publishes in its heartbeat, read at every
+// renewal.
+type NodeInfo struct {
+	// Standing is false while the node cannot hold addresses (its
+	// serviceInterface is missing or down): others do not rank it.
+	Standing bool
+	// Via are the node's addresses steered traffic may use as next hop,
+	// in order of preference (InternalIPs, then serviceInterface ones).
+	Via []netip.Addr
+	// VTEPMAC and VTEPUnderlay are its VXLAN endpoint (empty without
+	// VXLAN mode).
+	VTEPMAC      string
+	VTEPUnderlay netip.Addr
+	// Addresses are its own serviceInterface addresses.
+	Addresses []netip.Addr
+	// UID is the Node object's UID: the heartbeat's owner, so it goes
+	// with its Node (empty while unknown).
+	UID types.UID
+}
+
+// nodeRecord is the JSON of AnnotationNode.
+type nodeRecord struct {
+	Version  int          `json:"version"`
+	Standing bool         `json:"standing"`
+	Via      []netip.Addr `json:"via,omitempty"`
+	VTEP     string       `json:"vtep,omitempty"` // mac@underlay
+}
 
 // heartbeatLoop renews this node's heartbeat every retry period until ctx
 // ends. It first reads the previous process's heartbeat: if that was this
@@ -35,28 +66,48 @@ func (m *Manager) heartbeatLoop(ctx context.Context) {
 		start := m.now()
 		if err := m.renew(ctx, start); err != nil {
 			if !failing {
-				log.WithError(err).Warn("heartbeat renewal failed; retrying")
+				m.heartbeatFailed(err)
 			}
 			failing = true
 		} else if failing {
 			log.Info("heartbeat renewed again")
 			failing = false
 		}
+		m.heartbeatOK.Store(!failing)
 		wait := m.cfg.Timing.RetryPeriod - m.now().Sub(start)
 		select {
 		case <-ctx.Done():
-		case <-time.After(max(wait, 0)):
+		case <-m.cfg.Clock.After(max(wait, 0)):
 		}
 	}
 }
+
+// heartbeatFailed logs a failed renewal once per failing stretch; failures
+// an operator must fix (the namespace is missing, RBAC forbids the write)
+// at error level with what to do.
+func (m *Manager) heartbeatFailed(err error) {
+	log := m.cfg.Log.WithField("lease", m.cfg.Namespace+"/"+m.heartbeat).WithError(err)
+	switch {
+	case apierrors.IsNotFound(err):
+		log.Errorf("cannot write the heartbeat: namespace %q does not exist; create it, or set POD_NAMESPACE to the daemon's namespace (the DaemonSet's metadata.namespace through the downward API)", m.cfg.Namespace)
+	case apierrors.IsForbidden(err):
+		log.Errorf("cannot write the heartbeat: RBAC forbids it; the daemon's ServiceAccount needs get, list, watch, create and update on coordination.k8s.io leases in namespace %q (see manifests/rbac.yaml)", m.cfg.Namespace)
+	default:
+		log.Warn("heartbeat renewal failed; retrying")
+	}
+}
+
+// HeartbeatOK reports whether the last heartbeat renewal succeeded: the
+// daemon is not ready while it cannot write its heartbeat.
+func (m *Manager) HeartbeatOK() bool { return m.heartbeatOK.Load() }
 
 // renew writes the heartbeat once, with RenewTime start.
 func (m *Manager) renew(ctx context.Context, start time.Time) error {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.Timing.RenewDeadline)
 	defer cancel()
-	addrs := m.hostAddresses()
+	info := m.nodeInfo()
 	m.mu.Lock()
-	l := m.heartbeatRecord(start, addrs)
+	l := m.heartbeatRecord(start, info)
 	m.mu.Unlock()
 	leases := m.cfg.HeartbeatClient.Leases(m.cfg.Namespace)
 	var out *coordinationv1.Lease
@@ -66,21 +117,24 @@ func (m *Manager) renew(ctx context.Context, start time.Time) error {
 	} else {
 		out, err = leases.Update(ctx, l, metav1.UpdateOptions{})
 	}
-	if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) || apierrors.IsNotFound(err) {
-		// Somebody else wrote it (an admin, or a previous process):
-		// read it and write again at once.
+	if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) || (apierrors.IsNotFound(err) && l.ResourceVersion != "") {
+		// Somebody else wrote it (an admin, or a previous process), or
+		// deleted it: read it and write again at once.
 		m.cfg.Wrote("heartbeat", "conflict")
 		cur, gerr := leases.Get(ctx, m.heartbeat, metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(gerr):
-			l.ResourceVersion = ""
+			m.mu.Lock()
+			m.hb = nil
+			l = m.heartbeatRecord(start, info)
+			m.mu.Unlock()
 			out, err = leases.Create(ctx, l, metav1.CreateOptions{})
 		case gerr != nil:
 			return fmt.Errorf("read heartbeat: %w", gerr)
 		default:
 			m.mu.Lock()
 			m.hb = cur
-			l = m.heartbeatRecord(start, addrs)
+			l = m.heartbeatRecord(start, info)
 			m.mu.Unlock()
 			out, err = leases.Update(ctx, l, metav1.UpdateOptions{})
 		}
@@ -94,8 +148,15 @@ func (m *Manager) renew(ctx context.Context, start time.Time) error {
 	return nil
 }
 
+func (m *Manager) nodeInfo() NodeInfo {
+	if m.cfg.Node == nil {
+		return NodeInfo{Standing: true}
+	}
+	return m.cfg.Node()
+}
+
 // heartbeatRecord is the heartbeat to write; m.mu is held.
-func (m *Manager) heartbeatRecord(renew time.Time, addrs []string) *coordinationv1.Lease {
+func (m *Manager) heartbeatRecord(renew time.Time, info NodeInfo) *coordinationv1.Lease {
 	var l *coordinationv1.Lease
 	if m.hb != nil {
 		l = m.hb.DeepCopy()
@@ -115,8 +176,24 @@ func (m *Manager) heartbeatRecord(renew time.Time, addrs []string) *coordination
 	} else {
 		delete(l.Annotations, AnnotationDraining)
 	}
-	if addrs != nil {
-		l.Annotations[AnnotationAddresses] = strings.Join(addrs, ",")
+	var addrs []string
+	for _, a := range info.Addresses {
+		if !a.IsLinkLocalUnicast() {
+			addrs = append(addrs, a.String())
+		}
+	}
+	l.Annotations[AnnotationAddresses] = strings.Join(addrs, ",")
+	rec := nodeRecord{Version: ProtocolVersion, Standing: info.Standing && !m.draining, Via: info.Via}
+	if info.VTEPMAC != "" && info.VTEPUnderlay.IsValid() {
+		rec.VTEP = info.VTEPMAC + "@" + info.VTEPUnderlay.String()
+	}
+	if b, err := json.Marshal(rec); err == nil {
+		l.Annotations[AnnotationNode] = string(b)
+	}
+	if info.UID != "" {
+		// The heartbeat goes with its Node: the garbage collector
+		// deletes it when the Node is deleted.
+		l.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: m.cfg.Identity, UID: info.UID}}
 	}
 	holder := m.cfg.Identity
 	seconds := int32((m.cfg.Timing.LeaseDuration + time.Second - 1) / time.Second)
@@ -127,21 +204,6 @@ func (m *Manager) heartbeatRecord(renew time.Time, addrs []string) *coordination
 	l.Spec.LeaseDurationSeconds = &seconds
 	l.Spec.RenewTime = &metav1.MicroTime{Time: renew}
 	return l
-}
-
-// hostAddresses are the addresses published in the heartbeat (nil when
-// the daemon publishes none).
-func (m *Manager) hostAddresses() []string {
-	if m.cfg.HostAddresses == nil {
-		return nil
-	}
-	addrs := []string{}
-	for _, a := range m.cfg.HostAddresses() {
-		if !a.IsLinkLocalUnicast() {
-			addrs = append(addrs, a.String())
-		}
-	}
-	return addrs
 }
 
 // renewed records a successful renewal whose RenewTime is start.
@@ -156,7 +218,7 @@ func (m *Manager) renewed(start time.Time, out *coordinationv1.Lease) {
 		m.adopted = !m.prevRenew.IsZero() && ack.Sub(m.prevRenew) < m.cfg.Timing.LeaseDuration
 	case ack.Sub(m.renewedAt) >= m.cfg.Timing.LeaseDuration:
 		// Other nodes may have seen the heartbeat expire and taken
-		// Services over; what this node held must be written again.
+		// addresses over; what this node held must be written again.
 		m.epoch++
 	}
 	m.renewedAt = start
@@ -167,8 +229,15 @@ func (m *Manager) renewed(start time.Time, out *coordinationv1.Lease) {
 	}
 }
 
+// RenewedAt is the RenewTime of the last successful heartbeat renewal.
+func (m *Manager) RenewedAt() time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.renewedAt
+}
+
 // Drain marks this node as leaving: its heartbeat says so at once, so that
-// other nodes take the Services it releases without waiting for it, and
+// other nodes take the addresses it releases without waiting for it, and
 // they no longer rank it for anything new. It waits at most a retry period
 // for the write.
 func (m *Manager) Drain(ctx context.Context) {
@@ -180,4 +249,21 @@ func (m *Manager) Drain(ctx context.Context) {
 	if err := m.renew(ctx, m.now()); err != nil {
 		m.cfg.Log.WithError(err).Warn("could not mark the heartbeat as draining")
 	}
+}
+
+// parseNodeRecord reads a peer's published state; a heartbeat without it is
+// the heartbeat release's (version 0, standing).
+func parseNodeRecord(l *coordinationv1.Lease) nodeRecord {
+	rec := nodeRecord{Standing: true}
+	raw, ok := l.Annotations[AnnotationNode]
+	if !ok {
+		return rec
+	}
+	var r nodeRecord
+	if err := json.Unmarshal([]byte(raw), &r); err != nil {
+		// Unreadable: treat it as a current node that stands, so that
+		// its holdings are judged by its heartbeat.
+		return nodeRecord{Version: ProtocolVersion, Standing: true}
+	}
+	return r
 }
