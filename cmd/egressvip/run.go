@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"time"
 
@@ -13,14 +14,19 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/egressvip/egressvip/pkg/allocator"
 	"github.com/egressvip/egressvip/pkg/cidr"
 	"github.com/egressvip/egressvip/pkg/config"
+	"github.com/egressvip/egressvip/pkg/desired"
 	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/metrics"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/node"
+	"github.com/egressvip/egressvip/pkg/plan"
 	"github.com/egressvip/egressvip/pkg/snat"
+	"github.com/egressvip/egressvip/pkg/steer"
 )
 
 // globalLeaseName is the one Lease used when svc_election=false. The dot
@@ -32,7 +38,7 @@ const globalLeaseName = "egressvip.services"
 const eventCacheSize = 512
 
 func loadConfig(log *logrus.Logger) (config.Config, error) {
-	cfg, err := config.Load(os.Getenv, os.Hostname)
+	cfg, err := config.Load(os.Getenv, os.Hostname, os.ReadFile)
 	if err == nil {
 		err = cfg.Validate()
 	}
@@ -127,13 +133,26 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	defer broadcaster.Shutdown()
 	recorder := broadcaster.NewRecorder(kube.Scheme, corev1.EventSource{Component: "egressvip", Host: cfg.NodeName})
 
-	addrs, err := netif.New(netif.Config{Interface: iface, Announce: cfg.ARP, Log: log})
+	timing := election.Timing{LeaseDuration: cfg.LeaseDuration, RenewDeadline: cfg.RenewDeadline, RetryPeriod: cfg.RetryPeriod}
+	// An address the daemon holds stays in the kernel only as long as its
+	// sync loop keeps renewing it: shorter than any other node needs to
+	// take it over, so a killed or frozen daemon's addresses are gone
+	// first.
+	addrs, err := netif.New(netif.Config{Interface: iface, Announce: cfg.ARP, Log: log, Lifetime: timing.AddressLifetime()})
 	if err != nil {
 		return fmt.Errorf("serviceInterface: %w", err)
 	}
+	var tunnel *model.Tunnel
+	if cfg.Tunnel == "vxlan" {
+		tunnel = &model.Tunnel{VNI: cfg.TunnelVNI, Port: cfg.TunnelPort, Device: tunnelDevice}
+	}
 	var snatw node.SNAT
 	snatUnavailable := ""
-	if m, err := snat.New(snat.Config{Backend: cfg.Backend, NFTables: cfg.EgressWithNFTables, Log: log}); err != nil {
+	snatCfg := snat.Config{Backend: cfg.Backend, NFTables: cfg.EgressWithNFTables, Mark: cfg.Mark, Log: log}
+	if tunnel != nil {
+		snatCfg.TunnelDevice, snatCfg.TunnelPort, snatCfg.PodCIDRs = tunnel.Device, tunnel.Port, cfg.PodCIDRs
+	}
+	if m, err := snat.New(snatCfg); err != nil {
 		// Addresses still work without a firewall backend; egress
 		// Services get an Event saying why they are not egressed.
 		snatUnavailable = err.Error()
@@ -142,16 +161,21 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		log.WithField("backend", m.Backend()).Info("egress SNAT backend")
 		snatw = m
 	}
+	routes, err := steer.New(steer.Config{Node: cfg.NodeName, Mark: cfg.Mark, Log: log})
+	if err != nil {
+		return fmt.Errorf("steering: %w", err)
+	}
+	defer routes.Close()
 
 	var ctrl *node.Controller
-	detector := cidr.NewDetector(client, cidr.Override{Pod: cfg.PodCIDRs, Service: cfg.ServiceCIDRs}, 0, func() {
+	poke := func() {
 		if ctrl != nil {
 			ctrl.Poke()
 		}
-	}, log)
+	}
+	detector := cidr.NewDetector(client, cidr.Override{Pod: cfg.PodCIDRs, Service: cfg.ServiceCIDRs}, 0, poke, log)
 
 	m := metrics.New()
-	timing := election.Timing{LeaseDuration: cfg.LeaseDuration, RenewDeadline: cfg.RenewDeadline, RetryPeriod: cfg.RetryPeriod}
 	elections := election.NewManager(election.Config{
 		Identity:         cfg.NodeName,
 		Namespace:        cfg.DaemonNamespace,
@@ -159,32 +183,64 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		Timing:           timing,
 		HeartbeatClient:  heartbeatClient,
 		Client:           electionClient,
-		Poke: func() {
-			if ctrl != nil {
-				ctrl.Poke()
+		Poke:             poke,
+		Node: func() election.NodeInfo {
+			if ctrl == nil {
+				return election.NodeInfo{Standing: true}
 			}
+			return ctrl.NodeInfo()
 		},
-		HostAddresses: addrs.OwnAddresses,
-		Wrote:         func(kind, result string) { m.LeaseWrites.WithLabelValues(kind, result).Inc() },
-		Log:           log,
+		NodeExists: detector.NodeExists,
+		Wrote:      func(kind, result string) { m.LeaseWrites.WithLabelValues(kind, result).Inc() },
+		Log:        log,
 	})
-
+	var global *types.NamespacedName
+	if !cfg.ServiceElection {
+		global = &types.NamespacedName{Namespace: cfg.DaemonNamespace, Name: globalLeaseName}
+	}
+	var singletons []types.NamespacedName
+	var elected func(map[types.NamespacedName]bool)
+	if cfg.Allocator {
+		lease := types.NamespacedName{Namespace: cfg.DaemonNamespace, Name: allocatorLeaseName}
+		singletons = append(singletons, lease)
+		alloc := allocator.New(allocator.Config{
+			Client:         reportClient,
+			ClaimNamespace: cfg.DaemonNamespace,
+			Ours: func(s *corev1.Service) bool {
+				return s.Spec.Type == corev1.ServiceTypeLoadBalancer && cfg.Owns(s.Spec.LoadBalancerClass) &&
+					(cfg.Namespace == "" || s.Namespace == cfg.Namespace)
+			},
+			Refuse: func(ip netip.Addr) string {
+				return desired.Admission{NodeAddresses: detector.NodeAddresses(), Exclude: detector.Exclude(), Allowed: cfg.AllowedCIDRs}.Refuse(ip)
+			},
+			Recorder: recorder,
+			Log:      log.WithField("component", "allocator"),
+		})
+		m.Registry.MustRegister(alloc.Collectors()...)
+		elected = runWhileElected(ctx, lease, alloc.Run, log)
+	}
 	ctrl, err = node.New(node.Options{
 		Node:            cfg.NodeName,
 		Namespace:       cfg.Namespace,
+		DaemonNamespace: cfg.DaemonNamespace,
 		Owns:            cfg.Owns,
-		Election:        cfg.ServiceElection,
-		GlobalLease:     types.NamespacedName{Namespace: cfg.DaemonNamespace, Name: globalLeaseName},
+		Global:          global,
+		Singletons:      singletons,
+		Elected:         elected,
 		SNATUnavailable: snatUnavailable,
 		Resync:          time.Minute,
 		RetryPeriod:     cfg.RetryPeriod,
-		Allowed:         cfg.AllowedCIDRs,
 		RenewDeadline:   cfg.RenewDeadline,
+		Grace:           cfg.LeaseDuration,
+		Allowed:         cfg.AllowedCIDRs,
+		ExcludeNodes:    cfg.ExcludeNodes,
+		Tunnel:          tunnel,
 		Metrics:         m,
-	}, client, reportClient, addrs, snatw, elections, detector, recorder, log)
+	}, client, reportClient, addrs, snatw, routes, elections, detector, recorder, log)
 	if err != nil {
 		return err
 	}
+	log.WithFields(logrus.Fields{"namespace": cfg.DaemonNamespace, "from": cfg.DaemonNamespaceSource}).Info("daemon namespace: heartbeats and address Leases")
 	// Addresses removed by someone else, the interface going down and up
 	// or being re-created: noticed at once, not at the next resync.
 	go func() {
@@ -192,11 +248,30 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 			log.WithError(err).Warn("cannot watch the serviceInterface; changes to it are repaired at the next resync")
 		}
 	}()
+	// Another host claiming or probing an address this node holds.
+	go func() {
+		err := addrs.Conflicts(ctx, func(c netif.Conflict) {
+			ctrl.Conflict(plan.Conflict{Addr: c.Addr, MAC: c.MAC.String(), Probe: c.Probe, At: c.At})
+		})
+		if err != nil && ctx.Err() == nil {
+			log.WithError(err).Warn("cannot listen for address conflicts on the serviceInterface")
+		}
+	}()
+	go reportHostSettings(ctx, routes, log)
 	ctrl.AddSynced(detector.HasSynced)
 	ctrl.AddSynced(elections.HasSynced)
 	if cfg.PrometheusServer != "" {
 		go func() {
-			if err := m.Serve(ctx, cfg.PrometheusServer, ctrl.Ready); err != nil {
+			health := metrics.Health{
+				Alive: ctrl.Alive,
+				Ready: func() error {
+					if !elections.HeartbeatOK() {
+						return fmt.Errorf("not ready: the heartbeat Lease in namespace %q cannot be written (see the log)", cfg.DaemonNamespace)
+					}
+					return ctrl.Ready()
+				},
+			}
+			if err := m.Serve(ctx, cfg.PrometheusServer, health); err != nil {
 				log.WithError(err).WithField("address", cfg.PrometheusServer).Error("metrics and health endpoints unavailable")
 			}
 		}()
@@ -206,6 +281,59 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 	elections.Run(ctx)
 	detector.Start(ctx.Done())
 	return ctrl.Run(ctx)
+}
+
+// tunnelDevice is egressvip's VXLAN device.
+const tunnelDevice = "egressvip.vx"
+
+// allocatorLeaseName elects the one node that allocates addresses.
+const allocatorLeaseName = "egressvip.allocator"
+
+// runWhileElected returns the controller's Elected callback that runs task
+// while this node holds lease and cancels it when it does not.
+func runWhileElected(ctx context.Context, lease types.NamespacedName, task func(context.Context) error, log *logrus.Entry) func(map[types.NamespacedName]bool) {
+	var cancel context.CancelFunc
+	return func(elected map[types.NamespacedName]bool) {
+		switch {
+		case elected[lease] && cancel == nil:
+			var taskCtx context.Context
+			taskCtx, cancel = context.WithCancel(ctx)
+			log.WithField("lease", lease.String()).Info("elected: starting the address allocator")
+			go func() {
+				if err := task(taskCtx); err != nil && taskCtx.Err() == nil {
+					log.WithError(err).Error("address allocator stopped")
+				}
+			}()
+		case !elected[lease] && cancel != nil:
+			log.WithField("lease", lease.String()).Info("no longer elected: stopping the address allocator")
+			cancel()
+			cancel = nil
+		}
+	}
+}
+
+// reportHostSettings logs, once each and again when they change, the host
+// settings that would drop steered traffic (egressvip changes no setting
+// of an interface it does not own).
+func reportHostSettings(ctx context.Context, routes *steer.Manager, log *logrus.Entry) {
+	seen := map[string]bool{}
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		now := map[string]bool{}
+		for _, f := range routes.Diagnose() {
+			now[f.String()] = true
+			if !seen[f.String()] {
+				log.WithField("setting", f.Setting).Error("host setting drops steered egress traffic: " + f.String())
+			}
+		}
+		seen = now
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // cleanup removes everything egressvip owns on this node: its addresses on
@@ -230,6 +358,14 @@ func cleanup(logger *logrus.Logger) error {
 		errs = append(errs, err)
 	} else if err := m.Cleanup(); err != nil {
 		errs = append(errs, fmt.Errorf("remove SNAT chains: %w", err))
+	}
+	if r, err := steer.New(steer.Config{Node: cfg.NodeName, Mark: cfg.Mark, Log: log}); err != nil {
+		errs = append(errs, err)
+	} else {
+		if err := r.Cleanup(context.Background()); err != nil {
+			errs = append(errs, fmt.Errorf("remove steering rules: %w", err))
+		}
+		r.Close()
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("cleanup: %v", errs)

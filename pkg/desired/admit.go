@@ -5,26 +5,24 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-)
 
-// Host is what a node knows of its own network: the serviceInterface's
-// addresses that egressvip did not add, its on-link subnets and gateways.
-type Host struct {
-	Own      []netip.Addr
-	Subnets  []netip.Prefix
-	Gateways []netip.Addr
-}
+	"github.com/egressvip/egressvip/pkg/model"
+)
 
 // Admission is what decides which LoadBalancer IPs a Service may claim.
 type Admission struct {
 	// NodeAddresses are every Node's addresses.
 	NodeAddresses map[netip.Addr]bool
-	Host          Host
+	Host          model.Host
 	// Exclude are the pod and Service CIDRs.
 	Exclude []netip.Prefix
 	// Allowed, when not empty, are the only ranges LoadBalancer IPs may
 	// come from (egressvip_allowed_cidrs).
 	Allowed []netip.Prefix
+	// ClaimedBy is, per address, the namespace its address Lease records
+	// (written by the node that held it, in the daemon's namespace, which
+	// a namespace admin cannot write).
+	ClaimedBy map[netip.Addr]string
 }
 
 // Admit removes from each Service the LoadBalancer IPs it may not claim,
@@ -36,21 +34,22 @@ type Admission struct {
 // cluster knows (Nodes, CIDRs, other Services); the host checks use this
 // node's own interface.
 // It changes services in place and returns it.
-func Admit(services []Service, a Admission) []Service {
+func Admit(services []model.Service, a Admission) []model.Service {
 	out := services
 	for i := range out {
 		s := &out[i]
 		for _, ip := range s.Addresses() {
 			if why := a.refuse(ip); why != "" {
-				s.refuseAddress(ip, EventAddressRefused, fmt.Sprintf("LoadBalancer IP %s refused: %s", ip, why))
+				refuseAddress(s, ip, EventAddressRefused, fmt.Sprintf("LoadBalancer IP %s refused: %s", ip, why))
 			}
 		}
 	}
 	// Of Services of different namespaces claiming one address, the
-	// first claim keeps it: the Service whose status already shows it
-	// (written by egressvip, which a namespace admin cannot write), then
-	// the oldest, then by namespace and name. Services of one namespace
-	// may share an address.
+	// first claim keeps it: the namespace its address Lease records (a
+	// namespace admin can neither write nor replay it; a Service's status
+	// can be stale, so it counts for nothing), then the oldest Service,
+	// then by namespace and name. Services of one namespace may share an
+	// address.
 	claims := make(map[netip.Addr][]int, len(out))
 	for i, s := range out {
 		for _, ip := range s.Addresses() {
@@ -61,10 +60,11 @@ func Admit(services []Service, a Admission) []Service {
 		if len(idx) == 1 {
 			continue
 		}
-		winner := slices.MinFunc(idx, func(x, y int) int { return compareClaims(out[x], out[y], ip) })
+		first := a.ClaimedBy[ip]
+		winner := slices.MinFunc(idx, func(x, y int) int { return compareClaims(out[x], out[y], first) })
 		for _, i := range idx {
 			if out[i].Key.Namespace != out[winner].Key.Namespace {
-				out[i].refuseAddress(ip, EventAddressConflict,
+				refuseAddress(&out[i], ip, EventAddressConflict,
 					fmt.Sprintf("LoadBalancer IP %s is already claimed by a Service of another namespace; it is not served for this one", ip))
 			}
 		}
@@ -72,9 +72,9 @@ func Admit(services []Service, a Admission) []Service {
 	return out
 }
 
-func compareClaims(a, b Service, ip netip.Addr) int {
-	ia, ib := slices.Contains(a.StatusIPs, ip), slices.Contains(b.StatusIPs, ip)
-	if ia != ib {
+func compareClaims(a, b model.Service, first string) int {
+	ia, ib := a.Key.Namespace == first, b.Key.Namespace == first
+	if first != "" && ia != ib {
 		if ia {
 			return -1
 		}
@@ -85,6 +85,11 @@ func compareClaims(a, b Service, ip netip.Addr) int {
 	}
 	return cmp.Compare(a.Key.String(), b.Key.String())
 }
+
+// Refuse says why ip may not be claimed ("" if it may), by the rules that
+// do not depend on other Services: what the address allocator must never
+// hand out.
+func (a Admission) Refuse(ip netip.Addr) string { return a.refuse(ip) }
 
 // refuse says why ip may not be claimed ("" if it may).
 func (a Admission) refuse(ip netip.Addr) string {
@@ -137,8 +142,8 @@ func broadcast(p netip.Prefix) netip.Addr {
 }
 
 // refuseAddress takes ip away from the Service with a Problem; a Service
-// left without any address no longer stands.
-func (s *Service) refuseAddress(ip netip.Addr, reason, message string) {
+// left without any address is not served.
+func refuseAddress(s *model.Service, ip netip.Addr, reason, message string) {
 	switch ip {
 	case s.LBv4:
 		s.LBv4 = netip.Addr{}
@@ -147,8 +152,8 @@ func (s *Service) refuseAddress(ip netip.Addr, reason, message string) {
 	default:
 		return
 	}
-	s.Problems = append(s.Problems, Problem{Reason: reason, Message: message})
-	if s.Stand && !s.LBv4.IsValid() && !s.LBv6.IsValid() {
-		s.Stand, s.Reason = false, ReasonRefused
+	s.Problems = append(s.Problems, model.Problem{Reason: reason, Message: message})
+	if s.Invalid == "" && !s.LBv4.IsValid() && !s.LBv6.IsValid() {
+		s.Invalid = ReasonRefused
 	}
 }

@@ -8,11 +8,13 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 var admission = Admission{
 	NodeAddresses: map[netip.Addr]bool{netip.MustParseAddr("198.51.100.11"): true, netip.MustParseAddr("2001:db8:100::11"): true},
-	Host: Host{
+	Host: model.Host{
 		Own:      []netip.Addr{netip.MustParseAddr("203.0.113.11"), netip.MustParseAddr("203.0.113.99")},
 		Subnets:  []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")},
 		Gateways: []netip.Addr{netip.MustParseAddr("203.0.113.1")},
@@ -20,8 +22,8 @@ var admission = Admission{
 	Exclude: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/16"), netip.MustParsePrefix("fd00:10:96::/112")},
 }
 
-func claimant(ns, name, ip string, created time.Time) Service {
-	s := Service{Key: types.NamespacedName{Namespace: ns, Name: name}, Created: created, Stand: true}
+func claimant(ns, name, ip string, created time.Time) model.Service {
+	s := model.Service{Key: types.NamespacedName{Namespace: ns, Name: name}, Created: created}
 	a := netip.MustParseAddr(ip)
 	if a.Is4() {
 		s.LBv4 = a
@@ -65,16 +67,16 @@ func TestAdmitRefusals(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			a := admission
 			a.Allowed = tc.allowed
-			got := Admit([]Service{claimant("default", "web", tc.ip, now)}, a)[0]
+			got := Admit([]model.Service{claimant("default", "web", tc.ip, now)}, a)[0]
 			if refused := len(got.Addresses()) == 0; refused != tc.refused {
 				t.Fatalf("addresses %v, refused %v, want %v (problems %+v)", got.Addresses(), refused, tc.refused, got.Problems)
 			}
 			if tc.refused {
-				if got.Stand || got.Reason != ReasonRefused || len(got.Problems) != 1 || got.Problems[0].Reason != EventAddressRefused {
-					t.Fatalf("refused Service: stand %v reason %q problems %+v", got.Stand, got.Reason, got.Problems)
+				if got.Invalid != ReasonRefused || len(got.Problems) != 1 || got.Problems[0].Reason != EventAddressRefused {
+					t.Fatalf("refused Service: invalid %q problems %+v", got.Invalid, got.Problems)
 				}
-			} else if !got.Stand || len(got.Problems) != 0 {
-				t.Fatalf("admitted Service: stand %v problems %+v", got.Stand, got.Problems)
+			} else if got.Invalid != "" || len(got.Problems) != 0 {
+				t.Fatalf("admitted Service: invalid %q problems %+v", got.Invalid, got.Problems)
 			}
 		})
 	}
@@ -84,12 +86,9 @@ func TestAdmitRefusals(t *testing.T) {
 func TestAdmitKeepsTheOtherFamily(t *testing.T) {
 	s := claimant("default", "web", "198.51.100.11", time.Now())
 	s.LBv6 = netip.MustParseAddr("2001:db8:1::10")
-	got := Admit([]Service{s}, admission)[0]
-	if got.LBv4.IsValid() || got.LBv6 != s.LBv6 || !got.Stand {
-		t.Fatalf("got v4 %v v6 %v stand %v", got.LBv4, got.LBv6, got.Stand)
-	}
-	if st := Build([]Service{got}, nil); !slices.Equal(st.Addresses, []netip.Addr{s.LBv6}) {
-		t.Fatalf("node state addresses %v", st.Addresses)
+	got := Admit([]model.Service{s}, admission)[0]
+	if got.LBv4.IsValid() || got.LBv6 != s.LBv6 || got.Invalid != "" {
+		t.Fatalf("got v4 %v v6 %v invalid %q", got.LBv4, got.LBv6, got.Invalid)
 	}
 }
 
@@ -98,29 +97,32 @@ func TestAdmitCrossNamespaceClaims(t *testing.T) {
 	ip := "203.0.113.10"
 	for _, tc := range []struct {
 		name     string
-		services []Service
+		services []model.Service
+		claimed  string
 		wantKeep []string
 	}{
-		{name: "the older Service keeps it", services: []Service{claimant("victim", "db", ip, old), claimant("attacker", "x", ip, young)},
+		{name: "the older Service keeps it", services: []model.Service{claimant("victim", "db", ip, old), claimant("attacker", "x", ip, young)},
 			wantKeep: []string{"victim/db"}},
-		{name: "order of the list does not matter", services: []Service{claimant("attacker", "x", ip, young), claimant("victim", "db", ip, old)},
+		{name: "order of the list does not matter", services: []model.Service{claimant("attacker", "x", ip, young), claimant("victim", "db", ip, old)},
 			wantKeep: []string{"victim/db"}},
-		{name: "the Service whose status shows the address keeps it, however old the other", services: []Service{
-			func() Service {
-				s := claimant("victim", "db", ip, young)
-				s.StatusIPs = []netip.Addr{netip.MustParseAddr(ip)}
-				return s
-			}(),
-			claimant("attacker", "x", ip, old)},
-			wantKeep: []string{"victim/db"}},
-		{name: "same age: namespace and name decide", services: []Service{claimant("b", "x", ip, old), claimant("a", "x", ip, old)},
+		{name: "the namespace the address Lease records keeps it, however old the other", services: []model.Service{
+			claimant("victim", "db", ip, young), claimant("attacker", "x", ip, old)},
+			claimed: "victim", wantKeep: []string{"victim/db"}},
+		{name: "a recorded namespace that no longer claims it counts for nothing", services: []model.Service{
+			claimant("victim", "db", ip, old), claimant("attacker", "x", ip, young)},
+			claimed: "gone", wantKeep: []string{"victim/db"}},
+		{name: "same age: namespace and name decide", services: []model.Service{claimant("b", "x", ip, old), claimant("a", "x", ip, old)},
 			wantKeep: []string{"a/x"}},
-		{name: "one namespace may share", services: []Service{claimant("team", "x", ip, old), claimant("team", "y", ip, young)},
+		{name: "one namespace may share", services: []model.Service{claimant("team", "x", ip, old), claimant("team", "y", ip, young)},
 			wantKeep: []string{"team/x", "team/y"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var kept []string
-			for _, s := range Admit(tc.services, admission) {
+			a := admission
+			if tc.claimed != "" {
+				a.ClaimedBy = map[netip.Addr]string{netip.MustParseAddr(ip): tc.claimed}
+			}
+			for _, s := range Admit(tc.services, a) {
 				if len(s.Addresses()) > 0 {
 					kept = append(kept, s.Key.String())
 					continue

@@ -9,22 +9,22 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
-	"github.com/egressvip/egressvip/pkg/snat"
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
 const node = "node-a"
 
 var podCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/56")}
 
-var opts = Options{Node: node, Election: true, PodCIDRs: podCIDRs}
+var opts = Options{Node: node, PodCIDRs: podCIDRs}
 
 func svc(name string, local bool, ann map[string]string) *corev1.Service {
 	s := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Annotations: ann},
-		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer},
+		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer, Selector: map[string]string{"app": name}},
 	}
 	if local {
 		s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
@@ -65,278 +65,195 @@ func egressAnn(ips string, extra ...string) map[string]string {
 	return m
 }
 
-func TestAnalyzeStand(t *testing.T) {
-	localPod := ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true}
-	remotePod := ep{pod: "p2", node: "node-b", addr: "10.244.2.5", ready: true}
+func hasProblem(s model.Service, reason string) bool {
+	return slices.ContainsFunc(s.Problems, func(p model.Problem) bool { return p.Reason == reason })
+}
+
+var (
+	localPod  = ep{pod: "a-1", node: node, addr: "10.244.1.5", ready: true}
+	remotePod = ep{pod: "a-2", node: "node-b", addr: "10.244.2.5", ready: true}
+	yes       = true
+	no        = false
+)
+
+func TestAnalyzeValidity(t *testing.T) {
 	for _, tc := range []struct {
-		name       string
-		svc        *corev1.Service
-		slices     []*discoveryv1.EndpointSlice
-		opts       Options
-		wantStand  bool
-		wantReason string
-		wantEvent  string
-		wantFatal  bool
+		name        string
+		svc         *corev1.Service
+		wantInvalid string
+		wantEvent   string
 	}{
-		{name: "local policy with local ready pod stands", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantStand: true},
-		{name: "local policy with only remote pod does not stand", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, remotePod)}, wantReason: ReasonNoLocalEndpoint},
-		{name: "terminating local pod that no longer serves does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices:     []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true, terminating: true})},
-			wantReason: ReasonNoLocalEndpoint},
-		{name: "unready local pod does not count", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices:     []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5"})},
-			wantReason: ReasonNoLocalEndpoint},
-		{name: "cluster policy stands everywhere", svc: svc("a", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.10"}), wantStand: true},
-		{name: "no address: one event, no stand", svc: svc("a", false, nil), wantReason: ReasonNoAddress, wantEvent: EventNoAddress},
-		{name: "spec.loadBalancerIP is used", svc: func() *corev1.Service {
-			s := svc("a", false, nil)
-			s.Spec.LoadBalancerIP = "203.0.113.11"
-			return s
-		}(), wantStand: true},
-		{name: "address that is not an IP is fatal", svc: svc("a", false, map[string]string{annotations.LoadBalancerIPs: "not-an-ip"}),
-			wantReason: ReasonInvalid, wantEvent: EventInvalidAddress, wantFatal: true},
-		{name: "bad destination ports are fatal", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressDestinationPorts, "tcp:70000")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventInvalidAnnotation, wantFatal: true},
-		{name: "ipv6 egress without ipv6 address is fatal", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressIPv6, "true")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantReason: ReasonInvalid, wantEvent: EventFamilyMismatch, wantFatal: true},
-		{name: "ipv6 egress with a pod lacking ipv6 is an event, and the service stands", svc: svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
-			slices: []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, wantStand: true, wantEvent: EventFamilyMismatch},
-		{name: "a pod missing from the ipv4 slice is an event, and the service stands", svc: svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
-			slices:    []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})},
-			wantStand: true, wantEvent: EventFamilyMismatch},
-		{name: "egress with cluster policy serves the address without egress", svc: svc("a", false, egressAnn("203.0.113.10")),
-			wantStand: true, wantEvent: EventEgressNotSupported},
-		{name: "egress without election is refused with an event", svc: svc("a", true, egressAnn("203.0.113.10")),
-			slices:    []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)},
-			opts:      Options{Node: node, Election: false, GlobalLease: types.NamespacedName{Namespace: "egressvip", Name: "egressvip.services"}, PodCIDRs: podCIDRs},
-			wantStand: true, wantEvent: EventEgressNotSupported},
+		{name: "a plain Service", svc: svc("a", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.10"})},
+		{name: "egress with Cluster policy is possible now", svc: svc("a", false, egressAnn("203.0.113.10"))},
+		{name: "no address", svc: svc("a", true, nil), wantInvalid: ReasonNoAddress, wantEvent: EventNoAddress},
+		{name: "a bad address", svc: svc("a", true, map[string]string{annotations.LoadBalancerIPs: "nope"}), wantInvalid: ReasonInvalid, wantEvent: EventInvalidAddress},
+		{name: "a bad port filter", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressDestinationPorts, "tcp:70000")),
+			wantInvalid: ReasonInvalid, wantEvent: annotations.ReasonInvalid},
+		{name: "an unknown egress annotation is refused, never widened", svc: svc("a", true, egressAnn("203.0.113.10", "kube-vip.io/egress-foo", "bar")),
+			wantInvalid: ReasonInvalid, wantEvent: annotations.ReasonUnknown},
+		{name: "IPv6 egress without an IPv6 address", svc: svc("a", true, egressAnn("203.0.113.10", annotations.EgressIPv6, "true")),
+			wantInvalid: ReasonInvalid, wantEvent: EventFamilyMismatch},
+		{name: "IPv4 egress without an IPv4 address", svc: svc("a", true, egressAnn("2001:db8:1::10")),
+			wantInvalid: ReasonInvalid, wantEvent: EventFamilyMismatch},
+		{name: "IPv6 egress, kube-vip's way", svc: svc("a", true, egressAnn("2001:db8:1::10", annotations.EgressIPv6, "true"))},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			o := tc.opts
-			if o.Node == "" {
-				o = opts
+			s := Analyze(tc.svc, []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, opts)
+			if s.Invalid != tc.wantInvalid {
+				t.Fatalf("invalid %q, want %q (problems %+v)", s.Invalid, tc.wantInvalid, s.Problems)
 			}
-			s := Analyze(tc.svc, tc.slices, o)
-			if s.Stand != tc.wantStand || s.Reason != tc.wantReason {
-				t.Fatalf("Stand=%v Reason=%q, want %v %q (problems %+v)", s.Stand, s.Reason, tc.wantStand, tc.wantReason, s.Problems)
-			}
-			if tc.wantEvent == "" && len(s.Problems) > 0 {
-				t.Fatalf("unexpected problems %+v", s.Problems)
-			}
-			if tc.wantEvent != "" {
-				if !slices.ContainsFunc(s.Problems, func(p Problem) bool { return p.Reason == tc.wantEvent }) {
-					t.Fatalf("want event %s, got %+v", tc.wantEvent, s.Problems)
-				}
-				if s.fatal() != tc.wantFatal {
-					t.Fatalf("fatal=%v want %v", s.fatal(), tc.wantFatal)
-				}
-			}
-			if s.Egress && !o.Election {
-				t.Fatal("egress must be off without election")
-			}
-			if !o.Election && s.Lease != o.GlobalLease {
-				t.Fatalf("lease %v, want the global lease", s.Lease)
+			if tc.wantEvent != "" && !hasProblem(s, tc.wantEvent) {
+				t.Fatalf("problems %+v lack %s", s.Problems, tc.wantEvent)
 			}
 		})
 	}
 }
 
-// A pod known in one family only gets that family's SNAT; the Service keeps
-// its addresses.
-func TestBuildPodMissingAFamily(t *testing.T) {
-	s := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
-		[]*discoveryv1.EndpointSlice{slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})}, opts)
-	if len(s.Problems) != 1 || s.Problems[0].Reason != EventFamilyMismatch || !s.Problems[0].Transient || s.Problems[0].Fatal {
-		t.Fatalf("problems %+v, want one transient, non-fatal %s", s.Problems, EventFamilyMismatch)
+// Every pod egresses, ready or not; only ready ones (or, on a node without
+// one, terminating ones that still serve) make their node eligible.
+func TestEndpointsAndReadyNodes(t *testing.T) {
+	notReady := ep{pod: "starting", node: "node-c", addr: "10.244.3.5"}
+	termServing := ep{pod: "old", node: "node-d", addr: "10.244.4.5", terminating: true, serving: &yes}
+	termDone := ep{pod: "done", node: "node-e", addr: "10.244.5.5", terminating: true, serving: &no}
+	s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{
+		slice("a", discoveryv1.AddressTypeIPv4, localPod, remotePod, notReady, termServing, termDone)}, opts)
+	var names []string
+	for _, e := range s.Endpoints {
+		names = append(names, e.Name)
 	}
-	st := Build([]Service{s}, nil)
-	if len(st.Addresses) != 2 {
-		t.Fatalf("addresses %v, want both LoadBalancer IPs", st.Addresses)
+	if want := []string{"a-1", "a-2", "done", "old", "starting"}; !slices.Equal(names, want) {
+		t.Errorf("endpoints %v, want %v (this node's first)", names, want)
 	}
-	if len(st.SNAT.Rules) != 1 || st.SNAT.Rules[0].PodIP != netip.MustParseAddr("fd00:10:244:1::5") || st.SNAT.Rules[0].SourceIP != netip.MustParseAddr("2001:db8:1::10") {
-		t.Fatalf("rules %+v, want the IPv6 rule only", st.SNAT.Rules)
+	if want := []string{"node-a", "node-b", "node-d"}; !slices.Equal(s.ReadyNodes, want) {
+		t.Errorf("ready nodes %v, want %v", s.ReadyNodes, want)
+	}
+	if !s.Endpoints[0].Local || s.Endpoints[1].Local {
+		t.Errorf("local flags %+v", s.Endpoints[:2])
 	}
 }
 
-func TestBuild(t *testing.T) {
-	dual := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true", annotations.EgressDestinationPorts, "udp:5060")),
-		[]*discoveryv1.EndpointSlice{
-			slice("dual", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true}, ep{pod: "p9", node: "node-b", addr: "10.244.2.9", ready: true}),
-			slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true}),
-		}, opts)
-	plain := Analyze(svc("plain", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
-	// Shares the pod of "dual": the second Service gets a conflict, not a rule.
-	other := Analyze(svc("zz-other", true, egressAnn("203.0.113.30")),
-		[]*discoveryv1.EndpointSlice{slice("zz-other", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true})}, opts)
-	// Same address as "plain": bound once.
-	sameIP := Analyze(svc("same-ip", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
-	exclude := []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
-
-	st := Build([]Service{plain, dual, other, sameIP}, exclude)
-
-	wantAddrs := []netip.Addr{netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("203.0.113.20"), netip.MustParseAddr("203.0.113.30"), netip.MustParseAddr("2001:db8:1::10")}
-	if !slices.Equal(st.Addresses, wantAddrs) {
-		t.Fatalf("addresses %v, want %v", st.Addresses, wantAddrs)
-	}
-	wantRules := []snat.Rule{
-		{Service: "default/dual", PodIP: netip.MustParseAddr("10.244.1.5"), SourceIP: netip.MustParseAddr("203.0.113.10"), Ports: []annotations.DestinationPort{{Protocol: annotations.UDP, Port: 5060}}},
-		{Service: "default/dual", PodIP: netip.MustParseAddr("fd00:10:244:1::5"), SourceIP: netip.MustParseAddr("2001:db8:1::10"), Ports: []annotations.DestinationPort{{Protocol: annotations.UDP, Port: 5060}}},
-	}
-	if len(st.SNAT.Rules) != len(wantRules) {
-		t.Fatalf("rules %+v, want %+v", st.SNAT.Rules, wantRules)
-	}
-	for i := range wantRules {
-		g, w := st.SNAT.Rules[i], wantRules[i]
-		if g.Service != w.Service || g.PodIP != w.PodIP || g.SourceIP != w.SourceIP || !slices.Equal(g.Ports, w.Ports) {
-			t.Fatalf("rule %d = %+v, want %+v", i, g, w)
+// A pod the Service selects egresses from its first packet, before any
+// slice lists it; one still without an address makes the node hold back
+// unknown pods (PendingLocal).
+func TestLocalPodsSelectedBeforeTheSlice(t *testing.T) {
+	o := opts
+	o.LocalPods = func(ns string, sel labels.Selector) []PodRef {
+		if ns != "default" || !sel.Matches(labels.Set{"app": "a"}) {
+			return nil
+		}
+		return []PodRef{
+			{Namespace: "default", Name: "a-1", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.5")}},
+			{Namespace: "default", Name: "a-new", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.9")}},
+			{Namespace: "default", Name: "a-pending"},
 		}
 	}
-	if !slices.Equal(st.SNAT.Exclude, exclude) {
-		t.Fatalf("exclude %v", st.SNAT.Exclude)
+	o.LocalPod = func(a netip.Addr) (PodRef, bool) { return PodRef{Namespace: "default", Name: "p"}, true }
+	s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, o)
+	var local []string
+	for _, e := range s.LocalEndpoints() {
+		local = append(local, e.Name+"="+e.V4.String())
 	}
-	if c := st.Conflicts["default/zz-other"]; len(c) != 1 || c[0].Reason != EventEgressConflict {
-		t.Fatalf("want one conflict on zz-other, got %+v", st.Conflicts)
+	if want := []string{"a-1=10.244.1.5", "a-new=10.244.1.9"}; !slices.Equal(local, want) {
+		t.Errorf("local endpoints %v, want %v", local, want)
 	}
-
-	// A fatal Service contributes nothing, even when owned.
-	bad := Analyze(svc("bad", true, egressAnn("203.0.113.40", annotations.EgressDestinationPorts, "tcp:0")),
-		[]*discoveryv1.EndpointSlice{slice("bad", discoveryv1.AddressTypeIPv4, ep{pod: "p3", node: node, addr: "10.244.1.7", ready: true})}, opts)
-	if st := Build([]Service{bad}, nil); len(st.Addresses) != 0 || len(st.SNAT.Rules) != 0 {
-		t.Fatalf("fatal Service programmed %+v", st)
+	if !s.PendingLocal {
+		t.Error("a selected pod without an address must make PendingLocal true")
 	}
-}
-
-func TestReportFor(t *testing.T) {
-	s := Analyze(svc("dual", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
-		[]*discoveryv1.EndpointSlice{
-			slice("dual", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: "10.244.1.5", ready: true}),
-			slice("dual", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true}),
-		}, opts)
-	r := ReportFor(s, node)
-	if !slices.Equal(r.Ingress, []string{"203.0.113.10", "2001:db8:1::10"}) || r.VIPHost != node ||
-		r.ActiveEndpoint != "10.244.1.5" || r.ActiveEndpointIPv6 != "fd00:10:244:1::5" {
-		t.Fatalf("report %+v", r)
-	}
-	noEgress := Analyze(svc("plain", false, map[string]string{annotations.LoadBalancerIPs: "203.0.113.20"}), nil, opts)
-	if a := ReportFor(noEgress, node).Annotations(); a[annotations.ActiveEndpoint] != "" || a[annotations.VIPHost] != node {
-		t.Fatalf("annotations %v", a)
+	if slices.Contains(s.ReadyNodes, "") {
+		t.Errorf("ready nodes %v", s.ReadyNodes)
 	}
 }
 
-// Like kube-proxy: a terminating pod that still serves keeps its egress
-// (and the node standing) while this node has no ready endpoint.
-func TestTerminatingEndpoints(t *testing.T) {
-	yes := true
-	term := ep{pod: "old", node: node, addr: "10.244.1.5", terminating: true, serving: &yes}
-	fresh := ep{pod: "new", node: node, addr: "10.244.1.6", ready: true}
-	elsewhere := ep{pod: "other", node: "node-b", addr: "10.244.2.6", ready: true}
-	for _, tc := range []struct {
-		name      string
-		eps       []ep
-		wantStand bool
-		wantLocal []string
-	}{
-		{name: "only a serving terminating pod: it keeps egress", eps: []ep{term}, wantStand: true, wantLocal: []string{"old"}},
-		{name: "a ready pod elsewhere does not end it here", eps: []ep{term, elsewhere}, wantStand: true, wantLocal: []string{"old"}},
-		{name: "a ready pod on this node replaces it", eps: []ep{term, fresh}, wantStand: true, wantLocal: []string{"new"}},
-		{name: "gone", eps: nil},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, tc.eps...)}, opts)
-			var local []string
-			for _, e := range s.LocalEndpoints {
-				local = append(local, e.Name)
-			}
-			if s.Stand != tc.wantStand || !slices.Equal(local, tc.wantLocal) {
-				t.Fatalf("stand %v local %v, want %v %v", s.Stand, local, tc.wantStand, tc.wantLocal)
-			}
-			st := Build([]Service{s}, nil)
-			if len(st.SNAT.Rules) != len(tc.wantLocal) {
-				t.Fatalf("rules %+v, want one per local endpoint %v", st.SNAT.Rules, tc.wantLocal)
-			}
-		})
-	}
-}
-
-// An endpoint is egressed only if it is shown to be a pod of the Service's
-// namespace on this node; anything else keeps the node address, with an
-// Event.
 func TestEndpointTrust(t *testing.T) {
-	podIP := netip.MustParseAddr("10.244.1.5")
-	own := map[netip.Addr]PodRef{podIP: {Namespace: "default", Name: "p1"}}
+	pods := map[string]PodRef{
+		"10.244.1.5": {Namespace: "default", Name: "a-1"},
+		"10.244.1.6": {Namespace: "other", Name: "x"},
+		"10.244.1.7": {Namespace: "default", Name: "h", HostNetwork: true},
+		"10.244.1.8": {Namespace: "default", Name: "dup", Shared: true},
+	}
+	o := opts
+	o.NodeAddresses = map[netip.Addr]bool{netip.MustParseAddr("198.51.100.11"): true}
+	o.LocalPod = func(a netip.Addr) (PodRef, bool) { p, ok := pods[a.String()]; return p, ok }
+	o.RemotePod = func(ns, name, node string, a netip.Addr) (Verdict, string) {
+		switch name {
+		case "r-ok":
+			return Trusted, ""
+		case "r-bad":
+			return Refused, "there is no pod default/r-bad"
+		}
+		return Unknown, ""
+	}
 	for _, tc := range []struct {
-		name          string
-		targetRef     *corev1.ObjectReference
-		addr          string
-		nodeAddrs     map[netip.Addr]bool
-		pods          map[netip.Addr]PodRef
-		wantEgress    bool
-		wantTransient bool
+		name       string
+		ep         ep
+		noEgress   bool
+		unverified bool
 	}{
-		{name: "a pod of the namespace on this node", targetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "default", Name: "p1"}, addr: "10.244.1.5", pods: own, wantEgress: true},
-		{name: "no targetRef", addr: "10.244.1.5", pods: own},
-		{name: "targetRef not a Pod", targetRef: &corev1.ObjectReference{Kind: "Node", Name: "node-a"}, addr: "10.244.1.5", pods: own},
-		{name: "targetRef in another namespace", targetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "victim", Name: "p1"}, addr: "10.244.1.5", pods: own},
-		{name: "a Node's address (hostNetwork)", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
-			nodeAddrs: map[netip.Addr]bool{podIP: true}, pods: own},
-		{name: "outside the pod CIDRs", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "198.51.100.11",
-			pods: map[netip.Addr]PodRef{netip.MustParseAddr("198.51.100.11"): {Namespace: "default", Name: "p1"}}},
-		{name: "the address of another namespace's pod (hand-written slice)", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
-			pods: map[netip.Addr]PodRef{podIP: {Namespace: "victim", Name: "db"}}},
-		{name: "a hostNetwork pod", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
-			pods: map[netip.Addr]PodRef{podIP: {Namespace: "default", Name: "p1", HostNetwork: true}}},
-		{name: "no such pod on this node yet", targetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p1"}, addr: "10.244.1.5",
-			pods: map[netip.Addr]PodRef{}, wantTransient: true},
+		{name: "a pod of the namespace on this node", ep: localPod},
+		{name: "another namespace's pod", ep: ep{pod: "x", node: node, addr: "10.244.1.6", ready: true}, noEgress: true},
+		{name: "a hostNetwork pod", ep: ep{pod: "h", node: node, addr: "10.244.1.7", ready: true}, noEgress: true},
+		{name: "an address two pods claim", ep: ep{pod: "dup", node: node, addr: "10.244.1.8", ready: true}, noEgress: true},
+		{name: "not a pod of this node", ep: ep{pod: "ghost", node: node, addr: "10.244.1.99", ready: true}, noEgress: true},
+		{name: "outside the pod CIDRs", ep: ep{pod: "out", node: node, addr: "192.0.2.50", ready: true}, noEgress: true},
+		{name: "a Node's address", ep: ep{pod: "n", node: node, addr: "198.51.100.11", ready: true}, noEgress: true},
+		{name: "another node's confirmed pod", ep: ep{pod: "r-ok", node: "node-b", addr: "10.244.2.5", ready: true}},
+		{name: "another node's refused pod", ep: ep{pod: "r-bad", node: "node-b", addr: "10.244.2.6", ready: true}, noEgress: true},
+		{name: "another node's pod not read yet", ep: ep{pod: "r-new", node: "node-b", addr: "10.244.2.7", ready: true}, unverified: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			sl := slice("a", discoveryv1.AddressTypeIPv4, ep{pod: "p1", node: node, addr: tc.addr, ready: true})
-			sl.Endpoints[0].TargetRef = tc.targetRef
-			o := opts
-			o.NodeAddresses = tc.nodeAddrs
-			o.LocalPod = func(a netip.Addr) (PodRef, bool) { p, ok := tc.pods[a]; return p, ok }
-			s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{sl}, o)
-			if !s.Stand {
-				t.Fatalf("the node must still stand for the address: %+v", s)
+			s := Analyze(svc("a", true, egressAnn("203.0.113.10")), []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, tc.ep)}, o)
+			if len(s.Endpoints) != 1 {
+				t.Fatalf("endpoints %+v", s.Endpoints)
 			}
-			rules := Build([]Service{s}, nil).SNAT.Rules
-			if (len(rules) == 1) != tc.wantEgress {
-				t.Fatalf("rules %+v, want egress %v", rules, tc.wantEgress)
+			e := s.Endpoints[0]
+			if (e.NoEgress != "") != tc.noEgress || e.Unverified != tc.unverified {
+				t.Fatalf("noEgress %q unverified %v, want %v %v", e.NoEgress, e.Unverified, tc.noEgress, tc.unverified)
 			}
-			problem := slices.IndexFunc(s.Problems, func(p Problem) bool { return p.Reason == EventEndpointNotEgressed })
-			if tc.wantEgress != (problem < 0) {
-				t.Fatalf("problems %+v", s.Problems)
+			if tc.noEgress && !hasProblem(s, EventEndpointNotEgressed) {
+				t.Fatalf("no %s: %+v", EventEndpointNotEgressed, s.Problems)
 			}
-			if problem >= 0 && s.Problems[problem].Transient != tc.wantTransient {
-				t.Fatalf("transient %v, want %v", s.Problems[problem].Transient, tc.wantTransient)
+			if s.Invalid != "" {
+				t.Fatalf("an untrusted endpoint must not take the Service down: %q", s.Invalid)
 			}
 		})
 	}
 }
 
-// An IP allocator writes the address moments after the Service is created:
-// a missing address is reported only if it lasts.
-func TestMissingAddressIsTransient(t *testing.T) {
-	s := Analyze(svc("a", false, nil), nil, opts)
-	i := slices.IndexFunc(s.Problems, func(p Problem) bool { return p.Reason == EventNoAddress })
-	if i < 0 || !s.Problems[i].Transient || s.Problems[i].Fatal {
-		t.Fatalf("problems %+v, want one transient NoLoadBalancerIP", s.Problems)
+// A pod missing one family only loses that family's egress, reported once
+// it lasts (each family's slice is updated on its own).
+func TestPodMissingAFamilyIsTransient(t *testing.T) {
+	s := Analyze(svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressFamilies, "ipv4,ipv6")),
+		[]*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, opts)
+	if s.Invalid != "" {
+		t.Fatalf("invalid %q", s.Invalid)
+	}
+	if !slices.ContainsFunc(s.Problems, func(p model.Problem) bool { return p.Reason == EventFamilyMismatch && p.Transient }) {
+		t.Fatalf("problems %+v", s.Problems)
 	}
 }
 
-// IPv6 egress where no IPv6 pod or Service range is known is reported;
-// IPv4-only egress is not.
+func TestEgressFilterFromAnnotations(t *testing.T) {
+	s := Analyze(svc("a", true, egressAnn("203.0.113.10",
+		annotations.EgressDestinationPorts, "udp:5060",
+		annotations.EgressDeniedNetworks, "192.168.0.0/16",
+		annotations.EgressAllowedNetworks, "203.0.113.0/24",
+		annotations.EgressStrict, "true")),
+		[]*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, opts)
+	if s.Invalid != "" || !s.Egress || !s.Strict {
+		t.Fatalf("invalid %q egress %v strict %v: %+v", s.Invalid, s.Egress, s.Strict, s.Problems)
+	}
+	f := s.Filter
+	if len(f.Ports) != 1 || f.Ports[0].Port != 5060 || len(f.Deny) != 1 || len(f.Allow) != 1 {
+		t.Errorf("filter %+v", f)
+	}
+}
+
 func TestMissingIPv6Exclusions(t *testing.T) {
 	o := opts
 	o.MissingIPv6 = []string{"pod"}
-	local := slice("a", discoveryv1.AddressTypeIPv6, ep{pod: "p1", node: node, addr: "fd00:10:244:1::5", ready: true})
-	v6 := Analyze(svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")), []*discoveryv1.EndpointSlice{local}, o)
-	if !slices.ContainsFunc(v6.Problems, func(p Problem) bool { return p.Reason == EventExclusionMissing }) {
-		t.Fatalf("problems %+v, want %s", v6.Problems, EventExclusionMissing)
-	}
-	v4 := Analyze(svc("a", true, egressAnn("203.0.113.10")), nil, o)
-	if slices.ContainsFunc(v4.Problems, func(p Problem) bool { return p.Reason == EventExclusionMissing }) {
-		t.Fatalf("IPv4-only egress reported %+v", v4.Problems)
+	s := Analyze(svc("a", true, egressAnn("203.0.113.10,2001:db8:1::10", annotations.EgressIPv6, "true")),
+		[]*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}, o)
+	if !hasProblem(s, EventExclusionMissing) {
+		t.Fatalf("problems %+v", s.Problems)
 	}
 }

@@ -1,6 +1,7 @@
-// Package desired turns the cluster view of one node into the node state it
-// should have: addresses on the serviceInterface and SNAT rules. Everything
-// here is pure: no API calls, no kernel.
+// Package desired reads one Service and its endpoints from a node's view of
+// the cluster (Analyze) and decides which LoadBalancer IPs it may claim
+// (Admit). Everything here is pure: no API calls, no kernel. The planner
+// (pkg/plan) turns the result into the node's state.
 package desired
 
 import (
@@ -8,24 +9,22 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
-	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/model"
 )
 
-// Reasons a node does not stand for a Service. They appear in logs and tests.
+// Reasons nothing is programmed for a Service. They appear in logs, Events
+// and tests.
 const (
-	ReasonInvalid         = "invalid"
-	ReasonNoAddress       = "noLoadBalancerIP"
-	ReasonNoLocalEndpoint = "noLocalReadyEndpoint"
-	ReasonNotLeader       = "notLeader"
-	ReasonRenewalOverdue  = "leaseRenewalOverdue"
-	ReasonRefused         = "loadBalancerIPRefused"
+	ReasonInvalid   = "invalid"
+	ReasonNoAddress = "noLoadBalancerIP"
+	ReasonRefused   = "loadBalancerIPRefused"
 )
 
 // Event reasons for problems with a Service's configuration.
@@ -42,196 +41,173 @@ const (
 	EventExclusionMissing    = "EgressExclusionMissing"
 )
 
-// Problem is something wrong with a Service that the user should see as an
-// Event. A Fatal problem means nothing is programmed for the Service.
-type Problem struct {
-	Reason  string
-	Message string
-	Fatal   bool
-	// Transient problems may clear by themselves within moments (views of
-	// EndpointSlices catching up); they are reported only if they last.
-	Transient bool
-}
-
-// Endpoint is one ready endpoint pod of a Service.
-type Endpoint struct {
-	// Name identifies the endpoint (the pod's name, or its address).
-	Name string
-	Node string
-	V4   netip.Addr
-	V6   netip.Addr
-	// Terminating is true for an endpoint that is terminating but still
-	// serving: it is egressed only while the Service has no ready
-	// endpoint on this node.
-	Terminating bool
-	// NoEgress says why the endpoint is not egressed ("" when it is): it
-	// could not be shown to be a pod of the Service's namespace.
-	NoEgress  string
-	namespace string
-	kind      string
-}
-
-// PodRef is what this node knows of one of its pods.
+// PodRef is what a node knows of one pod.
 type PodRef struct {
 	Namespace, Name string
 	HostNetwork     bool
+	// IPs are the pod's addresses (none while it starts).
+	IPs []netip.Addr
+	// Terminating is set once the pod is being deleted.
+	Terminating bool
+	// Shared is true when another pod this node knows has one of the same
+	// addresses: such an address is trusted for neither.
+	Shared bool
 }
 
-// Service is what this node needs to know about one LoadBalancer Service.
-type Service struct {
-	Key types.NamespacedName
-	// Created is the Service's creationTimestamp; StatusIPs are the
-	// addresses its status shows. Both decide which of two namespaces
-	// claiming one address keeps it.
-	Created   time.Time
-	StatusIPs []netip.Addr
-	// UID is the Service's, for the ownerReference of its Lease.
-	UID   types.UID
-	Lease types.NamespacedName
-	LBv4  netip.Addr
-	LBv6  netip.Addr
-	// Local is true for externalTrafficPolicy: Local.
-	Local      bool
-	Egress     bool
-	EgressIPv6 bool
-	Ports      []annotations.DestinationPort
-	// LocalEndpoints are the ready endpoints on this node, sorted by name.
-	LocalEndpoints []Endpoint
-	// RemoteReady counts ready endpoints on other nodes.
-	RemoteReady int
-	// ReadyNodes are the nodes with a ready endpoint, sorted: with
-	// externalTrafficPolicy Local the only nodes that may serve it.
-	ReadyNodes []string
-	// Stand says whether this node is a candidate; Reason says why not.
-	Stand    bool
-	Reason   string
-	Problems []Problem
-}
+// Verdict is what a node could find out about another node's pod.
+type Verdict uint8
 
-// Options are the node-wide settings Analyze needs.
+// Verdicts on a remote endpoint.
+const (
+	// Unknown: not confirmed yet (a read is under way).
+	Unknown Verdict = iota
+	// Trusted: a pod of the Service's namespace with that address, on
+	// that node, not on the host network.
+	Trusted
+	// Refused: not such a pod.
+	Refused
+)
+
+// Options are the node-wide settings and lookups Analyze needs.
 type Options struct {
 	Node string
-	// Election is svc_election. Without it one cluster-wide Lease decides
-	// for every Service, and egress is refused.
-	Election    bool
-	GlobalLease types.NamespacedName
 	// PodCIDRs are the cluster's pod ranges: an endpoint outside them is
 	// not egressed.
 	PodCIDRs []netip.Prefix
 	// NodeAddresses are every Node's addresses: never egressed.
 	NodeAddresses map[netip.Addr]bool
-	// LocalPod finds this node's pod by address: an endpoint is egressed
-	// only if its address is one of a pod of the Service's namespace.
-	// Nil disables that check (unit tests of other things).
+	// LocalPod finds this node's pod by address. Nil disables the check
+	// (unit tests of other things).
 	LocalPod func(netip.Addr) (PodRef, bool)
+	// LocalPods lists this node's pods of a namespace that a selector
+	// selects, also those still starting without an address. Nil: none.
+	LocalPods func(namespace string, selector labels.Selector) []PodRef
+	// RemotePod says whether another node's endpoint is a pod of the
+	// namespace with that address on that node (see Verdict). Nil trusts
+	// what the EndpointSlice says (unit tests of other things).
+	RemotePod func(namespace, name, node string, addr netip.Addr) (Verdict, string)
 	// MissingIPv6 names the IPv6 exclusions no range is known for
 	// ("pod", "Service"): IPv6 egress would SNAT traffic to those too.
 	MissingIPv6 []string
 }
 
-// CompareKeys orders Services by namespace, then name.
-func CompareKeys(a, b types.NamespacedName) int {
-	if c := strings.Compare(a.Namespace, b.Namespace); c != 0 {
-		return c
-	}
-	return strings.Compare(a.Name, b.Name)
-}
-
-// Addresses returns the Service's LoadBalancer IPs, IPv4 first.
-func (s Service) Addresses() []netip.Addr {
-	var out []netip.Addr
-	for _, a := range []netip.Addr{s.LBv4, s.LBv6} {
-		if a.IsValid() {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
-// Pinned is true when no other node could serve the Service: its traffic
-// policy is Local and every ready endpoint is on this node. Such a Service
-// keeps its datapath through an API outage and across a daemon restart.
-func (s Service) Pinned() bool {
-	return s.Local && s.RemoteReady == 0 && len(s.LocalEndpoints) > 0
-}
-
-func (s Service) fatal() bool {
-	return slices.ContainsFunc(s.Problems, func(p Problem) bool { return p.Fatal })
-}
-
 // Analyze reads one Service and its EndpointSlices from this node's view.
-func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Options) Service {
-	s := Service{
-		Key:     types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
-		UID:     svc.UID,
-		Lease:   types.NamespacedName{Namespace: svc.Namespace, Name: election.LeaseName(svc.Name)},
-		Local:   svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
-		Created: svc.CreationTimestamp.Time,
-	}
-	for _, ing := range svc.Status.LoadBalancer.Ingress {
-		if a, err := netip.ParseAddr(ing.IP); err == nil {
-			s.StatusIPs = append(s.StatusIPs, a.Unmap())
-		}
-	}
-	if !opts.Election {
-		s.Lease = opts.GlobalLease
+func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Options) model.Service {
+	s := model.Service{
+		Key:            types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name},
+		UID:            svc.UID,
+		Local:          svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
+		Created:        svc.CreationTimestamp.Time,
+		FlushConntrack: true,
 	}
 	problem := func(fatal bool, reason, format string, args ...any) {
-		s.Problems = append(s.Problems, Problem{Reason: reason, Message: fmt.Sprintf(format, args...), Fatal: fatal})
+		s.Problems = append(s.Problems, model.Problem{Reason: reason, Message: fmt.Sprintf(format, args...), Fatal: fatal})
 	}
 
 	var err error
 	if s.LBv4, s.LBv6, err = annotations.ServiceLoadBalancerIPs(svc); err != nil {
 		problem(true, EventInvalidAddress, "%v", err)
 	}
-	if s.Egress, err = annotations.EgressEnabled(svc); err != nil {
-		problem(true, EventInvalidAnnotation, "%v", err)
-	}
-	if s.EgressIPv6, err = annotations.EgressIPv6Enabled(svc); err != nil {
-		problem(true, EventInvalidAnnotation, "%v", err)
-	}
-	if s.Ports, err = annotations.ParseDestinationPorts(svc.Annotations[annotations.EgressDestinationPorts]); err != nil {
-		problem(true, EventInvalidAnnotation, "%s: %v", annotations.EgressDestinationPorts, err)
-	}
-	s.LocalEndpoints, s.RemoteReady, s.ReadyNodes = readyEndpoints(epSlices, opts.Node)
+	parseEgress(&s, svc, problem)
+	s.Endpoints, s.ReadyNodes = endpoints(epSlices, opts.Node)
 	if s.Egress {
-		s.checkTrust(svc.Namespace, opts)
-	}
-
-	if s.Egress {
-		switch {
-		case !opts.Election:
-			problem(false, EventEgressNotSupported, "egress needs per-Service election (svc_election=true); serving the address without egress")
-			s.Egress, s.EgressIPv6 = false, false
-		case !s.Local:
-			problem(false, EventEgressNotSupported, "egress needs externalTrafficPolicy: Local, so the address follows the pod; serving the address without egress")
-			s.Egress, s.EgressIPv6 = false, false
+		addLocalPods(&s, svc, opts)
+		checkTrust(&s, opts)
+		if !s.Fatal() {
+			checkFamilies(&s)
 		}
-	}
-	if s.Egress && !s.fatal() {
-		s.checkFamilies(problem)
-	}
-	if s.EgressIPv6 && len(opts.MissingIPv6) > 0 {
-		problem(false, EventExclusionMissing, "no IPv6 %s CIDR is known, so IPv6 egress would also SNAT traffic to those: set egress_podcidr / egress_servicecidr with IPv6 ranges",
-			strings.Join(opts.MissingIPv6, " or "))
+		if s.EgressIPv6 && len(opts.MissingIPv6) > 0 {
+			problem(false, EventExclusionMissing, "no IPv6 %s CIDR is known, so IPv6 egress would also SNAT traffic to those: set egress_podcidr / egress_servicecidr with IPv6 ranges",
+				strings.Join(opts.MissingIPv6, " or "))
+		}
 	}
 
 	switch {
-	case s.fatal():
-		s.Reason = ReasonInvalid
+	case s.Fatal():
+		s.Invalid = ReasonInvalid
 	case !s.LBv4.IsValid() && !s.LBv6.IsValid():
-		s.Reason = ReasonNoAddress
-		// An IP allocator (kube-vip-cloud-provider) writes the address
-		// tens of milliseconds after the Service is created: reported
-		// only if it lasts.
-		s.Problems = append(s.Problems, Problem{Reason: EventNoAddress, Transient: true,
+		s.Invalid = ReasonNoAddress
+		// An IP allocator (kube-vip-cloud-provider, or egressvip's own)
+		// writes the address tens of milliseconds after the Service is
+		// created: reported only if it lasts.
+		s.Problems = append(s.Problems, model.Problem{Reason: EventNoAddress, Transient: true,
 			Message: fmt.Sprintf("no LoadBalancer IP: set %s or spec.loadBalancerIP", annotations.LoadBalancerIPs)})
-	case s.Local && len(s.LocalEndpoints) == 0:
-		s.Reason = ReasonNoLocalEndpoint
-	default:
-		s.Stand = true
 	}
 	return s
+}
+
+// parseEgress reads the egress annotations. Any problem with them is
+// fatal for egress: egressvip never SNATs more than the user asked for.
+func parseEgress(s *model.Service, svc *corev1.Service, problem func(bool, string, string, ...any)) {
+	e, problems := annotations.ParseEgress(svc.Annotations)
+	for _, p := range problems {
+		problem(p.Fatal, p.Reason, "%s", p.Message)
+	}
+	s.Egress, s.EgressIPv4, s.EgressIPv6, s.Strict = e.IPv4 || e.IPv6, e.IPv4, e.IPv6, e.Strict
+	s.FlushConntrack = e.FlushConntrack
+	s.Filter = model.Filter{Ports: e.Ports, Allow: e.Allow, Deny: e.Deny}
+}
+
+// addLocalPods adds this node's pods the Service selects that no slice
+// lists yet: a pod egresses from its first packet, as soon as it has an
+// address, not once it is Ready. A selected pod still without an address
+// makes the node hold back unknown pods' traffic (model.Gate).
+func addLocalPods(s *model.Service, svc *corev1.Service, opts Options) {
+	if opts.LocalPods == nil || len(svc.Spec.Selector) == 0 {
+		return
+	}
+	listed := map[netip.Addr]bool{}
+	for _, e := range s.Endpoints {
+		if e.Local {
+			for _, a := range []netip.Addr{e.V4, e.V6} {
+				if a.IsValid() {
+					listed[a] = true
+				}
+			}
+		}
+	}
+	var added []model.Endpoint
+	for _, p := range opts.LocalPods(svc.Namespace, labels.SelectorFromSet(svc.Spec.Selector)) {
+		if p.HostNetwork {
+			continue
+		}
+		if len(p.IPs) == 0 {
+			s.PendingLocal = true
+			continue
+		}
+		if p.Terminating || slices.ContainsFunc(p.IPs, func(a netip.Addr) bool { return listed[a] }) {
+			// A slice lists it (with its conditions), or it is going
+			// away and no slice says it still serves.
+			continue
+		}
+		e := model.Endpoint{Name: p.Name, Node: opts.Node, Local: true, TargetKind: "Pod", TargetNamespace: p.Namespace}
+		for _, a := range p.IPs {
+			if a.Is4() && !e.V4.IsValid() {
+				e.V4 = a
+			} else if a.Is6() && !e.V6.IsValid() {
+				e.V6 = a
+			}
+		}
+		added = append(added, e)
+	}
+	if len(added) == 0 {
+		return
+	}
+	s.Endpoints = append(s.Endpoints, added...)
+	sortEndpoints(s.Endpoints)
+}
+
+// sortEndpoints puts this node's endpoints first, each part by name.
+func sortEndpoints(eps []model.Endpoint) {
+	slices.SortFunc(eps, func(a, b model.Endpoint) int {
+		if a.Local != b.Local {
+			if a.Local {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
 }
 
 // checkFamilies reports egress that asks for a family the Service or its
@@ -241,44 +217,63 @@ func Analyze(svc *corev1.Service, epSlices []*discoveryv1.EndpointSlice, opts Op
 // EndpointSlice is its own object, updated on its own, so a pod may be
 // missing from one for a moment, and that must not tear down the
 // Service's address and its other family's egress.
-func (s *Service) checkFamilies(problem func(bool, string, string, ...any)) {
+func checkFamilies(s *model.Service) {
 	if s.EgressIPv6 && !s.LBv6.IsValid() {
-		problem(true, EventFamilyMismatch, "%s is true but the Service has no IPv6 LoadBalancer IP", annotations.EgressIPv6)
+		s.Problems = append(s.Problems, model.Problem{Reason: EventFamilyMismatch, Fatal: true,
+			Message: fmt.Sprintf("IPv6 egress (%s or %s) but the Service has no IPv6 LoadBalancer IP", annotations.EgressIPv6, annotations.EgressFamilies)})
 	}
-	if !s.EgressIPv6 && !s.LBv4.IsValid() && s.LBv6.IsValid() {
-		problem(true, EventFamilyMismatch, "egress with only an IPv6 LoadBalancer IP needs %s: \"true\"", annotations.EgressIPv6)
+	if s.EgressIPv4 && !s.LBv4.IsValid() {
+		s.Problems = append(s.Problems, model.Problem{Reason: EventFamilyMismatch, Fatal: true,
+			Message: fmt.Sprintf("IPv4 egress but the Service has no IPv4 LoadBalancer IP: set %s: \"true\" for IPv6 egress (or %s)", annotations.EgressIPv6, annotations.EgressFamilies)})
 	}
-	podLacks := func(format string, args ...any) {
-		s.Problems = append(s.Problems, Problem{Reason: EventFamilyMismatch, Message: fmt.Sprintf(format, args...), Transient: true})
-	}
-	for _, ep := range s.LocalEndpoints {
-		if ep.NoEgress != "" {
+	for _, ep := range s.Endpoints {
+		if !ep.Local || ep.NoEgress != "" {
 			continue
 		}
-		if s.LBv4.IsValid() && !ep.V4.IsValid() {
-			podLacks("endpoint %s has no IPv4 address: no IPv4 egress for it", ep.Name)
+		if s.EgressIPv4 && !ep.V4.IsValid() {
+			s.Problems = append(s.Problems, model.Problem{Reason: EventFamilyMismatch, Transient: true,
+				Message: fmt.Sprintf("endpoint %s has no IPv4 address: no IPv4 egress for it", ep.Name)})
 		}
 		if s.EgressIPv6 && !ep.V6.IsValid() {
-			podLacks("%s is true but endpoint %s has no IPv6 address: no IPv6 egress for it", annotations.EgressIPv6, ep.Name)
+			s.Problems = append(s.Problems, model.Problem{Reason: EventFamilyMismatch, Transient: true,
+				Message: fmt.Sprintf("IPv6 egress but endpoint %s has no IPv6 address: no IPv6 egress for it", ep.Name)})
 		}
 	}
 }
 
-// checkTrust marks the local endpoints that are not egressed: an egress
-// address is an identity, so it is lent only to pods of the Service's own
+// checkTrust marks the endpoints that are not egressed: an egress address
+// is an identity, so it is lent only to pods of the Service's own
 // namespace. A hand-written EndpointSlice may name any address and any
-// targetRef; the address must belong to a pod of this node in the
-// Service's namespace, lie inside the pod CIDRs and not be a Node's (a
-// hostNetwork pod's traffic is the node's own).
-func (s *Service) checkTrust(namespace string, opts Options) {
-	for i := range s.LocalEndpoints {
-		ep := &s.LocalEndpoints[i]
-		why, transient := endpointTrust(*ep, namespace, opts)
+// targetRef. A pod of this node must be one of the node's own pods (its
+// pod cache, which a slice cannot fake) in the Service's namespace, inside
+// the pod CIDRs, not a Node's address, and its address must belong to no
+// other pod. Another node's pod is confirmed by reading the pod itself
+// (RemotePod); until then its steered traffic is held, not SNATed.
+func checkTrust(s *model.Service, opts Options) {
+	for i := range s.Endpoints {
+		ep := &s.Endpoints[i]
+		why, transient := endpointTrust(*ep, s.Key.Namespace, opts)
+		if why == "" && !ep.Local && opts.RemotePod != nil {
+			verdict, reason := Unknown, ""
+			for _, a := range []netip.Addr{ep.V4, ep.V6} {
+				if a.IsValid() {
+					if verdict, reason = opts.RemotePod(s.Key.Namespace, ep.Name, ep.Node, a); verdict != Trusted {
+						break
+					}
+				}
+			}
+			switch verdict {
+			case Unknown:
+				ep.Unverified = true
+			case Refused:
+				why = reason
+			}
+		}
 		if why == "" {
 			continue
 		}
 		ep.NoEgress = why
-		s.Problems = append(s.Problems, Problem{
+		s.Problems = append(s.Problems, model.Problem{
 			Reason:    EventEndpointNotEgressed,
 			Message:   fmt.Sprintf("endpoint %s is not egressed: %s; its traffic keeps the node address", ep.Name, why),
 			Transient: transient,
@@ -288,8 +283,8 @@ func (s *Service) checkTrust(namespace string, opts Options) {
 
 // endpointTrust says why an endpoint may not be egressed ("" if it may);
 // transient is true when the node's pod cache may only be behind.
-func endpointTrust(ep Endpoint, namespace string, opts Options) (string, bool) {
-	if ep.kind != "Pod" || (ep.namespace != "" && ep.namespace != namespace) {
+func endpointTrust(ep model.Endpoint, namespace string, opts Options) (string, bool) {
+	if ep.TargetKind != "Pod" || (ep.TargetNamespace != "" && ep.TargetNamespace != namespace) {
 		return "its targetRef is not a Pod of namespace " + namespace, false
 	}
 	for _, a := range []netip.Addr{ep.V4, ep.V6} {
@@ -302,7 +297,7 @@ func endpointTrust(ep Endpoint, namespace string, opts Options) (string, bool) {
 		if !slices.ContainsFunc(opts.PodCIDRs, func(p netip.Prefix) bool { return p.Contains(a) }) {
 			return a.String() + " is outside the pod CIDRs", false
 		}
-		if opts.LocalPod == nil {
+		if !ep.Local || opts.LocalPod == nil {
 			continue
 		}
 		pod, ok := opts.LocalPod(a)
@@ -313,6 +308,8 @@ func endpointTrust(ep Endpoint, namespace string, opts Options) (string, bool) {
 			return a.String() + " belongs to a hostNetwork pod", false
 		case pod.Namespace != namespace:
 			return a.String() + " belongs to a pod of another namespace", false
+		case pod.Shared:
+			return a.String() + " is the address of more than one pod on this node", true
 		}
 	}
 	return "", false
@@ -330,19 +327,23 @@ func servingTerminating(c discoveryv1.EndpointConditions) bool {
 	return c.Terminating != nil && *c.Terminating && c.Serving != nil && *c.Serving
 }
 
-// readyEndpoints joins the IPv4 and IPv6 slices of a Service by pod and
-// splits the ready endpoints into this node's and a count of the others; it
-// also lists the nodes that have one. Like kube-proxy, terminating
-// endpoints that still serve stand in for ready ones while this node has
-// no ready endpoint: a pod keeps its egress address for its grace period.
-func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpoint, int, []string) {
-	byName := map[string]*Endpoint{}
+// endpoints joins the IPv4 and IPv6 slices of a Service by pod. It keeps
+// every endpoint that has an address and is not terminating without
+// serving: a pod that is not ready yet still egresses (from its first
+// packet). ReadyNodes are the nodes with a ready endpoint and, like
+// kube-proxy, the nodes whose only endpoints are terminating but still
+// serve.
+func endpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]model.Endpoint, []string) {
+	byName := map[string]*model.Endpoint{}
+	var order []string
 	for _, sl := range epSlices {
 		for _, ep := range sl.Endpoints {
-			isReady := ready(ep.Conditions)
-			if (!isReady && !servingTerminating(ep.Conditions)) || len(ep.Addresses) == 0 {
+			if len(ep.Addresses) == 0 {
 				continue
 			}
+			// Terminating pods stay: their traffic keeps its egress
+			// address for their grace period.
+			term := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
 			addr, err := netip.ParseAddr(ep.Addresses[0])
 			if err != nil {
 				continue
@@ -354,15 +355,17 @@ func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpo
 			}
 			e, ok := byName[name]
 			if !ok {
-				e = &Endpoint{Name: name, Terminating: !isReady}
+				e = &model.Endpoint{Name: name, Ready: true, Serving: true}
 				if ep.TargetRef != nil {
-					e.kind, e.namespace = ep.TargetRef.Kind, ep.TargetRef.Namespace
+					e.TargetKind, e.TargetNamespace = ep.TargetRef.Kind, ep.TargetRef.Namespace
 				}
 				byName[name] = e
+				order = append(order, name)
 			}
-			if !isReady {
-				e.Terminating = true
-			}
+			// Both families must agree for the pod to count as ready.
+			e.Ready = e.Ready && ready(ep.Conditions)
+			e.Serving = e.Serving && (ready(ep.Conditions) || servingTerminating(ep.Conditions))
+			e.Terminating = e.Terminating || term
 			if ep.NodeName != nil {
 				e.Node = *ep.NodeName
 			}
@@ -373,29 +376,36 @@ func readyEndpoints(epSlices []*discoveryv1.EndpointSlice, node string) ([]Endpo
 			}
 		}
 	}
-	var local, terminating []Endpoint
+	out := make([]model.Endpoint, 0, len(order))
+	ready := map[string]bool{}
+	serving := map[string]bool{}
+	for _, name := range order {
+		e := byName[name]
+		if !e.Ready && !e.Terminating {
+			// Not ready yet: egresses, but does not make its node
+			// eligible.
+			e.Serving = false
+		}
+		e.Local = e.Node == node
+		if e.Ready {
+			ready[e.Node] = true
+		} else if e.Serving {
+			serving[e.Node] = true
+		}
+		out = append(out, *e)
+	}
 	var nodes []string
-	remote := 0
-	for _, e := range byName {
-		switch {
-		case e.Terminating && e.Node == node:
-			terminating = append(terminating, *e)
-		case e.Terminating:
-		case e.Node == node:
-			local = append(local, *e)
-			nodes = append(nodes, e.Node)
-		default:
-			remote++
-			if e.Node != "" {
-				nodes = append(nodes, e.Node)
-			}
+	for n := range ready {
+		if n != "" {
+			nodes = append(nodes, n)
 		}
 	}
-	if len(local) == 0 && len(terminating) > 0 {
-		local = terminating
-		nodes = append(nodes, node)
+	for n := range serving {
+		if n != "" && !ready[n] {
+			nodes = append(nodes, n)
+		}
 	}
-	slices.SortFunc(local, func(a, b Endpoint) int { return strings.Compare(a.Name, b.Name) })
 	slices.Sort(nodes)
-	return local, remote, slices.Compact(nodes)
+	sortEndpoints(out)
+	return out, nodes
 }

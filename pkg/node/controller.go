@@ -1,13 +1,16 @@
 // Package node is the daemon's sync loop: informers record what changed and
-// poke one coalescing queue; each sync recomputes the whole desired node
-// state (pkg/desired) and hands it to the address and SNAT appliers, then
-// writes what the leader reports on its Services.
+// poke one coalescing queue; each sync analyses every Service (pkg/desired),
+// plans the whole node state (pkg/plan) and hands it to the address, SNAT
+// and routing appliers, then writes what the holder reports on its
+// Services. The loop also refreshes the lifetime of the addresses it holds
+// every half second: if it stops, the kernel drops them.
 package node
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -22,36 +25,50 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
+	"k8s.io/utils/clock"
 
 	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/metrics"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/plan"
-	"github.com/egressvip/egressvip/pkg/snat"
 )
 
 // Addresses binds LoadBalancer IPs on the serviceInterface (pkg/netif).
 type Addresses interface {
-	Sync(ctx context.Context, want []netip.Addr) (added, removed []netip.Addr, err error)
+	Sync(ctx context.Context, want []model.Binding) (netif.Result, error)
+	// Refresh renews the lifetime of the addresses the last Sync wanted.
+	Refresh(ctx context.Context) error
 	Owned() ([]netip.Addr, error)
-	// Host is the node's own addresses, subnets and gateways there.
+	// Host is the node's own addresses, subnets and gateways there, and
+	// whether the interface is up.
 	Host() (netif.Host, error)
+	// Probe asks the wire whether another host answers for addrs.
+	Probe(ctx context.Context, addrs []netip.Addr, wait time.Duration) (map[netip.Addr]net.HardwareAddr, error)
+	// Persist makes addresses' lifetime unlimited (graceful shutdown).
+	Persist(ctx context.Context, addrs []netip.Addr) error
 }
 
-// SNAT writes the egress rules (pkg/snat).
+// SNAT writes the egress firewall rules (pkg/snat).
 type SNAT interface {
-	Apply(ctx context.Context, d snat.Desired) error
-	// Recheck makes the next Apply compare the chains with the kernel.
+	Apply(ctx context.Context, d model.Datapath) (map[string]error, error)
+	// Recheck makes the next Apply compare the rules with the kernel.
 	Recheck()
+}
+
+// Routes writes the steering routes (pkg/steer).
+type Routes interface {
+	Apply(ctx context.Context, r model.Routes) (map[string]error, error)
 }
 
 // Elections is the election (pkg/election): a view to plan with, and the
 // writes the plan asks for.
 type Elections interface {
-	View() election.View
-	Acquire(c election.Claim)
+	View() model.ElectionView
+	Acquire(c model.Claim)
 	Release(lease types.NamespacedName)
+	Delete(lease types.NamespacedName)
 	// Drain marks this node as leaving; ReleaseNow releases and waits.
 	Drain(ctx context.Context)
 	ReleaseNow(ctx context.Context, leases []types.NamespacedName)
@@ -71,6 +88,8 @@ type Cluster interface {
 	NodeAddresses() map[netip.Addr]bool
 	// Missing names the exclusions (pod, Service) a family lacks.
 	Missing(v6 bool) []string
+	// Node is one Node (slimmed), for its UID, addresses and pod ranges.
+	Node(name string) (*corev1.Node, bool)
 }
 
 // Options configure a Controller.
@@ -78,25 +97,46 @@ type Options struct {
 	Node string
 	// Namespace limits the Services served ("" for all).
 	Namespace string
+	// DaemonNamespace holds heartbeats, address Leases, the global Lease.
+	DaemonNamespace string
 	// Owns says whether a Service with that spec.loadBalancerClass is ours.
-	Owns     func(class *string) bool
-	Election bool
-	// GlobalLease is the single Lease used when Election is false.
-	GlobalLease types.NamespacedName
+	Owns func(class *string) bool
+	// Global is the single Lease used when svc_election=false (nil: per
+	// address election).
+	Global *types.NamespacedName
+	// Singletons are further Leases that elect one node for a task (the
+	// address allocator); Elected is told after every sync which of them
+	// this node holds (nil: nobody asks).
+	Singletons []types.NamespacedName
+	Elected    func(map[types.NamespacedName]bool)
 	// SNATUnavailable, when set, is why egress cannot be programmed on
-	// this node (the iptables backend is missing); SNAT is then nil.
+	// this node (the firewall backend is missing); SNAT is then nil.
 	SNATUnavailable string
 	// Resync is the longest time between two full syncs.
 	Resync time.Duration
-	// RetryPeriod separates candidates' turns for a free Lease;
-	// RenewDeadline bounds the Lease releases at shutdown.
+	// RetryPeriod separates candidates' turns; RenewDeadline bounds the
+	// Lease releases at shutdown.
 	RetryPeriod   time.Duration
 	RenewDeadline time.Duration
+	// Grace is how long the SNAT rules of pods steered here stay after
+	// an address was given up (the fence drops their traffic).
+	Grace time.Duration
 	// Allowed, when not empty, are the only ranges LoadBalancer IPs may
 	// come from (egressvip_allowed_cidrs).
 	Allowed []netip.Prefix
+	// ExcludeNodes adds every Node's addresses and the API server's
+	// endpoints to the destinations never SNATed (default true; false is
+	// kube-vip's behaviour).
+	ExcludeNodes bool
+	// Tunnel, when set, is the VXLAN configuration (peers filled in
+	// from the heartbeats).
+	Tunnel *model.Tunnel
+	// ProbeWait is how long to wait for answers to address probes.
+	ProbeWait time.Duration
 	// Metrics, when set, receives sync figures.
 	Metrics *metrics.Metrics
+	// Clock is the time source (tests pass a fake).
+	Clock clock.WithTicker
 }
 
 // Controller is the node's sync loop.
@@ -105,10 +145,12 @@ type Controller struct {
 	log       *logrus.Entry
 	addrs     Addresses
 	snat      SNAT
+	routes    Routes
 	elections Elections
-	excl      Cluster
+	cluster   Cluster
 	recorder  record.EventRecorder
 	reporter  *reporter
+	verifier  *verifier
 
 	services   corelisters.ServiceLister
 	sliceIndex cache.Indexer
@@ -118,25 +160,30 @@ type Controller struct {
 	hasSynced  []cache.InformerSynced
 	queue      workqueue.TypedRateLimitingInterface[string]
 
+	// conflicts are frames from other hosts claiming held addresses,
+	// collected between syncs by the listener.
+	conflictsMu sync.Mutex
+	conflicts   []plan.Conflict
+
+	// host is the serviceInterface as the last sync saw it (heartbeat).
+	host atomic.Pointer[netif.Host]
+
 	// The fields below belong to the sync loop's goroutine (and to
 	// shutdown, which runs after it has stopped).
 
 	// mem is what the last plan left for the next one.
 	mem plan.Memory
-	// last is the last plan, for shutdown.
-	last plan.Plan
-	// interfaceErr is why the last address sync could not find the
+	// interfaceErr is why the last address sync could not use the
 	// serviceInterface.
 	interfaceErr string
 	settle       time.Duration
 	// lastFull is when the kernel state was last read back in full.
 	lastFull time.Time
-	// ready is set after the first successful sync.
-	ready atomic.Bool
+	// ready is set after the first successful sync; looped is when the
+	// loop last finished an item.
+	ready  atomic.Bool
+	looped atomic.Int64
 }
-
-// Ready reports whether the caches synced and one sync succeeded.
-func (c *Controller) Ready() bool { return c.ready.Load() }
 
 const (
 	syncKey  = "sync"
@@ -144,8 +191,10 @@ const (
 )
 
 // checkInterval is how often the firewall state egressvip owns is compared
-// with what it wrote: CNIs, kube-proxy and admins change the same tables,
-// and what egressvip owns must come back within a second.
+// with what it wrote, and the lifetime of the held addresses refreshed:
+// CNIs, kube-proxy and admins change the same tables, and what egressvip
+// owns must come back within a second; and an address must outlive a
+// living sync loop.
 const checkInterval = 500 * time.Millisecond
 
 // Checker is the SNAT writer's cheap comparison of the kernel with what it
@@ -154,37 +203,13 @@ type Checker interface {
 	Check(ctx context.Context) (bool, error)
 }
 
-// check runs on the sync loop's goroutine, so it never interleaves with
-// an Apply: a difference makes the next sync rewrite everything.
-func (c *Controller) check(ctx context.Context) {
-	defer c.queue.AddAfter(checkKey, checkInterval)
-	ch, ok := c.snat.(Checker)
-	if !ok || !c.ready.Load() {
-		return
-	}
-	intact, err := ch.Check(ctx)
-	if err != nil {
-		c.log.WithError(err).Debug("firewall check failed")
-	}
-	if !intact {
-		c.log.Warn("egress rules changed by someone else; rewriting them")
-		if m := c.opts.Metrics; m != nil {
-			m.Repairs.WithLabelValues("firewall").Inc()
-		}
-		c.snat.Recheck()
-		c.Poke()
-	}
-}
-
 // transientSettle is how long a problem that may clear by itself must last
-// before it becomes an Event: a pod's IPv4 and IPv6 EndpointSlices are
-// updated one after the other, so every pod start or move of a dual-stack
-// Service shows a pod of one family for a moment.
+// before it becomes an Event.
 const transientSettle = 5 * time.Second
 
 // New builds a Controller and its informers; Run starts them.
-func New(opts Options, client, reportClient kube.Interface, addrs Addresses, snatw SNAT,
-	elections Elections, excl Cluster, recorder record.EventRecorder, log *logrus.Entry,
+func New(opts Options, client, reportClient kube.Interface, addrs Addresses, snatw SNAT, routes Routes,
+	elections Elections, cluster Cluster, recorder record.EventRecorder, log *logrus.Entry,
 ) (*Controller, error) {
 	if opts.Resync <= 0 {
 		opts.Resync = time.Minute
@@ -195,15 +220,26 @@ func New(opts Options, client, reportClient kube.Interface, addrs Addresses, sna
 	if opts.RenewDeadline <= 0 {
 		opts.RenewDeadline = 3 * time.Second
 	}
+	if opts.Grace <= 0 {
+		opts.Grace = 5 * time.Second
+	}
+	if opts.ProbeWait <= 0 {
+		opts.ProbeWait = 50 * time.Millisecond
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
 	c := &Controller{
-		opts: opts, log: log, addrs: addrs, snat: snatw, elections: elections,
-		excl: excl, recorder: recorder,
+		opts: opts, log: log, addrs: addrs, snat: snatw, routes: routes, elections: elections,
+		cluster: cluster, recorder: recorder,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
-			workqueue.TypedRateLimitingQueueConfig[string]{Name: "egressvip"}),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "egressvip", Clock: opts.Clock}),
 		mem:    plan.Start(nil),
 		settle: transientSettle,
 	}
+	c.looped.Store(opts.Clock.Now().UnixNano())
+	c.verifier = newVerifier(client, c.Poke, log)
 	// Nothing reads managedFields, nor most of the rest of these objects:
 	// the caches keep what is read (slim).
 	svcInformer := kube.NewInformer(client, client.Services(opts.Namespace), &corev1.Service{},
@@ -237,7 +273,7 @@ func New(opts Options, client, reportClient kube.Interface, addrs Addresses, sna
 	if _, err := podInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { c.Poke() },
 		UpdateFunc: func(o, n any) {
-			if podAddressesChanged(o, n) {
+			if podChanged(o, n) {
 				c.Poke()
 			}
 		},
@@ -267,7 +303,7 @@ func slimService(s *corev1.Service) *corev1.Service {
 	return &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: s.Name, UID: s.UID, ResourceVersion: s.ResourceVersion,
 			CreationTimestamp: s.CreationTimestamp, DeletionTimestamp: s.DeletionTimestamp, Annotations: s.Annotations},
-		Spec: corev1.ServiceSpec{Type: s.Spec.Type, LoadBalancerClass: s.Spec.LoadBalancerClass,
+		Spec: corev1.ServiceSpec{Type: s.Spec.Type, LoadBalancerClass: s.Spec.LoadBalancerClass, Selector: s.Spec.Selector,
 			ExternalTrafficPolicy: s.Spec.ExternalTrafficPolicy, LoadBalancerIP: s.Spec.LoadBalancerIP},
 		Status: corev1.ServiceStatus{LoadBalancer: s.Status.LoadBalancer},
 	}
@@ -304,10 +340,32 @@ func (c *Controller) Start(stop <-chan struct{}) {
 func (c *Controller) Poke() { c.queue.Add(syncKey) }
 
 // AddSynced adds another cache the controller waits for before it touches
-// the kernel (the CIDR detector's).
+// the kernel (the CIDR detector's, the election's).
 func (c *Controller) AddSynced(s cache.InformerSynced) { c.hasSynced = append(c.hasSynced, s) }
 
-// sliceMatters filters EndpointSlice events to slices of Services we serve.
+// Conflict records a frame from another host that claimed or probed an
+// address this node holds (pkg/netif's listener calls it).
+func (c *Controller) Conflict(cf plan.Conflict) {
+	c.conflictsMu.Lock()
+	c.conflicts = append(c.conflicts, cf)
+	c.conflictsMu.Unlock()
+	if m := c.opts.Metrics; m != nil {
+		m.Conflicts.Inc()
+	}
+	c.Poke()
+}
+
+func (c *Controller) takeConflicts() []plan.Conflict {
+	c.conflictsMu.Lock()
+	defer c.conflictsMu.Unlock()
+	out := c.conflicts
+	c.conflicts = nil
+	return out
+}
+
+// sliceMatters filters EndpointSlice events to slices of Services we serve
+// and of the kubernetes Service (the API server's endpoints are never
+// SNATed).
 func (c *Controller) sliceMatters(obj any) bool {
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = d.Obj
@@ -320,6 +378,9 @@ func (c *Controller) sliceMatters(obj any) bool {
 	if name == "" {
 		return false
 	}
+	if sl.Namespace == metav1.NamespaceDefault && name == "kubernetes" {
+		return c.opts.ExcludeNodes
+	}
 	svc, err := c.services.Services(sl.Namespace).Get(name)
 	if err != nil {
 		// Unknown yet: the Service event will trigger the sync.
@@ -331,13 +392,32 @@ func (c *Controller) sliceMatters(obj any) bool {
 func (c *Controller) ours(svc *corev1.Service) bool {
 	return svc.Spec.Type == corev1.ServiceTypeLoadBalancer &&
 		(c.opts.Namespace == "" || svc.Namespace == c.opts.Namespace) &&
-		c.opts.Owns(svc.Spec.LoadBalancerClass)
+		c.opts.Owns(svc.Spec.LoadBalancerClass) && !ignored(svc)
 }
 
-// Run waits for the caches, syncs until ctx ends, then shuts down: Services
-// another node could serve are released at once with their addresses and
-// rules removed; pinned egress Services keep lease, address and rules for
-// the next process.
+// Ready reports why the daemon is not ready (nil when it is): the caches
+// have not synced or no sync succeeded yet.
+func (c *Controller) Ready() error {
+	if !c.ready.Load() {
+		return errors.New("not ready: waiting for caches and the first sync")
+	}
+	return nil
+}
+
+// Alive reports why the daemon should be restarted (nil when it is alive):
+// its sync loop has not finished anything for three resync periods.
+func (c *Controller) Alive() error {
+	last := time.Unix(0, c.looped.Load())
+	if stale := c.opts.Clock.Since(last); stale > 3*c.opts.Resync {
+		return fmt.Errorf("the sync loop has not finished anything for %s", stale.Round(time.Second))
+	}
+	return nil
+}
+
+// Run waits for the caches, syncs until ctx ends, then shuts down: what
+// another node could serve is released at once with its addresses and
+// rules removed; pinned egress keeps Lease, address and rules for the
+// next process.
 func (c *Controller) Run(ctx context.Context) error {
 	c.Start(ctx.Done())
 	if !cache.WaitForCacheSync(ctx.Done(), c.hasSynced...) {
@@ -350,10 +430,9 @@ func (c *Controller) Run(ctx context.Context) error {
 	c.mem = plan.Start(owned)
 	c.log.WithField("addresses", len(owned)).Info("caches synced; starting sync loop")
 
+	go c.verifier.run(ctx, 4)
 	c.Poke()
-	if c.snat != nil {
-		c.queue.AddAfter(checkKey, checkInterval)
-	}
+	c.queue.AddAfter(checkKey, checkInterval)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -379,19 +458,20 @@ func (c *Controller) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer c.queue.Done(key)
+	defer func() { c.looped.Store(c.opts.Clock.Now().UnixNano()) }()
 	if key == checkKey {
 		c.check(ctx)
 		return true
 	}
-	if c.snat != nil && time.Since(c.lastFull) >= c.opts.Resync {
+	if c.snat != nil && c.opts.Clock.Since(c.lastFull) >= c.opts.Resync {
 		// The periodic full sync also repairs chains others flushed.
 		c.snat.Recheck()
-		c.lastFull = time.Now()
+		c.lastFull = c.opts.Clock.Now()
 	}
-	start := time.Now()
+	start := c.opts.Clock.Now()
 	err := c.Sync(ctx)
 	if m := c.opts.Metrics; m != nil {
-		m.SyncDuration.Observe(time.Since(start).Seconds())
+		m.SyncDuration.Observe(c.opts.Clock.Since(start).Seconds())
 		if err != nil {
 			m.SyncErrors.Inc()
 		}
@@ -406,4 +486,91 @@ func (c *Controller) processNext(ctx context.Context) bool {
 	// The periodic full sync repairs what others flushed.
 	c.queue.AddAfter(key, c.opts.Resync)
 	return true
+}
+
+// check runs on the sync loop's goroutine, so it never interleaves with
+// an apply: it renews the lifetime of the held addresses (the kernel drops
+// them if this loop stops), and a difference in the firewall makes the
+// next sync rewrite everything.
+func (c *Controller) check(ctx context.Context) {
+	defer c.queue.AddAfter(checkKey, checkInterval)
+	if err := c.addrs.Refresh(ctx); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
+		c.log.WithError(err).Warn("cannot renew the lifetime of the held addresses")
+	}
+	ch, ok := c.snat.(Checker)
+	if !ok || !c.ready.Load() {
+		return
+	}
+	intact, err := ch.Check(ctx)
+	if err != nil {
+		c.log.WithError(err).Debug("firewall check failed")
+	}
+	if !intact {
+		c.log.Warn("egress rules changed by someone else; rewriting them")
+		if m := c.opts.Metrics; m != nil {
+			m.Repairs.WithLabelValues("firewall").Inc()
+		}
+		c.snat.Recheck()
+		c.Poke()
+	}
+}
+
+// NodeInfo is what this node publishes in its heartbeat.
+func (c *Controller) NodeInfo() election.NodeInfo {
+	info := election.NodeInfo{Standing: true}
+	if h := c.host.Load(); h != nil {
+		info.Standing = h.Up
+		info.Addresses = h.Own
+	}
+	if n, ok := c.cluster.Node(c.opts.Node); ok {
+		info.UID = n.UID
+		for _, a := range n.Status.Addresses {
+			if a.Type != corev1.NodeInternalIP {
+				continue
+			}
+			if ip, err := netip.ParseAddr(a.Address); err == nil {
+				info.Via = append(info.Via, ip.Unmap())
+			}
+		}
+	}
+	info.Via = append(info.Via, info.Addresses...)
+	if t := c.tunnel(); t != nil && t.Local.IsValid() {
+		info.VTEPUnderlay = t.Local
+		if v, ok := c.routes.(interface{ TunnelMAC() net.HardwareAddr }); ok {
+			info.VTEPMAC = v.TunnelMAC().String()
+		}
+	}
+	return info
+}
+
+// tunnel is the VXLAN configuration with this node's underlay address (its
+// first InternalIP, IPv4 first) filled in; nil without VXLAN mode.
+func (c *Controller) tunnel() *model.Tunnel {
+	if c.opts.Tunnel == nil {
+		return nil
+	}
+	t := *c.opts.Tunnel
+	if t.Local.IsValid() {
+		return &t
+	}
+	if n, ok := c.cluster.Node(c.opts.Node); ok {
+		var v6 netip.Addr
+		for _, a := range n.Status.Addresses {
+			ip, err := netip.ParseAddr(a.Address)
+			if a.Type != corev1.NodeInternalIP || err != nil {
+				continue
+			}
+			if ip.Unmap().Is4() {
+				t.Local = ip.Unmap()
+				break
+			}
+			if !v6.IsValid() {
+				v6 = ip
+			}
+		}
+		if !t.Local.IsValid() {
+			t.Local = v6
+		}
+	}
+	return &t
 }

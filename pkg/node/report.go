@@ -16,9 +16,10 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/util/workqueue"
 
-	"github.com/egressvip/egressvip/pkg/desired"
+	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/metrics"
+	"github.com/egressvip/egressvip/pkg/plan"
 )
 
 // reportTimeout bounds one write of a Service's annotations or status.
@@ -36,7 +37,7 @@ type reporter struct {
 	queue    workqueue.TypedRateLimitingInterface[types.NamespacedName]
 
 	mu   sync.Mutex
-	want map[types.NamespacedName]desired.Report
+	want map[types.NamespacedName]plan.Report
 	// seen is the resourceVersion of the Service last compared with
 	// its report.
 	seen map[types.NamespacedName]string
@@ -48,14 +49,14 @@ func newReporter(client kube.Interface, services corelisters.ServiceLister, m *m
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[types.NamespacedName](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[types.NamespacedName]{Name: "egressvip-report"}),
-		want: map[types.NamespacedName]desired.Report{},
+		want: map[types.NamespacedName]plan.Report{},
 		seen: map[types.NamespacedName]string{},
 	}
 }
 
 // set records what this node, as leader, reports on svc, and queues a
 // write if the cached Service shows something else.
-func (r *reporter) set(svc *corev1.Service, rep desired.Report) {
+func (r *reporter) set(svc *corev1.Service, rep plan.Report) {
 	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
 	r.mu.Lock()
 	prev, had := r.want[key]
@@ -159,20 +160,41 @@ type patch struct {
 
 func (p patch) empty() bool { return p.annotations == nil && p.status == nil }
 
-func patchFor(svc *corev1.Service, rep desired.Report) patch {
+// Annotations egressvip writes besides kube-vip's: how many pods of the
+// Service egress with its address, and how many of them run on other nodes
+// and are steered to the holder. (Not under egressvip.io/egress, the
+// prefix of the annotations users write.)
+const (
+	AnnotationEgressEndpoints  = "egressvip.io/endpoints"
+	AnnotationSteeredEndpoints = "egressvip.io/steered-endpoints"
+)
+
+// reportAnnotations maps each reported annotation to its value; "" means
+// the annotation should be absent.
+func reportAnnotations(r plan.Report) map[string]string {
+	return map[string]string{
+		annotations.VIPHost:            r.VIPHost,
+		annotations.ActiveEndpoint:     r.ActiveEndpoint,
+		annotations.ActiveEndpointIPv6: r.ActiveEndpointIPv6,
+		AnnotationEgressEndpoints:      r.Egress,
+		AnnotationSteeredEndpoints:     r.Steered,
+	}
+}
+
+func patchFor(svc *corev1.Service, rep plan.Report) patch {
 	var p patch
-	annotations := map[string]any{}
-	for k, want := range rep.Annotations() {
+	anns := map[string]any{}
+	for k, want := range reportAnnotations(rep) {
 		have, ok := svc.Annotations[k]
 		switch {
 		case want == "" && ok:
-			annotations[k] = nil
+			anns[k] = nil
 		case want != "" && have != want:
-			annotations[k] = want
+			anns[k] = want
 		}
 	}
-	if len(annotations) > 0 {
-		p.annotations = annotations
+	if len(anns) > 0 {
+		p.annotations = anns
 	}
 	ingress := make([]corev1.LoadBalancerIngress, 0, len(rep.Ingress))
 	vip := corev1.LoadBalancerIPModeVIP

@@ -7,14 +7,17 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/desired"
+	"github.com/egressvip/egressvip/pkg/election"
+	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/egressvip/egressvip/pkg/netif"
 	"github.com/egressvip/egressvip/pkg/plan"
 )
@@ -34,12 +37,18 @@ func indexByService(obj any) ([]string, error) {
 	return []string{sl.Namespace + "/" + name}, nil
 }
 
-// view is one sync's picture: every Service we serve, analysed.
+// ignored is kube-vip.io/ignore: kube-vip leaves such a Service alone.
+func ignored(svc *corev1.Service) bool { return annotations.Ignored(svc) }
+
+// view is one sync's picture: every Service we serve, analysed and
+// admitted, and the cluster's ranges.
 type view struct {
 	services map[types.NamespacedName]*corev1.Service
-	analysed []desired.Service
-	// The cluster's ranges, read once per sync.
-	exclude []netip.Prefix
+	analysed []model.Service
+	exclude  []netip.Prefix
+	host     netif.Host
+	election model.ElectionView
+	refused  int
 }
 
 func (c *Controller) snapshot() (view, error) {
@@ -49,19 +58,27 @@ func (c *Controller) snapshot() (view, error) {
 	}
 	v := view{
 		services: make(map[types.NamespacedName]*corev1.Service, len(all)),
-		analysed: make([]desired.Service, 0, len(all)),
-		exclude:  c.excl.Exclude(),
+		analysed: make([]model.Service, 0, len(all)),
+		election: c.elections.View(),
 	}
 	// The detector's map is shared: add the peers' to a copy.
-	nodeAddrs := maps.Clone(c.excl.NodeAddresses())
+	nodeAddrs := maps.Clone(c.cluster.NodeAddresses())
 	if nodeAddrs == nil {
 		nodeAddrs = map[netip.Addr]bool{}
 	}
 	for a := range c.elections.PeerAddresses() {
 		nodeAddrs[a] = true
 	}
-	opts := desired.Options{Node: c.opts.Node, Election: c.opts.Election, GlobalLease: c.opts.GlobalLease,
-		PodCIDRs: c.excl.PodCIDRs(), NodeAddresses: nodeAddrs, LocalPod: c.localPod, MissingIPv6: c.excl.Missing(true)}
+	v.exclude = c.exclusions(nodeAddrs)
+	opts := desired.Options{
+		Node:          c.opts.Node,
+		PodCIDRs:      c.cluster.PodCIDRs(),
+		NodeAddresses: nodeAddrs,
+		LocalPod:      c.localPodByIP,
+		LocalPods:     c.localPodsSelected,
+		RemotePod:     c.verifier.Verdict,
+		MissingIPv6:   c.cluster.Missing(true),
+	}
 	for _, svc := range all {
 		if !c.ours(svc) {
 			continue
@@ -76,81 +93,280 @@ func (c *Controller) snapshot() (view, error) {
 		}
 		s := desired.Analyze(svc, epSlices, opts)
 		if s.Egress && c.snat == nil {
-			s.Problems = append(s.Problems, desired.Problem{Reason: desired.EventEgressNotSupported, Message: "egress unavailable on node " + c.opts.Node + ": " + c.opts.SNATUnavailable})
+			s.Problems = append(s.Problems, model.Problem{Reason: desired.EventEgressNotSupported, Message: "egress unavailable on node " + c.opts.Node + ": " + c.opts.SNATUnavailable})
 			s.Egress, s.EgressIPv6 = false, false
 		}
 		v.services[s.Key] = svc
 		v.analysed = append(v.analysed, s)
 	}
-	slices.SortFunc(v.analysed, func(a, b desired.Service) int { return desired.CompareKeys(a.Key, b.Key) })
+	slices.SortFunc(v.analysed, func(a, b model.Service) int { return model.CompareKeys(a.Key, b.Key) })
 	host, err := c.addrs.Host()
 	if err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
 		c.log.WithError(err).Warn("cannot read the serviceInterface's own addresses")
 	}
+	v.host = host
+	c.host.Store(&host)
+	claimed := map[netip.Addr]string{}
+	for key, lv := range v.election.Leases {
+		if lv.Kind != model.AddressLease || lv.ClaimedBy == "" {
+			continue
+		}
+		if a, ok := election.AddressOfLease(key.Name); ok {
+			claimed[a] = lv.ClaimedBy
+		}
+	}
 	v.analysed = desired.Admit(v.analysed, desired.Admission{
-		NodeAddresses: opts.NodeAddresses,
-		Host:          desired.Host{Own: host.Own, Subnets: host.Subnets, Gateways: host.Gateways},
-		Exclude:       v.exclude,
+		NodeAddresses: nodeAddrs,
+		Host:          model.Host{Own: host.Own, Subnets: host.Subnets, Gateways: host.Gateways, Up: host.Up},
+		Exclude:       c.cluster.Exclude(),
 		Allowed:       c.opts.Allowed,
+		ClaimedBy:     claimed,
 	})
+	for _, s := range v.analysed {
+		for _, p := range s.Problems {
+			if p.Reason == desired.EventAddressRefused || p.Reason == desired.EventAddressConflict {
+				v.refused++
+			}
+		}
+	}
 	return v, nil
 }
 
+// nodeInterfaces are the interfaces other nodes' steered traffic arrives
+// on: those of the routes to their first next-hop address of each family
+// (their InternalIPs), from the routing writer. Only those: traffic from
+// the serviceInterface's network (the outside world) is never exempt from
+// the anti-spoofing check.
+func (c *Controller) nodeInterfaces(ev model.ElectionView) []string {
+	r, ok := c.routes.(interface{ Interfaces([]netip.Addr) []string })
+	if !ok {
+		return nil
+	}
+	var addrs []netip.Addr
+	for _, p := range ev.Peers {
+		var v4, v6 bool
+		for _, a := range p.Via {
+			if a.Is4() && !v4 || a.Is6() && !v6 {
+				addrs = append(addrs, a)
+				v4, v6 = v4 || a.Is4(), v6 || a.Is6()
+			}
+		}
+	}
+	return r.Interfaces(addrs)
+}
+
+// singletons are the Leases electing one node: the global one and the
+// tasks'.
+func (c *Controller) singletons() []types.NamespacedName {
+	out := slices.Clone(c.opts.Singletons)
+	if c.opts.Global != nil {
+		out = append(out, *c.opts.Global)
+	}
+	return out
+}
+
+// exclusions are the destinations never SNATed, steered or held: the pod
+// and Service CIDRs and, unless turned off (kube-vip's behaviour), every
+// Node's addresses and the API server's endpoints, so that an egress pod
+// reaches the API server through the kubernetes Service with its own
+// node's address on any network layout.
+func (c *Controller) exclusions(nodeAddrs map[netip.Addr]bool) []netip.Prefix {
+	out := slices.Clone(c.cluster.Exclude())
+	if !c.opts.ExcludeNodes {
+		return out
+	}
+	for a := range nodeAddrs {
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	objs, _ := c.sliceIndex.ByIndex(byService, metav1.NamespaceDefault+"/kubernetes")
+	for _, o := range objs {
+		sl, ok := o.(*discoveryv1.EndpointSlice)
+		if !ok {
+			continue
+		}
+		for _, e := range sl.Endpoints {
+			for _, s := range e.Addresses {
+				if a, err := netip.ParseAddr(s); err == nil {
+					a = a.Unmap()
+					out = append(out, netip.PrefixFrom(a, a.BitLen()))
+				}
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return slices.Compact(out)
+}
+
+// input is the planner's input for a view.
+func (c *Controller) input(v view) plan.Input {
+	in := plan.Input{
+		Node:            c.opts.Node,
+		Services:        v.analysed,
+		Election:        v.election,
+		DaemonNamespace: c.opts.DaemonNamespace,
+		Global:          c.opts.Global,
+		Singletons:      c.singletons(),
+		RetryPeriod:     c.opts.RetryPeriod,
+		Grace:           c.opts.Grace,
+		Settle:          c.settle,
+		Exclude:         v.exclude,
+		Host:            model.Host{Own: v.host.Own, Subnets: v.host.Subnets, Gateways: v.host.Gateways, Up: v.host.Up},
+		InterfaceErr:    c.interfaceErr,
+		Tunnel:          c.opts.Tunnel,
+		KnownPods:       c.knownPodIPs(),
+	}
+	if n, ok := c.cluster.Node(c.opts.Node); ok {
+		for _, s := range n.Spec.PodCIDRs {
+			if p, err := netip.ParsePrefix(s); err == nil {
+				in.PodCIDRs = append(in.PodCIDRs, p.Masked())
+			}
+		}
+	}
+	in.Tunnel = c.tunnel()
+	return in
+}
+
 // Sync recomputes and applies the whole node state once: snapshot, plan,
-// apply, emit. Every decision is the planner's (pkg/plan).
+// apply, settle, emit. Every decision is the planner's (pkg/plan).
 func (c *Controller) Sync(ctx context.Context) error {
 	v, err := c.snapshot()
 	if err != nil {
 		return err
 	}
-	p, mem := plan.Decide(c.mem, plan.Input{
-		Node:         c.opts.Node,
-		Services:     v.analysed,
-		Election:     c.elections.View(),
-		GlobalLease:  c.opts.GlobalLease,
-		RetryPeriod:  c.opts.RetryPeriod,
-		Settle:       c.settle,
-		Exclude:      v.exclude,
-		InterfaceErr: c.interfaceErr,
-	})
+	in := c.input(v)
+	in.Conflicts = c.takeConflicts()
+	p, mem := plan.Decide(c.mem, in)
+	p.Datapath.PodCIDRs = c.cluster.PodCIDRs()
+	p.Datapath.NodeInterfaces = c.nodeInterfaces(v.election)
 	for _, cl := range p.Acquire {
 		c.elections.Acquire(cl)
 	}
-	applyErr := c.apply(ctx, p.State)
+	for _, key := range p.Delete {
+		c.elections.Delete(key)
+	}
+	res := c.apply(ctx, p)
+	now := c.opts.Clock.Now()
+	mem, release, events := plan.Settle(mem, p, now, c.opts.RetryPeriod, c.opts.Grace, res)
 	// Release only what the kernel no longer holds, so an address is
 	// never held by two nodes.
-	mem, release := plan.Settle(mem, p, applyErr == nil)
 	for _, lease := range release {
 		c.log.WithField("lease", lease.String()).Debug("releasing")
 		c.elections.Release(lease)
 	}
 	c.mem = mem
-	c.emit(v, p.Events)
+	c.emit(v, append(p.Events, events...))
 
+	// Report only what the kernel holds: not an address it refused, nor
+	// one another host answers for.
+	unheld := func(ip string) bool {
+		a, err := netip.ParseAddr(ip)
+		return err != nil || !mem.Kernel[a]
+	}
 	leaders := map[types.NamespacedName]bool{}
-	for _, s := range p.Own {
-		if p.Decisions[s.Key].Leader {
-			leaders[s.Key] = true
-			// Report only what the kernel holds.
-			if applyErr == nil {
-				c.reporter.set(v.services[s.Key], desired.ReportFor(s, c.opts.Node))
-			}
+	for key, rep := range p.Reports {
+		svc := v.services[key]
+		if svc == nil {
+			continue
+		}
+		leaders[key] = true
+		if res.Err == nil && res.FailedServices[key.String()] == nil && !slices.ContainsFunc(rep.Ingress, unheld) {
+			c.reporter.set(svc, rep)
 		}
 	}
 	c.reporter.retain(leaders)
+	if c.opts.Elected != nil {
+		c.opts.Elected(p.Elected)
+	}
 	if m := c.opts.Metrics; m != nil {
-		m.OwnedServices.Set(float64(len(p.Own)))
-		m.Addresses.Set(float64(len(p.State.Addresses)))
-		m.SNATRules.Set(float64(len(p.State.SNAT.Rules)))
+		m.OwnedServices.Set(float64(len(p.Reports)))
+		m.Addresses.Set(float64(len(mem.Kernel)))
+		m.SNATRules.Set(float64(len(p.Datapath.SNAT)))
+		m.Steered.Set(float64(p.Steered))
+		m.Refused.Set(float64(v.refused))
+		m.InUse.Add(float64(len(res.Busy)))
+		m.ApplyFailures.Add(float64(len(res.FailedAddrs) + len(res.FailedServices)))
 	}
 	if !p.Wake.IsZero() {
-		c.queue.AddAfter(syncKey, time.Until(p.Wake))
+		c.queue.AddAfter(syncKey, p.Wake.Sub(now))
 	}
-	c.last = p
-	return applyErr
+	return res.Err
 }
 
-// emit raises the plan's Events and logs them.
+// apply probes new addresses, then writes addresses, firewall rules and
+// routes. A failure of one part (or of one Service) does not stop the
+// others; the result says what failed.
+func (c *Controller) apply(ctx context.Context, p plan.Plan) plan.Result {
+	res := plan.Result{FailedAddrs: map[netip.Addr]error{}, FailedServices: map[string]error{}}
+	binds := p.Bind
+	if len(p.Probe) > 0 {
+		busy, err := c.addrs.Probe(ctx, p.Probe, c.opts.ProbeWait)
+		if err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
+			c.log.WithError(err).Warn("cannot probe new addresses before binding them")
+		}
+		if len(busy) > 0 {
+			res.Busy = map[netip.Addr]string{}
+			binds = slices.DeleteFunc(slices.Clone(binds), func(b model.Binding) bool { return busy[b.Addr] != nil })
+			for a, mac := range busy {
+				res.Busy[a] = mac.String()
+				c.log.WithFields(map[string]any{"ip": a.String(), "mac": mac.String()}).Warn("another host answers for the address; not binding it")
+			}
+		}
+	}
+	var errs []error
+	r, err := c.addrs.Sync(ctx, binds)
+	c.interfaceErr = ""
+	if err != nil {
+		if errors.Is(err, netif.ErrInterfaceNotFound) || errors.Is(err, netif.ErrInterfaceDown) {
+			c.interfaceErr = err.Error()
+		} else {
+			errs = append(errs, fmt.Errorf("addresses: %w", err))
+		}
+	}
+	for a, e := range r.Failed {
+		res.FailedAddrs[a] = e
+		c.log.WithError(e).WithField("ip", a.String()).Warn("address could not be applied")
+	}
+	for _, a := range r.Added {
+		c.log.WithField("ip", a.String()).Info("address bound")
+	}
+	for _, a := range r.Removed {
+		c.log.WithField("ip", a.String()).Info("address removed")
+	}
+	if owned, err := c.addrs.Owned(); err == nil {
+		res.Kernel, res.KernelKnown = owned, true
+	} else if errors.Is(err, netif.ErrInterfaceNotFound) {
+		// No interface, no address on it: the Leases that guarded them
+		// may go, and another node take the Services over.
+		res.KernelKnown = true
+	}
+	if c.snat != nil {
+		failed, err := c.snat.Apply(ctx, p.Datapath)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("snat: %w", err))
+		}
+		for s, e := range failed {
+			res.FailedServices[s] = e
+		}
+	}
+	if c.routes != nil {
+		failed, err := c.routes.Apply(ctx, p.Routes)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("routes: %w", err))
+		}
+		for s, e := range failed {
+			res.FailedServices[s] = e
+		}
+	}
+	res.Err = errors.Join(errs...)
+	return res
+}
+
+// emit raises Events and logs them.
 func (c *Controller) emit(v view, events []plan.Event) {
 	for _, e := range events {
 		svc := v.services[e.Service]
@@ -171,76 +387,35 @@ func (c *Controller) emit(v view, events []plan.Event) {
 	}
 }
 
-// apply writes addresses and rules. A failure of one part does not stop
-// the other; a missing interface is remembered for the next plan, which
-// raises it as an Event on the Services that needed it.
-func (c *Controller) apply(ctx context.Context, state desired.State) error {
-	var errs []error
-	added, removed, err := c.addrs.Sync(ctx, state.Addresses)
-	c.interfaceErr = ""
-	if err != nil {
-		errs = append(errs, fmt.Errorf("addresses: %w", err))
-		if errors.Is(err, netif.ErrInterfaceNotFound) {
-			c.interfaceErr = err.Error()
-		}
-	}
-	for _, a := range added {
-		c.log.WithField("ip", a.String()).Info("address bound")
-	}
-	for _, a := range removed {
-		c.log.WithField("ip", a.String()).Info("address removed")
-	}
-	if c.snat != nil {
-		if err := c.snat.Apply(ctx, state.SNAT); err != nil {
-			errs = append(errs, fmt.Errorf("snat: %w", err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
 // shutdown runs once the loop has stopped (SIGTERM). The heartbeat says
-// the node is draining; pinned egress Services keep Lease, address and
-// rules so the next process resumes them without a gap; every other
-// Service's address and rules are removed first and then its Lease is
-// released, so another node takes over at once.
+// the node is draining; pinned egress keeps Lease, address and rules so
+// the next process resumes them without a gap (their lifetime made
+// unlimited: a graceful stop hands them over); everything else is removed
+// first and then its Leases are released, so another node takes over at
+// once. A failed removal keeps its Lease (Settle).
 func (c *Controller) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), c.opts.RenewDeadline)
 	defer cancel()
 	c.elections.Drain(ctx)
-	var keep []desired.Service
-	kept := map[types.NamespacedName]bool{}
-	for _, s := range c.last.Own {
-		if s.Pinned() && s.Egress {
-			keep = append(keep, s)
-			kept[s.Lease] = true
-		}
+	v, err := c.snapshot()
+	if err != nil {
+		c.log.WithError(err).Error("shutdown: cannot read the caches; leaving everything as it is")
+		return
 	}
-	state := desired.Build(keep, c.excl.Exclude())
-	applyErr := c.apply(ctx, state)
-	if applyErr != nil {
-		c.log.WithError(applyErr).Error("shutdown: removing addresses and rules failed; keeping their Leases")
+	in := c.input(v)
+	p := plan.Drain(c.mem, in)
+	res := c.apply(ctx, plan.Plan{Bind: p.Bind, Datapath: p.Datapath, Routes: p.Routes})
+	if res.Err != nil {
+		c.log.WithError(res.Err).Error("shutdown: removing addresses and rules failed; keeping their Leases")
 	}
-	ev := c.elections.View()
-	var release []types.NamespacedName
-	for key, l := range ev.Leases {
-		if l.Holder != ev.Self || kept[key] {
-			continue
-		}
-		if applyErr != nil && c.heldProgrammed(key) {
-			continue
-		}
-		release = append(release, key)
+	kept := make([]netip.Addr, 0, len(p.Bind))
+	for _, b := range p.Bind {
+		kept = append(kept, b.Addr)
 	}
+	if err := c.addrs.Persist(ctx, kept); err != nil {
+		c.log.WithError(err).Warn("shutdown: cannot make the kept addresses outlive this process")
+	}
+	_, release, _ := plan.Settle(c.mem, p, c.opts.Clock.Now(), c.opts.RetryPeriod, c.opts.Grace, res)
 	c.elections.ReleaseNow(ctx, release)
-	c.log.WithFields(map[string]any{"kept": len(keep), "released": len(release)}).Info("shutdown complete")
-}
-
-// heldProgrammed reports whether a Service of lease may be in the kernel.
-func (c *Controller) heldProgrammed(lease types.NamespacedName) bool {
-	for _, s := range c.last.Own {
-		if s.Lease == lease {
-			return true
-		}
-	}
-	return false
+	c.log.WithFields(map[string]any{"kept": len(kept), "released": len(release)}).Info("shutdown complete")
 }
