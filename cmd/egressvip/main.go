@@ -1,6 +1,8 @@
 // Command egressvip is the node daemon: `egressvip run` serves
 // LoadBalancer Services and their egress, `egressvip cleanup` removes
-// everything it owns on a node, `egressvip version` prints the version.
+// everything it owns on a node, `egressvip explain` says why a Service's
+// pods leave with its address (or not), `egressvip version` prints the
+// version.
 package main
 
 import (
@@ -23,6 +25,8 @@ const usage = `usage: egressvip <command>
 commands:
   run       run the node daemon (configured by kube-vip's environment variables)
   cleanup   remove every address and SNAT rule egressvip owns on this node
+  explain   <namespace>/<service> [-o json]: why its pods leave with its address, or not
+            (egressvip explain --help for more)
   version   print the version
 `
 
@@ -41,6 +45,8 @@ func main() {
 		err = run(ctx, log)
 	case "cleanup":
 		err = cleanup(log)
+	case "explain":
+		err = explainMain(log)
 	case "version", "--version", "-v":
 		fmt.Println(version)
 	case "help", "--help", "-h":
