@@ -119,6 +119,18 @@ type Reply struct {
 // returns the answer of the pod server behind it (see Pod.Serve). UDP
 // sends one datagram from an unconnected socket and waits for the answer.
 func (e *External) Request(proto string, dst netip.AddrPort, timeout time.Duration) (Reply, error) {
+	return request(e.ns, proto, dst, timeout)
+}
+
+// Request is External.Request from pod p: to another pod, or to a
+// Service in front of pods that serve.
+func (p *Pod) Request(proto string, dst netip.AddrPort, timeout time.Duration) (Reply, error) {
+	return request(p.NS, proto, dst, timeout)
+}
+
+// request connects from namespace ns to dst and reads a pod server's
+// answer.
+func request(ns, proto string, dst netip.AddrPort, timeout time.Duration) (Reply, error) {
 	var r Reply
 	deadline := time.Now().Add(timeout)
 	buf := make([]byte, 512)
@@ -126,7 +138,7 @@ func (e *External) Request(proto string, dst netip.AddrPort, timeout time.Durati
 	switch proto {
 	case "tcp":
 		var conn net.Conn
-		if err := Do(e.ns, func() error {
+		if err := Do(ns, func() error {
 			var err error
 			conn, err = net.DialTimeout("tcp", dst.String(), timeout)
 			return err
@@ -142,7 +154,7 @@ func (e *External) Request(proto string, dst netip.AddrPort, timeout time.Durati
 		r.From = netip.MustParseAddrPort(conn.RemoteAddr().String())
 	case "udp":
 		var conn net.PacketConn
-		if err := Do(e.ns, func() error {
+		if err := Do(ns, func() error {
 			var err error
 			conn, err = net.ListenPacket("udp", ":0")
 			return err
