@@ -217,8 +217,9 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	return c, nil
 }
 
-// network builds the fabric (two bridges), the control-plane, external
-// and node namespaces, and with Options.RoutedNodes the router.
+// network builds the fabric (the bridges of the node network and of the
+// external network), the control-plane, external and node namespaces; with
+// Options.RoutedNodes a router takes the node network's bridge's place.
 func (c *Cluster) network() error {
 	if c.opts.RoutedNodes && c.opts.Nodes > maxRoutedNodes {
 		return fmt.Errorf("routed nodes: at most %d nodes, not %d", maxRoutedNodes, c.opts.Nodes)
@@ -228,13 +229,17 @@ func (c *Cluster) network() error {
 			return err
 		}
 	}
-	if err := shAll(
-		[]string{"ip", "-n", fabricNS, "link", "add", "br-node", "type", "bridge"},
-		[]string{"ip", "-n", fabricNS, "link", "add", "br-ext", "type", "bridge"},
-		[]string{"ip", "-n", fabricNS, "link", "set", "br-node", "up"},
-		[]string{"ip", "-n", fabricNS, "link", "set", "br-ext", "up"},
-	); err != nil {
-		return err
+	bridges := []string{"br-ext"}
+	if !c.opts.RoutedNodes {
+		bridges = append(bridges, "br-node")
+	}
+	for _, br := range bridges {
+		if err := shAll(
+			[]string{"ip", "-n", fabricNS, "link", "add", br, "type", "bridge"},
+			[]string{"ip", "-n", fabricNS, "link", "set", br, "up"},
+		); err != nil {
+			return err
+		}
 	}
 	attach := func(ns, inside, outside, bridge string, ip4, ip6 netip.Prefix) error {
 		if err := veth(fabricNS, outside, ns, inside); err != nil {
