@@ -12,7 +12,7 @@ BENCH_N ?= 50,500,2000
 BENCH_CLUSTER ?= 50
 BENCH_ARGS ?=
 
-.PHONY: help build test test-unit test-privileged e2e demo bench bench-scale lint deps clean
+.PHONY: help build test test-unit test-privileged test-sandbox e2e demo bench bench-scale lint deps clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ deps: ## install the Debian packages tests and the demo need (root)
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: deps test-unit e2e ## run every test: unit, privileged (root, in netns) and end to end
+test: deps test-unit test-sandbox e2e ## run every test: unit, privileged (root, in netns), the sandbox itself and end to end
 
 test-unit: ## unit and privileged tests (privileged ones skip unless root)
 	$(GO) vet ./...
@@ -35,6 +35,9 @@ test-unit: ## unit and privileged tests (privileged ones skip unless root)
 
 test-privileged: deps ## only the privileged tests, failing instead of skipping
 	EGRESSVIP_REQUIRE_PRIVILEGED=1 $(GO) test -race -count=1 -run 'Privileged' ./...
+
+test-sandbox: deps ## the sandbox harness on real clusters: kube-proxy modes, helpers, a release, routed nodes (root)
+	$(GO) test -tags e2e -count=1 -v -timeout 20m ./testing/sandbox/
 
 e2e: deps ## end-to-end scenarios on the local sandbox cluster (root)
 	$(GO) test -tags e2e -count=1 -v -timeout $(E2E_TIMEOUT) ./testing/e2e/...

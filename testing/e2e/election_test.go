@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,61 +17,32 @@ import (
 	"github.com/egressvip/egressvip/testing/sandbox"
 )
 
-// sampler records, every few milliseconds, which nodes hold an address.
+// sampler samples, every 10 ms, which nodes hold an address.
 type sampler struct {
-	ip   netip.Addr
-	stop chan struct{}
-	done chan struct{}
-
-	mu      sync.Mutex
-	samples int
-	double  []string // samples with the address on two nodes or more
-	changes int      // samples whose holder set differs from the previous
-	last    string
+	ip netip.Addr
+	s  *sandbox.Sampler
 }
 
 func sample(ip netip.Addr) *sampler {
-	s := &sampler{ip: ip, stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(s.done)
-		// Bounded: at most 10 minutes of samples.
-		for end := time.Now().Add(10 * time.Minute); time.Now().Before(end); {
-			select {
-			case <-s.stop:
-				return
-			case <-time.After(10 * time.Millisecond):
-			}
-			h := holders(ip)
-			key := fmt.Sprint(h)
-			s.mu.Lock()
-			s.samples++
-			if len(h) > 1 {
-				s.double = append(s.double, time.Now().Format("15:04:05.000")+" "+key)
-			}
-			if s.samples > 1 && key != s.last {
-				s.changes++
-			}
-			s.last = key
-			s.mu.Unlock()
-		}
-	}()
-	return s
+	// Bounded: at most 10 minutes of samples.
+	return &sampler{ip: ip, s: cluster.StartSampler(10*time.Millisecond, 10*time.Minute, ip)}
 }
 
 // end stops sampling and fails the test if the address was ever on two
 // nodes at once.
 func (s *sampler) end(t *testing.T, during string) {
 	t.Helper()
-	close(s.stop)
-	<-s.done
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	t.Logf("%s: %d samples of %s, %d holder changes, %d on two nodes", during, s.samples, s.ip, s.changes, len(s.double))
-	if len(s.double) > 0 {
-		t.Errorf("%s: %s was on two nodes at once in %d samples: %v", during, s.ip, len(s.double), s.double)
+	r := s.s.Stop()
+	a := r.Of(s.ip)
+	t.Logf("%s: %s (%d rounds, slowest %s, %d late)", during, a, r.Rounds, r.Slowest.Round(time.Microsecond), r.Late)
+	if r.Err != nil {
+		t.Errorf("%s: %d sampling rounds failed, first: %v", during, r.Errors, r.Err)
 	}
-	if s.samples < 10 {
-		t.Errorf("%s: only %d samples; the check proves nothing", during, s.samples)
+	if len(a.Double) > 0 {
+		t.Errorf("%s: %s was on two nodes at once in %d samples: %v", during, s.ip, len(a.Double), a.Double)
+	}
+	if a.Samples < 10 {
+		t.Errorf("%s: only %d samples; the check proves nothing", during, a.Samples)
 	}
 }
 

@@ -135,15 +135,39 @@ func waitHolder(t *testing.T, ip netip.Addr) *sandbox.Node {
 	return holder
 }
 
-// holders lists the nodes whose serviceInterface holds ip.
-func holders(ip netip.Addr) []string {
-	var out []string
-	for _, n := range cluster.Nodes {
-		if n.HasAddress(ip) {
-			out = append(out, n.Name)
-		}
+// holders lists the nodes that hold ip.
+func holders(ip netip.Addr) []string { return cluster.Holders(ip) }
+
+// clusterIPService creates a dual-stack ClusterIP Service selecting
+// app=app on UDP port and waits until kube-proxy serves both ClusterIPs
+// on every node; it returns them.
+func clusterIPService(t *testing.T, app string, port int32) []netip.Addr {
+	t.Helper()
+	policy := corev1.IPFamilyPolicyRequireDualStack
+	name := app + "-svc"
+	svc, err := cluster.Admin.CoreV1().Services(ns).Create(ctx(t), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: corev1.ServiceSpec{
+			Selector:       map[string]string{"app": app},
+			IPFamilyPolicy: &policy,
+			Ports:          []corev1.ServicePort{{Name: "udp", Port: port, Protocol: corev1.ProtocolUDP}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create Service %s: %v", name, err)
 	}
-	return out
+	t.Cleanup(func() {
+		_ = cluster.Admin.CoreV1().Services(ns).Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
+	var ips []netip.Addr
+	for _, s := range svc.Spec.ClusterIPs {
+		ip := netip.MustParseAddr(s)
+		if err := cluster.WaitProxied(ctx(t), ip, "udp", int(port), 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		ips = append(ips, ip)
+	}
+	return ips
 }
 
 // waitServed waits until exactly node holds every ip and, for egress

@@ -42,12 +42,16 @@ func CacheDir() string {
 
 // Binaries are the paths of the programs the sandbox runs.
 type Binaries struct {
-	APIServer, ControllerManager, Kubectl, Etcd, EgressVIP string
+	APIServer, ControllerManager, Kubectl, KubeProxy, Etcd, EgressVIP string
 }
 
-// EnsureBinaries builds kube-apiserver and kube-controller-manager from the
-// Go module proxy (testing/tools pins the version) unless the cache has
-// them, and egressvip from this checkout into dir.
+// kubeCommands are the Kubernetes commands built from testing/tools, in
+// one go build.
+var kubeCommands = []string{"kube-apiserver", "kube-controller-manager", "kubectl", "kube-proxy"}
+
+// EnsureBinaries builds kube-apiserver, kube-controller-manager, kubectl
+// and kube-proxy from the Go module proxy (testing/tools pins the version)
+// unless the cache has them all, and egressvip from this checkout into dir.
 func EnsureBinaries(dir string, logf func(string, ...any)) (Binaries, error) {
 	b := Binaries{Etcd: "/usr/bin/etcd", EgressVIP: filepath.Join(dir, "egressvip")}
 	if _, err := os.Stat(b.Etcd); err != nil {
@@ -57,8 +61,9 @@ func EnsureBinaries(dir string, logf func(string, ...any)) (Binaries, error) {
 	b.APIServer = filepath.Join(kdir, "kube-apiserver")
 	b.ControllerManager = filepath.Join(kdir, "kube-controller-manager")
 	b.Kubectl = filepath.Join(kdir, "kubectl")
-	if !exists(b.APIServer) || !exists(b.ControllerManager) || !exists(b.Kubectl) {
-		logf("building kube-apiserver, kube-controller-manager and kubectl %s into %s (about 5-8 minutes the first time)", KubernetesVersion, kdir)
+	b.KubeProxy = filepath.Join(kdir, "kube-proxy")
+	if !exists(b.APIServer) || !exists(b.ControllerManager) || !exists(b.Kubectl) || !exists(b.KubeProxy) {
+		logf("building %s %s into %s (about 10-15 minutes on 2 cores the first time)", strings.Join(kubeCommands, ", "), KubernetesVersion, kdir)
 		if err := os.MkdirAll(kdir, 0o755); err != nil {
 			return b, err
 		}
@@ -67,13 +72,17 @@ func EnsureBinaries(dir string, logf func(string, ...any)) (Binaries, error) {
 			return b, err
 		}
 		defer os.RemoveAll(tmp)
-		cmd := exec.Command("go", "build", "-o", tmp+"/", "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager", "k8s.io/kubernetes/cmd/kubectl")
+		args := []string{"build", "-o", tmp + "/"}
+		for _, name := range kubeCommands {
+			args = append(args, "k8s.io/kubernetes/cmd/"+name)
+		}
+		cmd := exec.Command("go", args...)
 		cmd.Dir = filepath.Join(repoRoot(), "testing", "tools")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return b, fmt.Errorf("build control plane: %w\n%s", err, tail(out))
+			return b, fmt.Errorf("build the Kubernetes commands: %w\n%s", err, tail(out))
 		}
-		for _, name := range []string{"kube-apiserver", "kube-controller-manager", "kubectl"} {
+		for _, name := range kubeCommands {
 			if err := os.Rename(filepath.Join(tmp, name), filepath.Join(kdir, name)); err != nil {
 				return b, err
 			}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -31,15 +33,7 @@ const (
 	// ExternalHost4 and ExternalHost6 are the external host's addresses.
 	ExternalHost4 = extNet4 + "250"
 	ExternalHost6 = extNet6 + "250"
-	// ServiceRangeHost4 and ServiceRangeHost6 are further addresses of the
-	// external host, inside the Service CIDRs; nodes route the Service
-	// CIDRs to it. There is no kube-proxy, so a packet a pod sends to them
-	// shows whether egress SNAT left Service-CIDR traffic alone: the CNI's
-	// MASQUERADE gives it the node address, egress SNAT would give it the
-	// LoadBalancer IP.
-	ServiceRangeHost4 = "10.96.255.250"
-	ServiceRangeHost6 = "fd00:10:96::fffa"
-	apiServerIP       = nodeNet4 + "1"
+	apiServerIP   = nodeNet4 + "1"
 )
 
 // This run's fixed namespaces.
@@ -47,6 +41,7 @@ var (
 	fabricNS   = nsName("fabric")
 	controlNS  = nsName("cp")
 	externalNS = nsName("ext")
+	routerNS   = nsName("rt") // only with Options.RoutedNodes
 )
 
 // PodCIDR4 and PodCIDR6 are the cluster's pod ranges.
@@ -82,6 +77,17 @@ type Options struct {
 	// AdminQPS is the Admin client's client-side rate limit (burst twice
 	// that); 0 means 100.
 	AdminQPS int
+	// RoutedNodes puts every node's node-network interface (eth0, its
+	// InternalIP) on a subnet of its own, with a router namespace between
+	// the subnets, the control plane's and the pod ranges (routed to each
+	// node's address): nodes share no L2 segment on the node network. The
+	// external network (eth1) stays one segment. At most 15 nodes.
+	RoutedNodes bool
+	// KubeProxyMode is the mode of the kube-proxy that runs in every node
+	// namespace: KubeProxyNFTables (the default when empty),
+	// KubeProxyIPTables or KubeProxyNone. SetKubeProxyMode changes it on a
+	// running cluster.
+	KubeProxyMode string
 }
 
 // Cluster is a running sandbox.
@@ -105,6 +111,7 @@ type Cluster struct {
 	podSeq    int
 	linkSeq   int
 	daemonK   string // the daemon's kubeconfig
+	proxyMode string // the nodes' kube-proxy mode
 }
 
 // Node is one node namespace.
@@ -124,6 +131,13 @@ type Node struct {
 	LogPath string
 	nextPod int
 	env     map[string]string // per-node overrides of the daemon's environment
+
+	proxy       *exec.Cmd // kube-proxy
+	proxyExited chan struct{}
+	nl          *nodeLink // netlink handle in NS, opened on first use
+	// gw4 and gw6 are the router's addresses on the node's subnet
+	// (RoutedNodes); invalid on the one-segment node network.
+	gw4, gw6 netip.Addr
 }
 
 func (c *Cluster) logf(format string, args ...any) {
@@ -140,12 +154,18 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if opts.Nodes <= 0 {
 		opts.Nodes = 2
 	}
+	if opts.KubeProxyMode == "" {
+		opts.KubeProxyMode = KubeProxyNFTables
+	}
+	if err := validKubeProxyMode(opts.KubeProxyMode); err != nil {
+		return nil, err
+	}
 	running.Lock()
 	defer running.Unlock()
 	if running.c != nil {
 		return nil, errors.New("a sandbox cluster already runs in this process")
 	}
-	c = &Cluster{opts: opts, pods: map[string]*Pod{}}
+	c = &Cluster{opts: opts, pods: map[string]*Pod{}, proxyMode: opts.KubeProxyMode}
 	// Leftovers of killed runs first, then this run's lock.
 	CleanLeftovers()
 	if c.lock, err = lockRun(); err != nil {
@@ -180,77 +200,112 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if c.External, err = startExternal(externalNS); err != nil {
 		return c, fmt.Errorf("external host: %w", err)
 	}
+	if c.proxyMode != KubeProxyNone {
+		for _, n := range c.Nodes {
+			if err = c.startKubeProxy(n, c.proxyMode); err != nil {
+				return c, fmt.Errorf("kube-proxy: %w", err)
+			}
+		}
+	}
 	if err = c.installDaemon(ctx); err != nil {
 		return c, fmt.Errorf("egressvip: %w", err)
+	}
+	if err = c.waitKubeProxies(ctx); err != nil {
+		return c, err
 	}
 	c.logf("sandbox up with %d nodes (%s); logs in %s", len(c.Nodes), time.Since(start).Round(time.Second), c.Dir)
 	return c, nil
 }
 
-// network builds the fabric (two bridges), the control-plane, external
-// and node namespaces.
+// network builds the fabric (the bridges of the node network and of the
+// external network), the control-plane, external and node namespaces; with
+// Options.RoutedNodes a router takes the node network's bridge's place.
 func (c *Cluster) network() error {
+	if c.opts.RoutedNodes && c.opts.Nodes > maxRoutedNodes {
+		return fmt.Errorf("routed nodes: at most %d nodes, not %d", maxRoutedNodes, c.opts.Nodes)
+	}
 	for _, ns := range []string{fabricNS, controlNS, externalNS} {
 		if err := addNS(ns); err != nil {
 			return err
 		}
 	}
-	if err := shAll(
-		[]string{"ip", "-n", fabricNS, "link", "add", "br-node", "type", "bridge"},
-		[]string{"ip", "-n", fabricNS, "link", "add", "br-ext", "type", "bridge"},
-		[]string{"ip", "-n", fabricNS, "link", "set", "br-node", "up"},
-		[]string{"ip", "-n", fabricNS, "link", "set", "br-ext", "up"},
-	); err != nil {
-		return err
+	bridges := []string{"br-ext"}
+	if !c.opts.RoutedNodes {
+		bridges = append(bridges, "br-node")
 	}
-	attach := func(ns, inside, outside, bridge, ip4, ip6 string) error {
+	for _, br := range bridges {
+		if err := shAll(
+			[]string{"ip", "-n", fabricNS, "link", "add", br, "type", "bridge"},
+			[]string{"ip", "-n", fabricNS, "link", "set", br, "up"},
+		); err != nil {
+			return err
+		}
+	}
+	attach := func(ns, inside, outside, bridge string, ip4, ip6 netip.Prefix) error {
 		if err := veth(fabricNS, outside, ns, inside); err != nil {
 			return err
 		}
 		return shAll(
 			[]string{"ip", "-n", fabricNS, "link", "set", outside, "master", bridge},
-			[]string{"ip", "-n", ns, "addr", "add", ip4 + "/24", "dev", inside},
-			[]string{"ip", "-n", ns, "addr", "add", ip6 + "/64", "dev", inside, "nodad"},
+			[]string{"ip", "-n", ns, "addr", "add", ip4.String(), "dev", inside},
+			[]string{"ip", "-n", ns, "addr", "add", ip6.String(), "dev", inside, "nodad"},
 		)
 	}
-	if err := attach(controlNS, "eth0", "cp0", "br-node", apiServerIP, nodeNet6+"1"); err != nil {
+	// The node network: one bridge, or with RoutedNodes a router with a
+	// subnet of its own for the control plane and for each node.
+	nodeLink := func(ns, inside, outside string, p nodePlan) error {
+		if !c.opts.RoutedNodes {
+			return attach(ns, inside, outside, "br-node", p.ip4, p.ip6)
+		}
+		if err := veth(routerNS, outside, ns, inside); err != nil {
+			return err
+		}
+		return shAll(
+			[]string{"ip", "-n", routerNS, "addr", "add", netip.PrefixFrom(p.gw4, p.ip4.Bits()).String(), "dev", outside},
+			[]string{"ip", "-n", routerNS, "addr", "add", netip.PrefixFrom(p.gw6, p.ip6.Bits()).String(), "dev", outside, "nodad"},
+			[]string{"ip", "-n", ns, "addr", "add", p.ip4.String(), "dev", inside},
+			[]string{"ip", "-n", ns, "addr", "add", p.ip6.String(), "dev", inside, "nodad"},
+			[]string{"ip", "-n", ns, "route", "add", nodeNetwork4.String(), "via", p.gw4.String()},
+			[]string{"ip", "-n", ns, "-6", "route", "add", nodeNetwork6.String(), "via", p.gw6.String()},
+		)
+	}
+	if c.opts.RoutedNodes {
+		if err := addNS(routerNS); err != nil {
+			return err
+		}
+		if _, err := InNS(routerNS, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
+			return err
+		}
+	}
+	cp := planControlPlane(c.opts.RoutedNodes)
+	if err := nodeLink(controlNS, "eth0", "cp0", cp); err != nil {
 		return err
 	}
-	if err := attach(externalNS, "eth0", "ext0", "br-ext", ExternalHost4, ExternalHost6); err != nil {
-		return err
-	}
-	if err := shAll(
-		[]string{"ip", "-n", externalNS, "addr", "add", ServiceRangeHost4 + "/32", "dev", "eth0"},
-		[]string{"ip", "-n", externalNS, "addr", "add", ServiceRangeHost6 + "/128", "dev", "eth0", "nodad"},
-	); err != nil {
+	if err := attach(externalNS, "eth0", "ext0", "br-ext", netip.MustParsePrefix(ExternalHost4+"/24"), netip.MustParsePrefix(ExternalHost6+"/64")); err != nil {
 		return err
 	}
 	for i := 1; i <= c.opts.Nodes; i++ {
+		p := planNode(i, c.opts.RoutedNodes)
 		n := &Node{
 			Name:   fmt.Sprintf("node-%d", i),
 			NS:     nsName(fmt.Sprintf("n%d", i)),
-			IP4:    netip.MustParseAddr(fmt.Sprintf("%s%d", nodeNet4, 10+i)),
-			IP6:    netip.MustParseAddr(fmt.Sprintf("%s%x", nodeNet6, 0x10+i)),
+			IP4:    p.ip4.Addr(),
+			IP6:    p.ip6.Addr(),
 			ExtIP4: netip.MustParseAddr(fmt.Sprintf("%s%d", extNet4, 10+i)),
 			ExtIP6: netip.MustParseAddr(fmt.Sprintf("%s%x", extNet6, 0x10+i)),
+			gw4:    p.gw4,
+			gw6:    p.gw6,
 		}
 		if err := addNS(n.NS); err != nil {
 			return err
 		}
-		if err := attach(n.NS, "eth0", fmt.Sprintf("n%da", i), "br-node", n.IP4.String(), n.IP6.String()); err != nil {
+		if err := nodeLink(n.NS, "eth0", fmt.Sprintf("n%da", i), p); err != nil {
 			return err
 		}
-		if err := attach(n.NS, "eth1", fmt.Sprintf("n%db", i), "br-ext", n.ExtIP4.String(), n.ExtIP6.String()); err != nil {
+		if err := attach(n.NS, "eth1", fmt.Sprintf("n%db", i), "br-ext", netip.PrefixFrom(n.ExtIP4, 24), netip.PrefixFrom(n.ExtIP6, 64)); err != nil {
 			return err
 		}
 		if _, err := InNS(n.NS, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
-			return err
-		}
-		svc4, svc6, _ := strings.Cut(serviceCIDR, ",")
-		if err := shAll(
-			[]string{"ip", "-n", n.NS, "route", "add", svc4, "via", ExternalHost4, "dev", "eth1"},
-			[]string{"ip", "-n", n.NS, "-6", "route", "add", svc6, "via", ExternalHost6, "dev", "eth1"},
-		); err != nil {
 			return err
 		}
 		c.Nodes = append(c.Nodes, n)
@@ -296,6 +351,11 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return err
 	}
 	if err := p.issue("kcm", "system:kube-controller-manager", []string{"system:masters"}, nil, nil); err != nil {
+		return err
+	}
+	// kube-proxy's user; the bootstrap ClusterRoleBinding
+	// system:node-proxier grants it what it reads.
+	if err := p.issue("kube-proxy", "system:kube-proxy", nil, nil, nil); err != nil {
 		return err
 	}
 	env := []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + c.Dir}
@@ -346,6 +406,9 @@ func (c *Cluster) controlPlane(ctx context.Context) error {
 		return fmt.Errorf("kube-apiserver not ready (see %s): %w", c.path("kube-apiserver.log"), err)
 	}
 	if err := writeKubeconfig(c.path("admin.kubeconfig"), "https://127.0.0.1:6443", p.path("ca.crt"), p.path("admin.crt"), p.path("admin.key"), ""); err != nil {
+		return err
+	}
+	if err := writeKubeconfig(c.path("kube-proxy.kubeconfig"), "https://"+apiServerIP+":6443", p.path("ca.crt"), p.path("kube-proxy.crt"), p.path("kube-proxy.key"), ""); err != nil {
 		return err
 	}
 	kcmConfig := c.path("kcm.kubeconfig")
@@ -417,6 +480,11 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 			return fmt.Errorf("node %s got no dual-stack podCIDRs from node-ipam (see %s): %w", n.Name, c.path("kube-controller-manager.log"), err)
 		}
 	}
+	if c.opts.RoutedNodes {
+		if err := c.routePodCIDRs(); err != nil {
+			return err
+		}
+	}
 	for _, n := range c.Nodes {
 		for _, other := range c.Nodes {
 			if other == n {
@@ -426,6 +494,12 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 				via := other.IP4
 				if p.Addr().Is6() {
 					via = other.IP6
+				}
+				if c.opts.RoutedNodes {
+					via = n.gw4
+					if p.Addr().Is6() {
+						via = n.gw6
+					}
 				}
 				if _, err := sh("ip", "-n", n.NS, "route", "add", p.String(), "via", via.String()); err != nil {
 					return err
@@ -478,7 +552,11 @@ func (c *Cluster) stop() {
 		if n.daemon != nil && n.daemon.Process != nil {
 			_ = n.daemon.Process.Kill()
 		}
+		if n.proxy != nil && n.proxy.Process != nil {
+			_ = n.proxy.Process.Kill()
+		}
 		n.mu.Unlock()
+		n.closeHandle()
 	}
 	if c.External != nil {
 		c.External.Close()
@@ -486,7 +564,11 @@ func (c *Cluster) stop() {
 	c.mu.Lock()
 	procs := c.procs
 	c.procs = nil
+	pods := slices.Collect(maps.Values(c.pods))
 	c.mu.Unlock()
+	for _, p := range pods {
+		p.closeServers()
+	}
 	for i := len(procs) - 1; i >= 0; i-- {
 		if procs[i].Process != nil {
 			_ = procs[i].Process.Kill()

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
+	"slices"
 	"sort"
 	"syscall"
 	"time"
@@ -15,6 +15,8 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
@@ -22,6 +24,7 @@ import (
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"k8s.io/client-go/util/retry"
 )
 
 func writeKubeconfig(path, server, caFile, certFile, keyFile, token string) error {
@@ -41,7 +44,13 @@ func writeKubeconfig(path, server, caFile, certFile, keyFile, token string) erro
 
 // manifestObjects decodes every object of a file in manifests/.
 func manifestObjects(name string) ([]runtime.Object, error) {
-	data, err := os.ReadFile(filepath.Join(repoRoot(), "manifests", name))
+	return manifestObjectsAt("", name)
+}
+
+// manifestObjectsAt decodes every object of manifests/name at commit ("":
+// the checkout's working tree).
+func manifestObjectsAt(commit, name string) ([]runtime.Object, error) {
+	data, err := ReleaseManifest(commit, name)
 	if err != nil {
 		return nil, err
 	}
@@ -71,6 +80,13 @@ func (c *Cluster) applyRBAC(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	return c.applyRBACObjects(ctx, objs, false)
+}
+
+// applyRBACObjects creates RBAC manifest objects. With merge, an object
+// that exists is kept and widened: a Role or ClusterRole gets the rules it
+// lacks, a binding the subjects it lacks.
+func (c *Cluster) applyRBACObjects(ctx context.Context, objs []runtime.Object, merge bool) error {
 	for _, o := range objs {
 		var err error
 		switch v := o.(type) {
@@ -79,15 +95,64 @@ func (c *Cluster) applyRBAC(ctx context.Context) error {
 		case *corev1.ServiceAccount:
 			_, err = c.Admin.CoreV1().ServiceAccounts(v.Namespace).Create(ctx, v, metav1.CreateOptions{})
 		case *rbacv1.ClusterRole:
-			_, err = c.Admin.RbacV1().ClusterRoles().Create(ctx, v, metav1.CreateOptions{})
+			if _, err = c.Admin.RbacV1().ClusterRoles().Create(ctx, v, metav1.CreateOptions{}); merge && apierrors.IsAlreadyExists(err) {
+				err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+					cur, err := c.Admin.RbacV1().ClusterRoles().Get(ctx, v.Name, metav1.GetOptions{})
+					if err != nil {
+						return err
+					}
+					cur.Rules = mergeRules(cur.Rules, v.Rules)
+					_, err = c.Admin.RbacV1().ClusterRoles().Update(ctx, cur, metav1.UpdateOptions{})
+					return err
+				})
+			}
 		case *rbacv1.ClusterRoleBinding:
-			_, err = c.Admin.RbacV1().ClusterRoleBindings().Create(ctx, v, metav1.CreateOptions{})
+			if _, err = c.Admin.RbacV1().ClusterRoleBindings().Create(ctx, v, metav1.CreateOptions{}); merge && apierrors.IsAlreadyExists(err) {
+				err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+					cur, err := c.Admin.RbacV1().ClusterRoleBindings().Get(ctx, v.Name, metav1.GetOptions{})
+					if err != nil {
+						return err
+					}
+					if cur.RoleRef != v.RoleRef {
+						return fmt.Errorf("ClusterRoleBinding %s: roleRef %v, the manifest has %v", v.Name, cur.RoleRef, v.RoleRef)
+					}
+					cur.Subjects = mergeSubjects(cur.Subjects, v.Subjects)
+					_, err = c.Admin.RbacV1().ClusterRoleBindings().Update(ctx, cur, metav1.UpdateOptions{})
+					return err
+				})
+			}
 		case *rbacv1.Role:
-			_, err = c.Admin.RbacV1().Roles(v.Namespace).Create(ctx, v, metav1.CreateOptions{})
+			if _, err = c.Admin.RbacV1().Roles(v.Namespace).Create(ctx, v, metav1.CreateOptions{}); merge && apierrors.IsAlreadyExists(err) {
+				err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+					cur, err := c.Admin.RbacV1().Roles(v.Namespace).Get(ctx, v.Name, metav1.GetOptions{})
+					if err != nil {
+						return err
+					}
+					cur.Rules = mergeRules(cur.Rules, v.Rules)
+					_, err = c.Admin.RbacV1().Roles(v.Namespace).Update(ctx, cur, metav1.UpdateOptions{})
+					return err
+				})
+			}
 		case *rbacv1.RoleBinding:
-			_, err = c.Admin.RbacV1().RoleBindings(v.Namespace).Create(ctx, v, metav1.CreateOptions{})
+			if _, err = c.Admin.RbacV1().RoleBindings(v.Namespace).Create(ctx, v, metav1.CreateOptions{}); merge && apierrors.IsAlreadyExists(err) {
+				err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+					cur, err := c.Admin.RbacV1().RoleBindings(v.Namespace).Get(ctx, v.Name, metav1.GetOptions{})
+					if err != nil {
+						return err
+					}
+					if cur.RoleRef != v.RoleRef {
+						return fmt.Errorf("RoleBinding %s/%s: roleRef %v, the manifest has %v", v.Namespace, v.Name, cur.RoleRef, v.RoleRef)
+					}
+					cur.Subjects = mergeSubjects(cur.Subjects, v.Subjects)
+					_, err = c.Admin.RbacV1().RoleBindings(v.Namespace).Update(ctx, cur, metav1.UpdateOptions{})
+					return err
+				})
+			}
 		default:
 			err = fmt.Errorf("rbac.yaml: unexpected %T", o)
+		}
+		if merge && apierrors.IsAlreadyExists(err) {
+			err = nil // a Namespace or ServiceAccount: nothing to widen
 		}
 		if err != nil {
 			return err
@@ -96,9 +161,37 @@ func (c *Cluster) applyRBAC(ctx context.Context) error {
 	return nil
 }
 
-// daemonSpec reads the container of manifests/daemonset.yaml.
-func daemonSpec() (*appsv1.DaemonSet, error) {
-	objs, err := manifestObjects("daemonset.yaml")
+// mergeRules returns have with the rules of add it lacks appended: the
+// union of two rule lists, in which a rule equal to one in have is not
+// repeated.
+func mergeRules(have, add []rbacv1.PolicyRule) []rbacv1.PolicyRule {
+	out := slices.Clone(have)
+	for _, r := range add {
+		if !slices.ContainsFunc(out, func(h rbacv1.PolicyRule) bool { return equality.Semantic.DeepEqual(h, r) }) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// mergeSubjects returns have with the subjects of add it lacks appended.
+func mergeSubjects(have, add []rbacv1.Subject) []rbacv1.Subject {
+	out := slices.Clone(have)
+	for _, s := range add {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// daemonSpec reads the DaemonSet of manifests/daemonset.yaml.
+func daemonSpec() (*appsv1.DaemonSet, error) { return daemonSpecAt("") }
+
+// daemonSpecAt reads the DaemonSet of manifests/daemonset.yaml at commit
+// ("": the working tree).
+func daemonSpecAt(commit string) (*appsv1.DaemonSet, error) {
+	objs, err := manifestObjectsAt(commit, "daemonset.yaml")
 	if err != nil {
 		return nil, err
 	}
@@ -107,7 +200,7 @@ func daemonSpec() (*appsv1.DaemonSet, error) {
 			return ds, nil
 		}
 	}
-	return nil, fmt.Errorf("no DaemonSet in manifests/daemonset.yaml")
+	return nil, fmt.Errorf("no DaemonSet in manifests/daemonset.yaml at %s", describeCommit(commit))
 }
 
 // installDaemon applies the RBAC, gets the ServiceAccount a token through
@@ -150,8 +243,13 @@ func (c *Cluster) installDaemon(ctx context.Context) error {
 // DaemonEnv is the environment egressvip gets on node n: the DaemonSet's
 // env with the downward API filled in, the sandbox's overrides and the
 // ServiceAccount kubeconfig.
-func (c *Cluster) DaemonEnv(n *Node) ([]string, error) {
-	ds, err := daemonSpec()
+func (c *Cluster) DaemonEnv(n *Node) ([]string, error) { return c.ReleaseDaemonEnv(n, "") }
+
+// ReleaseDaemonEnv is DaemonEnv with the DaemonSet of manifests/ at commit
+// ("": the working tree): the environment that release's manifests give
+// its daemon on n.
+func (c *Cluster) ReleaseDaemonEnv(n *Node, commit string) ([]string, error) {
+	ds, err := daemonSpecAt(commit)
 	if err != nil {
 		return nil, err
 	}
@@ -165,7 +263,7 @@ func (c *Cluster) DaemonEnv(n *Node) ([]string, error) {
 		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace":
 			env[e.Name] = ds.Namespace
 		default:
-			return nil, fmt.Errorf("daemonset.yaml: env %s: the sandbox cannot fill this valueFrom", e.Name)
+			return nil, fmt.Errorf("daemonset.yaml at %s: env %s: the sandbox cannot fill this valueFrom", describeCommit(commit), e.Name)
 		}
 	}
 	for k, v := range c.opts.DaemonEnv {
@@ -194,18 +292,40 @@ func (c *Cluster) SetDaemonEnv(n *Node, env map[string]string) {
 	n.env = env
 }
 
-// StartDaemon starts egressvip in n's namespace (appending to its log).
+// StartDaemon starts egressvip (the checkout's build) in n's namespace
+// with DaemonEnv, appending to its log.
 func (c *Cluster) StartDaemon(n *Node) error {
 	env, err := c.DaemonEnv(n)
 	if err != nil {
 		return err
+	}
+	return c.StartDaemonWith(n, c.bins.EgressVIP, env)
+}
+
+// StartDaemonWith starts binary as n's egressvip with exactly env (see
+// ReleaseDaemonEnv and BuildRelease), appending to the same log as
+// StartDaemon; StopDaemon stops it.
+func (c *Cluster) StartDaemonWith(n *Node, binary string, env []string) error {
+	n.mu.Lock()
+	running := n.daemon != nil
+	if running {
+		select {
+		case <-n.exited:
+			running = false
+		default:
+		}
+	}
+	n.mu.Unlock()
+	if running {
+		return fmt.Errorf("egressvip already runs on %s (StopDaemon first)", n.Name)
 	}
 	n.LogPath = c.path("egressvip-" + n.Name + ".log")
 	logFile, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("ip", "netns", "exec", n.NS, c.bins.EgressVIP, "run")
+	fmt.Fprintf(logFile, "=== sandbox: %s run at %s\n", binary, time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command("ip", "netns", "exec", n.NS, binary, "run")
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := startKilledWithUs(cmd); err != nil {

@@ -30,6 +30,7 @@ type Hit struct {
 // External is the external host: TCP and UDP servers (IPv4 and IPv6) in
 // their own namespace that record the peer address of everything they get.
 type External struct {
+	ns        string
 	mu        sync.Mutex
 	hits      []Hit
 	listeners []net.Listener
@@ -37,7 +38,7 @@ type External struct {
 }
 
 func startExternal(ns string) (*External, error) {
-	e := &External{}
+	e := &External{ns: ns}
 	err := Do(ns, func() error {
 		for _, port := range []int{TCPPort, TCPOtherPort} {
 			l, err := net.Listen("tcp", fmt.Sprintf(":%d", port))

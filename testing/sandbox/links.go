@@ -3,7 +3,6 @@ package sandbox
 import (
 	"fmt"
 	"net/netip"
-	"strings"
 )
 
 // AddExternalLink gives node n a second interface on the external network,
@@ -40,7 +39,6 @@ func (n *Node) AddressesOn(dev string) ([]netip.Addr, error) {
 // routes through it; the node's own are put back (what the host's network
 // configuration would do), egressvip's are egressvip's to restore.
 func (c *Cluster) BounceLink(n *Node) error {
-	svc4, svc6, _ := strings.Cut(serviceCIDR, ",")
 	if err := shAll(
 		[]string{"ip", "-n", n.NS, "link", "set", "eth1", "down"},
 		[]string{"ip", "-n", n.NS, "link", "set", "eth1", "up"},
@@ -48,7 +46,5 @@ func (c *Cluster) BounceLink(n *Node) error {
 		return err
 	}
 	_, _ = sh("ip", "-n", n.NS, "addr", "replace", n.ExtIP6.String()+"/64", "dev", "eth1", "nodad")
-	_, _ = sh("ip", "-n", n.NS, "route", "replace", svc4, "via", ExternalHost4, "dev", "eth1")
-	_, _ = sh("ip", "-n", n.NS, "-6", "route", "replace", svc6, "via", ExternalHost6, "dev", "eth1")
 	return nil
 }

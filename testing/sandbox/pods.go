@@ -5,28 +5,60 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"maps"
 	"net/netip"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 )
 
 func bufioReader(b []byte) *bufio.Reader { return bufio.NewReader(bytes.NewReader(b)) }
 
-// Pod is a pod the sandbox's "kubelet and CNI" started: a namespace with a
-// veth into its node's namespace.
+// Pod is a pod the sandbox's "kubelet and CNI" manage: a Pod object and,
+// once started, a namespace with a veth into its node's namespace.
+//
+// A pod goes through the steps a kubelet takes, each its own call, so that
+// a test can act between them: CreatePod (Pending, no address), StartPod
+// (the CNI ADD: namespace, veth, addresses; Running with its addresses in
+// status, not Ready), SetPodReady (Ready). RunPod does all three.
 type Pod struct {
 	Namespace, Name string
+	Labels          map[string]string
 	Node            *Node
 	NS              string
-	IP4, IP6        netip.Addr
-	hostVeth        string
+	// IP4 and IP6 are the addresses the pod gets from StartPod (they are
+	// picked when it is created, and in its status only from StartPod on).
+	IP4, IP6 netip.Addr
+	hostVeth string
+
+	mu      sync.Mutex
+	started bool
+	servers []io.Closer
 }
 
 // RunPod creates a Pod bound to node, plumbs its namespace (addresses from
 // the node's podCIDRs, routes) and reports it Running and Ready, so the real
 // EndpointSlice controller picks it up.
 func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node, labels map[string]string) (*Pod, error) {
+	p, err := c.CreatePod(ctx, namespace, name, node, labels)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.StartPod(ctx, p); err != nil {
+		return nil, err
+	}
+	if err := c.SetPodReady(ctx, p, true); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// CreatePod creates a Pod bound to node (as the scheduler leaves it for the
+// kubelet): Pending, no address, no namespace yet.
+func (c *Cluster) CreatePod(ctx context.Context, namespace, name string, node *Node, labels map[string]string) (*Pod, error) {
 	c.mu.Lock()
 	c.podSeq++
 	seq := c.podSeq
@@ -36,7 +68,7 @@ func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node
 	idx := node.nextPod
 	node.mu.Unlock()
 
-	p := &Pod{Namespace: namespace, Name: name, Node: node, NS: nsName(fmt.Sprintf("p%d", seq)), hostVeth: fmt.Sprintf("vp%d", seq)}
+	p := &Pod{Namespace: namespace, Name: name, Labels: maps.Clone(labels), Node: node, NS: nsName(fmt.Sprintf("p%d", seq)), hostVeth: fmt.Sprintf("vp%d", seq)}
 	for _, cidr := range node.PodCIDRs {
 		a := cidr.Addr()
 		for range 10 + idx {
@@ -52,18 +84,73 @@ func (c *Cluster) RunPod(ctx context.Context, namespace, name string, node *Node
 	if err != nil {
 		return nil, err
 	}
-	if err := c.plumb(p); err != nil {
-		return nil, fmt.Errorf("pod %s network: %w", name, err)
+	created.Status = pendingStatus()
+	if _, err := c.Admin.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		return nil, fmt.Errorf("pod %s status: %w", name, err)
 	}
 	c.mu.Lock()
 	c.pods[namespace+"/"+name] = p
 	c.mu.Unlock()
-
-	created.Status = readyStatus(node, p.IP4, p.IP6)
-	if _, err := c.Admin.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
-		return nil, fmt.Errorf("pod %s status: %w", name, err)
-	}
 	return p, nil
+}
+
+// StartPod is the CNI ADD and the container start: the pod's namespace,
+// veth, addresses and routes, then status Running with its addresses, not
+// Ready. The pod can send as soon as it returns.
+func (c *Cluster) StartPod(ctx context.Context, p *Pod) error {
+	p.mu.Lock()
+	started := p.started
+	p.started = true
+	p.mu.Unlock()
+	if started {
+		return fmt.Errorf("pod %s/%s already started", p.Namespace, p.Name)
+	}
+	if err := c.plumb(p); err != nil {
+		return fmt.Errorf("pod %s network: %w", p.Name, err)
+	}
+	return c.updatePodStatus(ctx, p, podStatus(p.Node, p.IP4, p.IP6, false))
+}
+
+// SetPodReady reports a started pod Ready (its readiness probe passes) or
+// not Ready (it fails); the EndpointSlice controller follows.
+func (c *Cluster) SetPodReady(ctx context.Context, p *Pod, ready bool) error {
+	p.mu.Lock()
+	started := p.started
+	p.mu.Unlock()
+	if !started {
+		return fmt.Errorf("pod %s/%s: not started (StartPod first)", p.Namespace, p.Name)
+	}
+	return c.updatePodStatus(ctx, p, podStatus(p.Node, p.IP4, p.IP6, ready))
+}
+
+// updatePodStatus writes status onto the current Pod object.
+func (c *Cluster) updatePodStatus(ctx context.Context, p *Pod, status corev1.PodStatus) error {
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur, err := c.Admin.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if cur.Status.StartTime != nil {
+			status.StartTime = cur.Status.StartTime
+		}
+		cur.Status = status
+		_, err = c.Admin.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, cur, metav1.UpdateOptions{})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("pod %s/%s status: %w", p.Namespace, p.Name, err)
+	}
+	return nil
+}
+
+// MovePod is a Deployment's rolling step for one replica: a new pod with
+// old's labels runs (Ready) on node to, then old is deleted.
+func (c *Cluster) MovePod(ctx context.Context, old *Pod, name string, to *Node) (*Pod, error) {
+	fresh, err := c.RunPod(ctx, old.Namespace, name, to, old.Labels)
+	if err != nil {
+		return nil, err
+	}
+	return fresh, c.DeletePod(ctx, old)
 }
 
 // podObject is the Pod the sandbox creates: bound to node, one container,
@@ -81,10 +168,32 @@ func podObject(namespace, name string, node *Node, labels map[string]string) *co
 	}
 }
 
+// pendingStatus is a bound pod's status before its sandbox exists.
+func pendingStatus() corev1.PodStatus {
+	now := metav1.Now()
+	return corev1.PodStatus{
+		Phase: corev1.PodPending,
+		Conditions: []corev1.PodCondition{
+			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		},
+		ContainerStatuses: []corev1.ContainerStatus{{Name: "app", Image: "sandbox.invalid/app:latest",
+			State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: "ContainerCreating"}}}},
+	}
+}
+
 // readyStatus is the status the sandbox's "kubelet" reports for a pod on
 // node with addresses ip4 and ip6: Running and Ready.
 func readyStatus(node *Node, ip4, ip6 netip.Addr) corev1.PodStatus {
+	return podStatus(node, ip4, ip6, true)
+}
+
+// podStatus is a running pod's status: its addresses, Ready or not.
+func podStatus(node *Node, ip4, ip6 netip.Addr, ready bool) corev1.PodStatus {
 	now := metav1.Now()
+	readyCond := corev1.ConditionFalse
+	if ready {
+		readyCond = corev1.ConditionTrue
+	}
 	return corev1.PodStatus{
 		Phase:     corev1.PodRunning,
 		HostIP:    node.IP4.String(),
@@ -95,10 +204,10 @@ func readyStatus(node *Node, ip4, ip6 netip.Addr) corev1.PodStatus {
 		Conditions: []corev1.PodCondition{
 			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
 			{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
-			{Type: corev1.ContainersReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
-			{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			{Type: corev1.ContainersReady, Status: readyCond, LastTransitionTime: now},
+			{Type: corev1.PodReady, Status: readyCond, LastTransitionTime: now},
 		},
-		ContainerStatuses: []corev1.ContainerStatus{{Name: "app", Ready: true, Image: "sandbox.invalid/app:latest",
+		ContainerStatuses: []corev1.ContainerStatus{{Name: "app", Ready: ready, Image: "sandbox.invalid/app:latest",
 			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}}},
 	}
 }
@@ -126,13 +235,20 @@ func (c *Cluster) plumb(p *Pod) error {
 	)
 }
 
-// DeletePod deletes the Pod object and its namespace.
+// DeletePod deletes the Pod object and, if it was started, its namespace
+// and servers.
 func (c *Cluster) DeletePod(ctx context.Context, p *Pod) error {
 	zero := int64(0)
 	err := c.Admin.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
-	delNS(p.NS)
-	_, _ = sh("ip", "-n", p.Node.NS, "route", "del", p.IP4.String()+"/32")
-	_, _ = sh("ip", "-n", p.Node.NS, "-6", "route", "del", p.IP6.String()+"/128")
+	p.closeServers()
+	p.mu.Lock()
+	started := p.started
+	p.mu.Unlock()
+	if started {
+		delNS(p.NS)
+		_, _ = sh("ip", "-n", p.Node.NS, "route", "del", p.IP4.String()+"/32")
+		_, _ = sh("ip", "-n", p.Node.NS, "-6", "route", "del", p.IP6.String()+"/128")
+	}
 	c.mu.Lock()
 	delete(c.pods, p.Namespace+"/"+p.Name)
 	c.mu.Unlock()

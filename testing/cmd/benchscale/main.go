@@ -68,6 +68,7 @@ var (
 	flagWorkers         = flag.Int("workers", 16, "parallel API writers when creating Services and pods")
 	flagMaxRuntime      = flag.Duration("max-runtime", 25*time.Minute, "hard limit of the whole run")
 	flagDualStack       = flag.Bool("dual-stack", false, "create PreferDualStack Services (as the e2e suite does) instead of IPv6 single-stack ones; each then costs two ClusterIPs, and kube-apiserver allocates ClusterIPs through its loopback client at about 50/s, so creating and deleting thousands of Services takes twice as long")
+	flagKubeProxy       = flag.String("kube-proxy", sandbox.KubeProxyNone, "kube-proxy mode in the nodes: none (the default, so that the figures are egressvip's alone: kube-proxy's CPU on 2 cores and its API reads would count with them), nftables or iptables")
 	flagDir             = flag.String("dir", "", "keep the sandbox's logs and certificates in this directory (default: a temporary directory, removed unless the run fails)")
 )
 
@@ -143,7 +144,7 @@ func daemonEnv(s string) map[string]string {
 }
 
 func run(ctx context.Context, counts []int) (err error) {
-	say("starting the sandbox: %d nodes, kube-controller-manager --kube-api-qps=%d, node pod ranges /20 and /64", *flagNodes, *flagKCMQPS)
+	say("starting the sandbox: %d nodes, kube-controller-manager --kube-api-qps=%d, node pod ranges /20 and /64, kube-proxy %s", *flagNodes, *flagKCMQPS, *flagKubeProxy)
 	c, err := sandbox.Start(ctx, sandbox.Options{
 		Nodes:                *flagNodes,
 		Dir:                  *flagDir,
@@ -153,6 +154,7 @@ func run(ctx context.Context, counts []int) (err error) {
 		Controllers:          []string{"namespace"},
 		AdminQPS:             1000,
 		DaemonEnv:            daemonEnv(*flagDaemonEnv),
+		KubeProxyMode:        *flagKubeProxy,
 	})
 	if err != nil {
 		return err

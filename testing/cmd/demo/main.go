@@ -37,7 +37,7 @@ func main() {
 func say(format string, args ...any) { fmt.Printf("==> "+format+"\n", args...) }
 
 func run(ctx context.Context) error {
-	say("starting the sandbox cluster (real kube-apiserver, kube-controller-manager, etcd; nodes and pods are network namespaces)")
+	say("starting the sandbox cluster (real kube-apiserver, kube-controller-manager, etcd, kube-proxy in every node; nodes and pods are network namespaces)")
 	c, err := sandbox.Start(ctx, sandbox.Options{Nodes: 2, Logf: func(f string, a ...any) { fmt.Printf("    "+f+"\n", a...) }})
 	if err != nil {
 		return err
