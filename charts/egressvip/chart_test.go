@@ -322,6 +322,12 @@ podAnnotations:
 			if m.GetNamespace() != "" {
 				t.Errorf("%T %s: cluster-scoped object with namespace %q", o, m.GetName(), m.GetNamespace())
 			}
+		case *rbacv1.Role, *rbacv1.RoleBinding:
+			// The allocator's pools live in kube-system, wherever the
+			// release is.
+			if m.GetNamespace() != "kube-system" {
+				t.Errorf("%T %s: namespace %q, want kube-system", o, m.GetName(), m.GetNamespace())
+			}
 		default:
 			if m.GetNamespace() != ns {
 				t.Errorf("%T %s: namespace %q, want %q", o, m.GetName(), m.GetNamespace(), ns)
