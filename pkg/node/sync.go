@@ -217,6 +217,7 @@ func (c *Controller) input(v view) plan.Input {
 		Exclude:         v.exclude,
 		Host:            model.Host{Own: v.host.Own, Subnets: v.host.Subnets, Gateways: v.host.Gateways, Up: v.host.Up},
 		InterfaceErr:    c.interfaceErr,
+		InterfaceGrace:  c.opts.RenewDeadline,
 		Tunnel:          c.opts.Tunnel,
 		KnownPods:       c.knownPodIPs(),
 	}

@@ -91,8 +91,12 @@ type Input struct {
 	// Exclude are destinations never SNATed, steered or held.
 	Exclude []netip.Prefix
 	// Host is the serviceInterface; InterfaceErr why it cannot be used.
-	Host         model.Host
-	InterfaceErr string
+	// While it is down this node stands for nothing new, and keeps what it
+	// holds for InterfaceGrace (a link that flaps must not move every
+	// address); after that it gives it up, so another node serves it.
+	Host           model.Host
+	InterfaceErr   string
+	InterfaceGrace time.Duration
 	// Conflicts are what the wire said since the last plan: another host
 	// announced or probed an address this node holds.
 	Conflicts []Conflict
@@ -147,6 +151,9 @@ type Memory struct {
 	Reported map[types.NamespacedName]map[string]bool
 	// TransientSince is when each transient problem was first seen.
 	TransientSince map[string]time.Time
+	// DownSince is when the serviceInterface was first seen down (zero
+	// while it is up).
+	DownSince time.Time
 	// Initialized is false until the first plan: a new process raises no
 	// Events for what it finds it already serves.
 	Initialized bool
@@ -267,6 +274,13 @@ func Decide(mem Memory, in Input) (Plan, Memory) {
 		Reported:       map[types.NamespacedName]map[string]bool{},
 		TransientSince: map[string]time.Time{},
 		Initialized:    true,
+	}
+	if !in.Host.Up {
+		d.next.DownSince = mem.DownSince
+		if d.next.DownSince.IsZero() {
+			d.next.DownSince = in.Election.Now
+		}
+		d.wake(d.next.DownSince.Add(in.InterfaceGrace))
 	}
 	d.p = Plan{
 		Decisions:  make(map[types.NamespacedName]Decision, len(in.Services)),
@@ -555,6 +569,10 @@ func (d *decider) group(g *group, covered map[types.NamespacedName]bool) {
 		dec.Reason, dec.Holder = ReasonHeldElsewhere, st.authority
 	case stepped:
 		dec.Reason = ReasonSteppedDown
+	case !d.in.Host.Up && st.selfAll && st.selfCurrent && d.now.Before(d.next.DownSince.Add(d.in.InterfaceGrace)):
+		// A flap: keep it for the grace.
+		own = true
+		dec.Reason, dec.Holder = ReasonInterface, self
 	case !d.in.Host.Up:
 		dec.Reason = ReasonInterface
 	case isFailing:
@@ -706,6 +724,11 @@ func (d *decider) bind(g *group, dec Decision, own, keepOnly bool, st leaseState
 		return
 	}
 	if !st.selfAny {
+		return
+	}
+	switch dec.Reason {
+	case ReasonAcquiring, ReasonWaitingTurn:
+		// Partly held while the rest is being written: wanted.
 		return
 	}
 	// Held but not wanted (or held elsewhere after a split): release once

@@ -656,3 +656,47 @@ func TestGlobalLeaseHolderHoldsEverything(t *testing.T) {
 		t.Errorf("acquire %v as the global holder", acquired(p))
 	}
 }
+
+// Holding part of a group while the rest is written (the Service Lease
+// returned before the address Lease): nothing is released.
+func TestPartlyHeldWhileAcquiringIsNotReleased(t *testing.T) {
+	s := svc("web", "203.0.113.71", false, false)
+	v := holds(view(), self, []string{"web"})
+	p, mem := Decide(Start(nil), input(v, s))
+	if d := p.Decisions[key("web")]; d.Reason != ReasonAcquiring {
+		t.Fatalf("decision %+v", d)
+	}
+	if got := acquired(p); !slices.Equal(got, []string{"egressvip.addr.203.0.113.71"}) {
+		t.Errorf("acquire %v: the missing address Lease only", got)
+	}
+	if _, release, _ := Settle(mem, p, t0, time.Second, 5*time.Second, Result{KernelKnown: true}); len(release) != 0 {
+		t.Errorf("released %v while acquiring the rest", release)
+	}
+}
+
+// The serviceInterface goes down: what the node holds stays for the grace
+// (a flap must not move the address), nothing new is taken, and after the
+// grace it is given up.
+func TestInterfaceDownKeepsHoldingsForTheGrace(t *testing.T) {
+	s := svc("web", "203.0.113.72", false, false)
+	v := holds(view("node-b"), self, []string{"web"}, "203.0.113.72")
+	in := input(v, s)
+	in.Host.Up = false
+	in.InterfaceGrace = 3 * time.Second
+	mem := Start([]netip.Addr{addr("203.0.113.72")})
+	mem.Resumable = nil
+	p, mem := Decide(mem, in)
+	if got := bound(p); !slices.Equal(got, []string{"203.0.113.72"}) {
+		t.Errorf("bound %v during the grace", got)
+	}
+	in.Election.Now = t0.Add(4 * time.Second)
+	p, _ = Decide(mem, in)
+	if len(p.Bind) != 0 {
+		t.Errorf("bound %v after the grace", bound(p))
+	}
+	in = input(view(), svc("new", "203.0.113.73", false, false))
+	in.Host.Up = false
+	if p, _ := Decide(Start(nil), in); len(p.Acquire) != 0 {
+		t.Errorf("acquire %v with the interface down", acquired(p))
+	}
+}
