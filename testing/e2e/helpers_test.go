@@ -15,6 +15,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/election"
@@ -254,4 +255,156 @@ func httpGet(t *testing.T, node *sandbox.Node, path string) string {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return string(body)
+}
+
+// daemonNS is the daemon's namespace (manifests/: POD_NAMESPACE).
+const daemonNS = "egressvip"
+
+// createNamespace creates a namespace for the test, deleted after it.
+func createNamespace(t *testing.T, name string) {
+	t.Helper()
+	_, err := cluster.Admin.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create namespace %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		_ = cluster.Admin.CoreV1().Namespaces().Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
+	eventually(t, 30*time.Second, "the default ServiceAccount of "+name, func() (bool, string) {
+		_, err := cluster.Admin.CoreV1().ServiceAccounts(name).Get(ctx(t), "default", metav1.GetOptions{})
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+// createServiceObj creates a Service as given, deleted after the test.
+func createServiceObj(t *testing.T, svc *corev1.Service) *corev1.Service {
+	t.Helper()
+	created, err := cluster.Admin.CoreV1().Services(svc.Namespace).Create(ctx(t), svc, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create Service %s/%s: %v", svc.Namespace, svc.Name, err)
+	}
+	t.Cleanup(func() {
+		_ = cluster.Admin.CoreV1().Services(svc.Namespace).Delete(context.Background(), svc.Name, metav1.DeleteOptions{})
+	})
+	return created
+}
+
+// createService creates a LoadBalancer Service selecting app=name in a
+// namespace.
+func createService(t *testing.T, namespace, name string, local bool, ann map[string]string) *corev1.Service {
+	t.Helper()
+	policy := corev1.IPFamilyPolicyPreferDualStack
+	traffic := corev1.ServiceExternalTrafficPolicyCluster
+	if local {
+		traffic = corev1.ServiceExternalTrafficPolicyLocal
+	}
+	return createServiceObj(t, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Annotations: ann},
+		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer, Selector: map[string]string{"app": name}, IPFamilyPolicy: &policy,
+			ExternalTrafficPolicy: traffic, Ports: []corev1.ServicePort{{Name: "sip", Port: 5060, Protocol: corev1.ProtocolUDP}}},
+	})
+}
+
+// annotate sets one annotation of a Service.
+func annotate(t *testing.T, namespace, name, key, value string) {
+	t.Helper()
+	body := fmt.Sprintf(`{"metadata":{"annotations":{%q:%q}}}`, key, value)
+	if _, err := cluster.Admin.CoreV1().Services(namespace).Patch(ctx(t), name, types.MergePatchType, []byte(body), metav1.PatchOptions{}); err != nil {
+		t.Fatalf("annotate %s/%s: %v", namespace, name, err)
+	}
+}
+
+// waitServedIn waits until exactly node holds every ip of a Service of
+// another namespace, and its status shows them.
+func waitServedIn(t *testing.T, namespace, name string, node *sandbox.Node, ips ...netip.Addr) {
+	t.Helper()
+	eventually(t, 60*time.Second, fmt.Sprintf("%s/%s served by %s", namespace, name, node.Name), func() (bool, string) {
+		for _, ip := range ips {
+			if h := holders(ip); len(h) != 1 || h[0] != node.Name {
+				return false, fmt.Sprintf("%s held by %v", ip, h)
+			}
+		}
+		svc, err := cluster.Admin.CoreV1().Services(namespace).Get(ctx(t), name, metav1.GetOptions{})
+		if err != nil || len(svc.Status.LoadBalancer.Ingress) != len(ips) {
+			return false, fmt.Sprint(err)
+		}
+		return true, ""
+	})
+}
+
+// eventsIn lists the Events of an object of a namespace ("" name: all).
+func eventsIn(t *testing.T, namespace, name string) []string {
+	t.Helper()
+	opts := metav1.ListOptions{}
+	if name != "" {
+		opts.FieldSelector = "involvedObject.name=" + name
+	}
+	list, err := cluster.Admin.CoreV1().Events(namespace).List(ctx(t), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range list.Items {
+		out = append(out, e.Type+" "+e.Reason+": "+e.Message)
+	}
+	return out
+}
+
+// waitWarningIn waits for a Warning Event with reason (and text contains)
+// on an object of a namespace ("" name: any object).
+func waitWarningIn(t *testing.T, namespace, name, reason, contains string) {
+	t.Helper()
+	eventually(t, 30*time.Second, fmt.Sprintf("event %s on %s/%s", reason, namespace, name), func() (bool, string) {
+		evs := eventsIn(t, namespace, name)
+		for _, e := range evs {
+			if strings.Contains(e, "Warning "+reason) && strings.Contains(e, contains) {
+				return true, ""
+			}
+		}
+		return false, strings.Join(evs, "; ")
+	})
+}
+
+// leaseHolderIn is the holder of a Lease ("" when none).
+func leaseHolderIn(t *testing.T, namespace, name string) string {
+	l, err := cluster.Admin.CoordinationV1().Leases(namespace).Get(ctx(t), name, metav1.GetOptions{})
+	if err != nil || l.Spec.HolderIdentity == nil {
+		return ""
+	}
+	return *l.Spec.HolderIdentity
+}
+
+// setPools writes kube-vip-cloud-provider's ConfigMap (kubevip in
+// kube-system), removed after the test.
+func setPools(t *testing.T, data map[string]string) {
+	t.Helper()
+	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "kubevip"}, Data: data}
+	cms := cluster.Admin.CoreV1().ConfigMaps("kube-system")
+	if _, err := cms.Create(ctx(t), cm, metav1.CreateOptions{}); err != nil {
+		if _, err := cms.Update(ctx(t), cm, metav1.UpdateOptions{}); err != nil {
+			t.Fatalf("kubevip ConfigMap: %v", err)
+		}
+	}
+	t.Cleanup(func() { _ = cms.Delete(context.Background(), "kubevip", metav1.DeleteOptions{}) })
+}
+
+// waitAllocated waits until n Services of a namespace carry an allocated
+// address, and returns them by Service.
+func waitAllocated(t *testing.T, namespace string, n int, limit time.Duration) map[string]string {
+	t.Helper()
+	var got map[string]string
+	eventually(t, limit, fmt.Sprintf("%d Services of %s allocated", n, namespace), func() (bool, string) {
+		list, err := cluster.Admin.CoreV1().Services(namespace).List(ctx(t), metav1.ListOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		got = map[string]string{}
+		for _, s := range list.Items {
+			if a := s.Annotations[annotations.LoadBalancerIPs]; a != "" {
+				got[s.Name] = a
+			}
+		}
+		return len(got) >= n, fmt.Sprintf("%d allocated", len(got))
+	})
+	return got
 }

@@ -65,7 +65,7 @@ func TestMain(m *testing.M) {
 	cluster, err = sandbox.Start(ctx, sandbox.Options{
 		Nodes:     3,
 		Logf:      func(f string, a ...any) { fmt.Printf("sandbox: "+f+"\n", a...) },
-		DaemonEnv: map[string]string{"log_level": "debug"},
+		DaemonEnv: map[string]string{"log_level": "debug", "egressvip_allocator": "true"},
 		// Service Leases are owned by their Service: the garbage
 		// collector removes them with it.
 		Controllers: []string{"garbagecollector"},

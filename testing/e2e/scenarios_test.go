@@ -79,7 +79,7 @@ func TestEgressDestinationPorts(t *testing.T) {
 func TestEgressIPv6(t *testing.T) {
 	lb4, lb6 := addr("203.0.113.102"), addr("2001:db8:1::102")
 	node := cluster.Nodes[2]
-	service(t, "egress-v6", true, egressAnn(lb4.String()+","+lb6.String(), annotations.EgressIPv6, "true"))
+	service(t, "egress-v6", true, egressAnn(lb4.String()+","+lb6.String(), annotations.EgressFamilies, "ipv4,ipv6"))
 	p := runPod(t, "egress-v6", node)
 	waitServed(t, "egress-v6", node, true, lb4, lb6)
 
@@ -95,7 +95,7 @@ func TestEgressIPv6(t *testing.T) {
 func TestClusterTrafficIsNotSNATed(t *testing.T) {
 	lb4, lb6 := addr("203.0.113.103"), addr("2001:db8:1::103")
 	node, other := cluster.Nodes[0], cluster.Nodes[1]
-	service(t, "egress-incluster", true, egressAnn(lb4.String()+","+lb6.String(), annotations.EgressIPv6, "true"))
+	service(t, "egress-incluster", true, egressAnn(lb4.String()+","+lb6.String(), annotations.EgressFamilies, "ipv4,ipv6"))
 	client := runPod(t, "egress-incluster", node)
 	server := runPod(t, "plain-server", other)
 	waitServed(t, "egress-incluster", node, true, lb4, lb6)
@@ -168,7 +168,6 @@ func TestClusterTrafficIsNotSNATed(t *testing.T) {
 	// range, but it was sent to a ClusterIP, so it must keep the node
 	// address (the CNI's MASQUERADE), not get the LoadBalancer IP.
 	t.Run("ClusterIP to an external endpoint", func(t *testing.T) {
-		t.Skip("the daemon at this commit matches the translated destination, so it SNATs this to the LoadBalancer IP; enable when it excludes by original destination (ct original daddr)")
 		ext, err := cluster.CreateExternalService(ctx(t), ns, "incluster-ext")
 		if err != nil {
 			t.Fatal(err)

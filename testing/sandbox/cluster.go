@@ -33,6 +33,10 @@ const (
 	// ExternalHost4 and ExternalHost6 are the external host's addresses.
 	ExternalHost4 = extNet4 + "250"
 	ExternalHost6 = extNet6 + "250"
+	// ExternalSecond4 and ExternalSecond6 are the external host's second
+	// addresses (its servers answer on both).
+	ExternalSecond4 = extNet4 + "251"
+	ExternalSecond6 = extNet6 + "251"
 	apiServerIP   = nodeNet4 + "1"
 )
 
@@ -109,6 +113,9 @@ type Cluster struct {
 	apiServer *exec.Cmd
 	pods      map[string]*Pod
 	podSeq    int
+	// closers are servers the harness started in namespaces, closed at
+	// teardown.
+	closers []func() error
 	linkSeq   int
 	daemonK   string // the daemon's kubeconfig
 	proxyMode string // the nodes' kube-proxy mode
@@ -282,6 +289,14 @@ func (c *Cluster) network() error {
 		return err
 	}
 	if err := attach(externalNS, "eth0", "ext0", "br-ext", netip.MustParsePrefix(ExternalHost4+"/24"), netip.MustParsePrefix(ExternalHost6+"/64")); err != nil {
+		return err
+	}
+	// A second address of the external host, for allowed and denied
+	// networks: one host, two destinations.
+	if err := shAll(
+		[]string{"ip", "-n", externalNS, "addr", "add", ExternalSecond4 + "/24", "dev", "eth0"},
+		[]string{"ip", "-n", externalNS, "addr", "add", ExternalSecond6 + "/64", "dev", "eth0", "nodad"},
+	); err != nil {
 		return err
 	}
 	for i := 1; i <= c.opts.Nodes; i++ {
@@ -560,6 +575,13 @@ func (c *Cluster) stop() {
 	}
 	if c.External != nil {
 		c.External.Close()
+	}
+	c.mu.Lock()
+	closers := c.closers
+	c.closers = nil
+	c.mu.Unlock()
+	for _, f := range closers {
+		_ = f()
 	}
 	c.mu.Lock()
 	procs := c.procs

@@ -253,6 +253,23 @@ func (c *Cluster) ReleaseDaemonEnv(n *Node, commit string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	return c.envOf(n, ds, describeCommit(commit))
+}
+
+// DaemonSetEnv is the environment egressvip gets on node n from a given
+// DaemonSet (the one the Helm chart renders, say), as DaemonEnv gives it
+// from manifests/.
+func (c *Cluster) DaemonSetEnv(n *Node, ds *appsv1.DaemonSet) ([]string, error) {
+	return c.envOf(n, ds, "DaemonSet "+ds.Namespace+"/"+ds.Name)
+}
+
+// DaemonBinary is the egressvip binary the sandbox built from this
+// checkout.
+func (c *Cluster) DaemonBinary() string { return c.bins.EgressVIP }
+
+// envOf is the environment of the container of ds on node n.
+func (c *Cluster) envOf(n *Node, ds *appsv1.DaemonSet, what string) ([]string, error) {
+	commit := what
 	env := map[string]string{}
 	for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
 		switch {
@@ -263,7 +280,7 @@ func (c *Cluster) ReleaseDaemonEnv(n *Node, commit string) ([]string, error) {
 		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace":
 			env[e.Name] = ds.Namespace
 		default:
-			return nil, fmt.Errorf("daemonset.yaml at %s: env %s: the sandbox cannot fill this valueFrom", describeCommit(commit), e.Name)
+			return nil, fmt.Errorf("%s: env %s: the sandbox cannot fill this valueFrom", commit, e.Name)
 		}
 	}
 	for k, v := range c.opts.DaemonEnv {
