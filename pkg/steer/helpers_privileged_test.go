@@ -405,6 +405,39 @@ func (c *cluster) steered(t testing.TB) {
 	}
 }
 
+// guardCount counts egressvip's guard rules in ns.
+func guardCount(t testing.TB, m *Manager) int {
+	t.Helper()
+	rs, _, err := m.ownedRuleKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for k, c := range rs {
+		if k.local || k.unreachable {
+			n += c
+		}
+	}
+	return n
+}
+
+// dropped checks that the steered ports' traffic goes nowhere: marked, and
+// no pod's rule takes it.
+func (c *cluster) dropped(t testing.TB) {
+	t.Helper()
+	for _, ext := range []netip.Addr{ext4, ext6} {
+		for _, network := range []string{"udp", "tcp"} {
+			port := portUDP
+			if network == "tcp" {
+				port = portTCP
+			}
+			if got, err := c.seenFrom(t, network, ext, port); err == nil {
+				t.Fatalf("%s from the pod to [%s]:%d arrived from %s, want it dropped", network, ext, port, got)
+			}
+		}
+	}
+}
+
 // unsteered checks that every port leaves by src's uplink.
 func (c *cluster) unsteered(t testing.TB) {
 	t.Helper()
@@ -431,15 +464,18 @@ func kernelView(t testing.TB, ns *privtest.NS, tables ...int) string {
 	return b.String()
 }
 
-// ownedCount counts egressvip's rules and routes in ns.
+// ownedCount counts egressvip's rules of steered pods and its routes in
+// ns.
 func ownedCount(t testing.TB, m *Manager) (rules, routes int) {
 	t.Helper()
 	rs, odd, err := m.ownedRuleKeys()
 	if err != nil || odd {
 		t.Fatal(err, odd)
 	}
-	for _, n := range rs {
-		rules += n
+	for k, n := range rs {
+		if !k.local && !k.unreachable {
+			rules += n
+		}
 	}
 	rt, err := m.ownedRoutes()
 	if err != nil {

@@ -251,7 +251,13 @@ func (m *Manager) linkName(index int) string {
 	return fmt.Sprintf("if%d", index)
 }
 
-// ruleKey identifies a rule as egressvip writes it.
+// ruleKey identifies a rule as egressvip writes it: a steered pod's
+// ("from <pod> fwmark <mark>/<mask> lookup <table>"), or one of the two
+// guard rules of a family, one and two priorities later:
+// "iif lo fwmark <mark>/<mask> lookup main" (packets this node sends, such
+// as the VXLAN device's encapsulated ones, which keep the inner packet's
+// mark) and "fwmark <mark>/<mask> unreachable" (a marked packet no pod's
+// rule takes is dropped, never routed by the main table).
 type ruleKey struct {
 	family   int
 	priority int
@@ -259,11 +265,37 @@ type ruleKey struct {
 	mark     uint32
 	mask     uint32
 	table    int
+	// local: the "iif lo" guard; unreachable: the last guard.
+	local, unreachable bool
+}
+
+// guardKeys are the guard rules of both families.
+func (m *Manager) guardKeys() []ruleKey {
+	var out []ruleKey
+	for _, f := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		out = append(out,
+			ruleKey{family: f, priority: m.cfg.RulePriority + 1, mark: m.cfg.Mark, mask: m.cfg.Mark, table: unix.RT_TABLE_MAIN, local: true},
+			ruleKey{family: f, priority: m.cfg.RulePriority + 2, mark: m.cfg.Mark, mask: m.cfg.Mark, unreachable: true})
+	}
+	return out
 }
 
 // keyOf returns the key of an owned rule, or false when the rule has
 // selectors or actions egressvip never writes.
 func keyOf(r *netlink.Rule) (ruleKey, bool) {
+	if r.Src == nil && r.Mask != nil && r.Dst == nil && !r.Invert && r.OifName == "" && r.Goto <= 0 && r.Tos == 0 && r.TunID == 0 &&
+		r.IPProto == 0 && r.Dport == nil && r.Sport == nil && r.UIDRange == nil && r.SuppressPrefixlen < 0 && r.SuppressIfgroup < 0 && r.Flow <= 0 {
+		k := ruleKey{family: r.Family, priority: r.Priority, mark: r.Mark, mask: *r.Mask}
+		switch {
+		case r.Type == unix.FR_ACT_UNREACHABLE && r.IifName == "" && r.Table <= 0:
+			k.unreachable = true
+			return k, true
+		case (r.Type == unix.FR_ACT_TO_TBL || r.Type == 0) && r.IifName == "lo" && r.Table == unix.RT_TABLE_MAIN:
+			k.local, k.table = true, r.Table
+			return k, true
+		}
+		return ruleKey{}, false
+	}
 	if r.Src == nil || r.Mask == nil || r.Dst != nil || r.Invert || r.IifName != "" || r.OifName != "" ||
 		r.Goto > 0 || r.Tos != 0 || r.TunID != 0 || r.IPProto != 0 || r.Dport != nil || r.Sport != nil || r.UIDRange != nil ||
 		r.SuppressPrefixlen >= 0 || r.SuppressIfgroup >= 0 || r.Flow > 0 {
@@ -282,12 +314,21 @@ func (m *Manager) ruleOf(k ruleKey) *netlink.Rule {
 	r := netlink.NewRule()
 	r.Family = k.family
 	r.Priority = k.priority
-	r.Src = &net.IPNet{IP: net.IP(k.src.Addr().AsSlice()), Mask: net.CIDRMask(k.src.Bits(), k.src.Addr().BitLen())}
 	r.Mark = k.mark
 	mask := k.mask
 	r.Mask = &mask
-	r.Table = k.table
 	r.Protocol = Proto
+	switch {
+	case k.unreachable:
+		r.Type = unix.FR_ACT_UNREACHABLE
+		return r
+	case k.local:
+		r.IifName = "lo"
+		r.Table = k.table
+		return r
+	}
+	r.Src = &net.IPNet{IP: net.IP(k.src.Addr().AsSlice()), Mask: net.CIDRMask(k.src.Bits(), k.src.Addr().BitLen())}
+	r.Table = k.table
 	return r
 }
 
@@ -314,6 +355,23 @@ func (m *Manager) syncRules(want map[netip.Addr]*wantRule, t tables, fail func(s
 		}
 	}
 	slices.SortFunc(keys, func(a, b ruleKey) int { return a.src.Addr().Compare(b.src.Addr()) })
+	// The guards first: from then on a marked packet that no pod's rule
+	// takes is dropped.
+	var errs []error
+	for _, k := range m.guardKeys() {
+		wanted[k] = &wantRule{}
+		if have[k] > 0 {
+			continue
+		}
+		if err := m.h.RuleAdd(m.ruleOf(k)); err != nil && !errors.Is(err, unix.EEXIST) {
+			if k.family == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
+				continue // IPv6 disabled: nothing to steer either
+			}
+			errs = append(errs, fmt.Errorf("add guard rule %s: %w", m.ruleOf(k), err))
+			continue
+		}
+		m.writes++
+	}
 	for _, k := range keys {
 		if err := m.h.RuleAdd(m.ruleOf(k)); err != nil && !errors.Is(err, unix.EEXIST) {
 			w := wanted[k]
@@ -322,7 +380,6 @@ func (m *Manager) syncRules(want map[netip.Addr]*wantRule, t tables, fail func(s
 		}
 		m.writes++
 	}
-	var errs []error
 	for k, n := range have {
 		if wanted[k] != nil {
 			n-- // keep one

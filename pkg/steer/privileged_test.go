@@ -49,6 +49,9 @@ func TestPrivilegedSteerOnLink(t *testing.T) {
 	if rules, routes := ownedCount(t, m); rules != 2 || routes != 4 {
 		t.Fatalf("owned rules/routes = %d/%d, want 2/4", rules, routes)
 	}
+	if n := guardCount(t, m); n != 4 {
+		t.Fatalf("guard rules = %d, want 4 (two per family)", n)
+	}
 
 	c.steered(t)
 
@@ -69,14 +72,18 @@ func TestPrivilegedSteerOnLink(t *testing.T) {
 	if rules, routes := ownedCount(t, m2); rules != 1 || routes != 2 {
 		t.Fatalf("owned rules/routes = %d/%d, want 1/2", rules, routes)
 	}
-	c.expectSeen(t, "udp", ext4, portUDP, srcUp4)
+	// The test's firewall still marks the IPv4 packets: with no rule
+	// for them, the guard drops them.
+	if got, err := c.seenFrom(t, "udp", ext4, portUDP); err == nil {
+		t.Errorf("marked IPv4 packets with no pod rule arrived from %s, want them dropped", got)
+	}
 	c.expectSeen(t, "udp", ext6, portUDP, lb6)
 
 	if err := m2.Cleanup(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if rules, routes := ownedCount(t, m2); rules != 0 || routes != 0 {
-		t.Fatalf("after Cleanup owned rules/routes = %d/%d", rules, routes)
+	if rules, routes := ownedCount(t, m2); rules != 0 || routes != 0 || guardCount(t, m2) != 0 {
+		t.Fatalf("after Cleanup owned rules/routes = %d/%d, guards %d", rules, routes, guardCount(t, m2))
 	}
 	c.unsteered(t)
 	if out := c.src.Exec(t, "ip", "rule"); !strings.Contains(out, "from 10.244.1.99 fwmark 0x1000/0x1000 lookup 59136") {
@@ -99,7 +106,7 @@ func (c *cluster) tunnels(srcMAC, holdMAC string) (src, hold *model.Tunnel) {
 
 // TestPrivilegedSteerVXLAN: src and holder on different subnets, a router
 // between them. Without the tunnel the Service fails with a message that
-// says what to do, and its traffic leaves unsteered; through the tunnel it
+// says what to do, and its marked traffic is dropped; through the tunnel it
 // leaves with the holder's address. Large datagrams with DF get ICMP
 // frag-needed back.
 func TestPrivilegedSteerVXLAN(t *testing.T) {
@@ -120,7 +127,9 @@ func TestPrivilegedSteerVXLAN(t *testing.T) {
 			t.Errorf("message %q lacks %q", msg, want)
 		}
 	}
-	c.unsteered(t)
+	// The firewall marks the pod's packets, no rule takes them: dropped,
+	// never sent unsteered.
+	c.dropped(t)
 
 	ts, th := c.tunnels(ms.TunnelMAC().String(), mh.TunnelMAC().String())
 	mustApply(t, mh, model.Routes{Tunnel: th})
@@ -196,7 +205,7 @@ func TestPrivilegedSteerVXLAN(t *testing.T) {
 	if rules, routes := ownedCount(t, ms2); rules != 0 || routes != 0 {
 		t.Fatalf("owned rules/routes = %d/%d, want 0/0", rules, routes)
 	}
-	c.unsteered(t)
+	c.dropped(t)
 	if err := mh.Cleanup(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -68,6 +69,7 @@ func decodeRule(b []byte) (k ruleKey, owned, exact bool, err error) {
 	var src []byte
 	var proto uint8
 	hasMark, hasMask, other := false, false, false
+	iif := ""
 	suppress := uint32(0xffffffff)
 	err = eachAttr(b[sizeofFibRuleHdr:], func(typ uint16, v []byte) {
 		switch {
@@ -89,6 +91,8 @@ func decodeRule(b []byte) (k ruleKey, owned, exact bool, err error) {
 			if native.Uint32(v) != 0xffffffff {
 				other = true
 			}
+		case typ == unix.FRA_IIFNAME:
+			iif = strings.TrimRight(string(v), "\x00")
 		case typ == unix.FRA_PAD:
 		default:
 			other = true
@@ -96,6 +100,18 @@ func decodeRule(b []byte) (k ruleKey, owned, exact bool, err error) {
 	})
 	if err != nil || proto != Proto {
 		return k, false, false, err
+	}
+	if src == nil {
+		plain := srcLen == 0 && flags == 0 && tos == 0 && dstLen == 0 && hasMark && hasMask && suppress == 0xffffffff && !other
+		switch {
+		case action == unix.FR_ACT_UNREACHABLE && iif == "" && k.table == 0:
+			k.unreachable = true
+			return k, true, plain, nil
+		case action == unix.FR_ACT_TO_TBL && iif == "lo" && k.table == unix.RT_TABLE_MAIN:
+			k.local = true
+			return k, true, plain, nil
+		}
+		return k, true, false, nil
 	}
 	ip, ok := netip.AddrFromSlice(src)
 	if !ok || action != unix.FR_ACT_TO_TBL || flags != 0 || tos != 0 || dstLen != 0 || !hasMark || !hasMask ||

@@ -57,8 +57,9 @@ func TestPrivilegedSteerScale(t *testing.T) {
 			t.Errorf("%s: %d writes, want %d", name, m.writes, wantWrites)
 		}
 	}
-	// 600 rules and 6 tables of two routes (the hop's, the fallback).
-	step(fmt.Sprintf("first Apply, %d pods x 2 families", n), scaleRoutes(n, 0), 2*n+12)
+	// 600 rules, 6 tables of two routes (the hop's, the fallback) and
+	// the 4 guard rules.
+	step(fmt.Sprintf("first Apply, %d pods x 2 families", n), scaleRoutes(n, 0), 2*n+12+4)
 	step("unchanged", scaleRoutes(n, 0), 0)
 	one := scaleRoutes(n, 0)
 	one.Steer[0].Via, one.Steer[0].Holder = []netip.Addr{netip.MustParseAddr("198.51.100.13")}, "node-1"

@@ -7,7 +7,16 @@
 // for each next hop (holder address and device) one routing table:
 //
 //	31000:	from 10.244.1.5 fwmark 0x1000/0x1000 lookup 59136 proto 231
+//	31001:	from all iif lo fwmark 0x1000/0x1000 lookup main proto 231
+//	31002:	from all fwmark 0x1000/0x1000 unreachable proto 231
 //	default via 198.51.100.12 dev eth0 proto 231 onlink         (table 59136)
+//
+// The guard rules (both families, always there) drop a marked packet that
+// no pod's rule takes, except what this node sends itself (the VXLAN
+// device's encapsulated packets keep the mark of the packet inside): the firewall marks a pod's packets in
+// one transaction and its rule follows a moment later, or is gone a moment
+// before the marks; meanwhile they are dropped, never routed by the main
+// table with the pod's address.
 //
 // The next hop is an address of the holder that is on-link (a directly
 // connected subnet, no router in between): a router would forward the
@@ -78,7 +87,8 @@ type Config struct {
 	// match it as Mark/Mark (default 0x1000).
 	Mark uint32
 	// RulePriority of the ip rules (default 31000: before the main table's
-	// 32766, after the local table's 0).
+	// 32766, after the local table's 0); the guard rules take the next
+	// two.
 	RulePriority int
 	// TableMin and TableMax bound the routing tables egressvip owns
 	// (default 59136-61183, 0xe700-0xeeff). One table per next hop.
@@ -150,7 +160,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg.TableMin, cfg.TableMax = DefaultTableMin, DefaultTableMax
 	}
 	switch {
-	case cfg.RulePriority < 1 || cfg.RulePriority >= 32766:
+	case cfg.RulePriority < 1 || cfg.RulePriority >= 32764:
 		return nil, fmt.Errorf("steer: rule priority %d must be between 1 and 32765 (before the main table's rule)", cfg.RulePriority)
 	case cfg.TableMin < 1 || cfg.TableMax < cfg.TableMin:
 		return nil, fmt.Errorf("steer: table range %d-%d is empty", cfg.TableMin, cfg.TableMax)
