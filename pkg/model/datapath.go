@@ -111,6 +111,13 @@ type Datapath struct {
 	// to the tunnel's port is dropped, so no pod can inject packets into a
 	// node's tunnel.
 	PodCIDRs []netip.Prefix
+	// Transit, when set, are the cluster's pod CIDRs whose off-cluster
+	// traffic this node does not forward when it arrives from another node
+	// (on NodeInterfaces) and no SNAT rule of this node takes it: a pod
+	// steered here before this node knows it, or after it gave the address
+	// up, is dropped, never forwarded with this node's address or its own.
+	// Set while any egress Service exists.
+	Transit []netip.Prefix
 	// Fenced are the source addresses that may leave this node only while
 	// they are local addresses of this node: every address SNAT rules use
 	// (and those of rules just removed, while steered traffic may still

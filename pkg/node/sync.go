@@ -243,6 +243,11 @@ func (c *Controller) Sync(ctx context.Context) error {
 	in.Conflicts = c.takeConflicts()
 	p, mem := plan.Decide(c.mem, in)
 	p.Datapath.PodCIDRs = c.cluster.PodCIDRs()
+	if slices.ContainsFunc(in.Services, func(s model.Service) bool { return s.Egress }) {
+		// Other nodes steer to the holder they believe in: until this
+		// node SNATs a pod, its traffic arriving here goes nowhere.
+		p.Datapath.Transit = p.Datapath.PodCIDRs
+	}
 	p.Datapath.NodeInterfaces = c.nodeInterfaces(v.election)
 	for _, cl := range p.Acquire {
 		c.elections.Acquire(cl)

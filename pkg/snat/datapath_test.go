@@ -511,3 +511,41 @@ func TestSubtractPrefixes(t *testing.T) {
 		t.Errorf("::/0 minus a /32: %d prefixes, want 32", len(six))
 	}
 }
+
+// TestTraceSteeredConnectionStaysSteered: a steered packet marks its
+// connection; once this node SNATs the pod itself (it took the address
+// over), a packet of a connection that began steered (its conntrack
+// binding is none) is dropped until the entry is deleted, never sent with
+// the pod's address; new connections and the replies pass.
+func TestTraceSteeredConnectionStaysSteered(t *testing.T) {
+	steer := model.Datapath{
+		Steer:   []model.SteerRule{{Service: "a/moving", Pod: pod4, Holder: "n2", Via: []netip.Addr{node4}}},
+		Exclude: []netip.Prefix{podNet4, svcNet4},
+	}
+	here := model.Datapath{
+		SNAT:    []model.SNATRule{{Service: "a/moving", Pod: pod4, Source: lb4}},
+		Exclude: steer.Exclude,
+		Fenced:  []netip.Addr{lb4},
+	}
+	forEachFake(t, func(t *testing.T, backend string) {
+		n := newNode(t, backend, Config{})
+		n.apply(t, steer)
+		first := udpPkt(pod4, ext4, 5060)
+		got := n.trace(first)
+		if !got.steered(pod4) || got.ctMark&0x1000 == 0 {
+			t.Fatalf("steered packet %s, conntrack mark %#x; want steered and the connection marked\n%s", got, got.ctMark, n.dump())
+		}
+		n.apply(t, here)
+		later := first
+		later.ctMark = got.ctMark
+		if got := n.trace(later); !got.dropped {
+			t.Errorf("packet of a connection that began steered, pod now SNATed here: %s; want it dropped\n%s", got, n.dump())
+		}
+		checkTrace(t, n, traceCase{"new connection", udpPkt(pod4, ext4, 5060), leavesAsLB, lb4})
+		reply := udpPkt(ext4, pod4, 40000)
+		reply.reply, reply.ctMark, reply.iif, reply.oif = true, got.ctMark, "vext", "vpod"
+		if got := n.trace(reply); got.dropped || got.unsupported != "" {
+			t.Errorf("reply of a connection that began steered: %s; want it to pass", got)
+		}
+	})
+}

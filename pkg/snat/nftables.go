@@ -26,6 +26,7 @@ import (
 //		set gate-cidrs { type ipv4_addr; flags interval; }  # Gate.PodCIDRs
 //		set gate-known { type ipv4_addr; }                  # Gate.Known
 //		set tunnel-guard { type ipv4_addr; flags interval; }
+//		set transit { type ipv4_addr; flags interval; }     # Datapath.Transit
 //		set fenced { type ipv4_addr; }                      # Datapath.Fenced
 //		map pre-ports { type ipv4_addr . inet_proto . inet_service : verdict; }
 //		map pre-all { type ipv4_addr : verdict; }
@@ -39,6 +40,7 @@ import (
 //			ip daddr @exclude return
 //			ct original ip daddr @exclude return
 //			ip saddr @gate-cidrs ip saddr != @gate-known ip saddr != @pods drop
+//			iifname @node-ifaces ip saddr @transit ip saddr != @pods fib daddr type != local drop
 //			ip saddr . meta l4proto . th dport vmap @pre-ports   # drop | goto steer | accept
 //			ip saddr vmap @pre-all                               # drop | goto steer | goto pre-<digest>
 //		}
@@ -59,6 +61,8 @@ import (
 //		chain fence {
 //			type filter hook postrouting priority srcnat + 10; policy accept;
 //			ip saddr @fenced fib saddr type != local drop
+//			ct direction original meta mark & 0x1000 == 0x1000 ct mark set ct mark | 0x1000
+//			ct direction original ct mark & 0x1000 == 0x1000 meta mark & 0x1000 == 0 drop
 //		}
 //		chain pre-<digest> { ip daddr { 198.51.100.0/24 } ip daddr != { 198.51.100.9 } meta l4proto . th dport { udp . 5060 } goto steer; ... }
 //		chain snat-<digest> { ip daddr { 198.51.100.0/24 } snat to 203.0.113.10; ... }
@@ -112,6 +116,7 @@ const (
 	nftGateCIDRs  = "gate-cidrs"
 	nftGateKnown  = "gate-known"
 	nftGuard      = "tunnel-guard"
+	nftTransit    = "transit"
 	nftNodeIfaces = "node-ifaces"
 	nftFenced     = "fenced"
 	nftPrePorts   = "pre-ports"
@@ -129,13 +134,15 @@ const (
 const (
 	// ExcludeComment marks the rules that return for excluded
 	// destinations.
-	ExcludeComment   = "egressvip: excluded destination"
-	antiSpoofComment = "egressvip: anti-spoofing"
-	guardComment     = "egressvip: tunnel guard"
-	gateComment      = "egressvip: gate"
-	steeredComment   = "egressvip: steered, no NAT here"
-	mssComment       = "egressvip: MSS clamp of steered SYNs"
-	fenceComment     = "egressvip: fence"
+	ExcludeComment     = "egressvip: excluded destination"
+	antiSpoofComment   = "egressvip: anti-spoofing"
+	guardComment       = "egressvip: tunnel guard"
+	gateComment        = "egressvip: gate"
+	transitComment     = "egressvip: other nodes' pods, not SNATed here"
+	steeredComment     = "egressvip: steered, no NAT here"
+	mssComment         = "egressvip: MSS clamp of steered SYNs"
+	fenceComment       = "egressvip: fence"
+	steeredConnComment = "egressvip: steered connections stay steered"
 )
 
 // NFTables is the kernel side of one family's egressvip table: knftables for
@@ -261,6 +268,7 @@ var nftSets = []nftSet{
 	{name: nftGateCIDRs, typ: "ADDR", interval: true, comment: "gate: pod CIDRs"},
 	{name: nftGateKnown, typ: "ADDR", comment: "gate: known pods"},
 	{name: nftGuard, typ: "ADDR", interval: true, comment: "no VXLAN from these: pod CIDRs"},
+	{name: nftTransit, typ: "ADDR", interval: true, comment: "other nodes' pods: forwarded only when SNATed here"},
 	{name: nftFenced, typ: "ADDR", comment: "sources that leave only while local"},
 	{name: nftNodeIfaces, typ: "ifname", comment: "interfaces other nodes' traffic arrives on: no anti-spoofing"},
 	{name: nftPrePorts, typ: "ADDR . inet_proto . inet_service : verdict", isMap: true, comment: "pod . protocol . destination port : steer, hold or not"},
@@ -271,7 +279,10 @@ var nftSets = []nftSet{
 }
 
 // fenceSets is the schema of the iptables backends' fence table.
-var fenceSets = []nftSet{nftSets[5]} // nftFenced
+var fenceSets = func() []nftSet {
+	s, _ := setSpec(nftSets, nftFenced)
+	return []nftSet{s}
+}()
 
 func setSpec(sets []nftSet, name string) (nftSet, bool) {
 	for _, s := range sets {
@@ -372,11 +383,19 @@ func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
 		Hook:     knftables.PtrTo(knftables.PostroutingHook),
 		Priority: knftables.PtrTo(knftables.BaseChainPriority(FencePriority)),
 	}
-	fenceRule := rule(nftFence, ip+" saddr @"+nftFenced+" fib saddr type != local drop", fenceComment)
-	if w.fenceOnly {
-		return append(objs, fence), []*knftables.Rule{fenceRule}
-	}
 	mark := w.opts.markString()
+	fenceRules := []*knftables.Rule{
+		rule(nftFence, ip+" saddr @"+nftFenced+" fib saddr type != local drop", fenceComment),
+		// A connection is remembered as steered; once its packets are
+		// no longer steered (this node now SNATs the pod, or holds
+		// it), its conntrack entry's binding (none) would send them
+		// with the pod's address: dropped until the entry is deleted.
+		rule(nftFence, "ct direction original meta mark & "+mark+" == "+mark+" ct mark set ct mark | "+mark, steeredConnComment),
+		rule(nftFence, "ct direction original ct mark & "+mark+" == "+mark+" meta mark & "+mark+" == 0 drop", steeredConnComment),
+	}
+	if w.fenceOnly {
+		return append(objs, fence), fenceRules
+	}
 	objs = append(objs,
 		&knftables.Chain{Name: nftSteer},
 		&knftables.Chain{
@@ -402,6 +421,7 @@ func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
 		rule(nftPrerouting, ip+" daddr @"+nftExclude+" return", ExcludeComment),
 		rule(nftPrerouting, "ct original "+ip+" daddr @"+nftExclude+" return", ExcludeComment),
 		rule(nftPrerouting, ip+" saddr @"+nftGateCIDRs+" "+ip+" saddr != @"+nftGateKnown+" "+ip+" saddr != @"+nftPods+" drop", gateComment),
+		rule(nftPrerouting, "iifname @"+nftNodeIfaces+" "+ip+" saddr @"+nftTransit+" "+ip+" saddr != @"+nftPods+" fib daddr type != local drop", transitComment),
 		rule(nftPrerouting, ip+" saddr . meta l4proto . th dport vmap @"+nftPrePorts, "egressvip: steer or hold by pod and destination port"),
 		rule(nftPrerouting, ip+" saddr vmap @"+nftPreAll, "egressvip: steer or hold by pod"),
 		rule(nftSteer, "meta mark set meta mark | "+mark, "egressvip: steering mark"),
@@ -411,8 +431,8 @@ func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
 		rule(nftPostrouting, ip+" saddr vmap @"+nftSNATChain, "egressvip: SNAT by pod and destination prefix"),
 		rule(nftPostrouting, "snat to "+ip+" saddr . meta l4proto . th dport map @"+nftSNATPorts, "egressvip: SNAT by pod and destination port"),
 		rule(nftPostrouting, "snat to "+ip+" saddr map @"+nftSNATAll, "egressvip: SNAT by pod"),
-		fenceRule,
 	)
+	rules = append(rules, fenceRules...)
 	if w.opts.tunnelDevice != "" {
 		objs = append(objs, &knftables.Chain{
 			Name:     nftForward,
@@ -450,6 +470,7 @@ func (w *nftWriter) render(f Family, c *compiled) *nftContent {
 	}
 	prefixes(nftGateCIDRs, c.gateCIDRs)
 	addrs(nftGateKnown, c.known)
+	prefixes(nftTransit, c.transit)
 	if w.opts.tunnelPort != 0 {
 		prefixes(nftGuard, c.guard)
 	}

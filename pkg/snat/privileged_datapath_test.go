@@ -323,16 +323,26 @@ func TestPrivilegedSteer(t *testing.T) {
 		if got := tp.seenAs(t, "udp", udp); got != node4 {
 			t.Fatalf("setup: before steering, packet arrived from %s, want %s", got, node4)
 		}
+		// The holder does not know the pod yet: what is steered to it
+		// is dropped, not forwarded with the pod's address.
 		hm := newManagerIn(t, holder, Config{Backend: b.name}, nil)
-		applyIn(t, holder, hm, model.Datapath{
-			SNAT:    []model.SNATRule{{Service: "default/steered", Pod: pod4, Source: holderLB, Remote: true}},
-			Exclude: excludeAll,
-			Fenced:  []netip.Addr{holderLB},
-		})
+		transit := []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/48")}
+		applyIn(t, holder, hm, model.Datapath{Exclude: excludeAll, Transit: transit, NodeInterfaces: []string{"hnode"}})
 		m := tp.manager(t, nil)
 		tp.apply(t, m, model.Datapath{
 			Steer:   []model.SteerRule{{Service: "default/steered", Pod: pod4, Holder: "holder", Via: []netip.Addr{netip.MustParseAddr("198.51.100.2")}}},
 			Exclude: excludeAll,
+		})
+		rec := newRecorder(t, tp.ext, netip.AddrPortFrom(extSrv4, 5071))
+		neverArrives(t, rec, tp.pod, netip.Addr{}, "steered to a holder that does not know the pod", func(what string) netip.Addr {
+			return arrives(t, rec, holder, netip.Addr{}, what)
+		})
+		applyIn(t, holder, hm, model.Datapath{
+			SNAT:           []model.SNATRule{{Service: "default/steered", Pod: pod4, Source: holderLB, Remote: true}},
+			Exclude:        excludeAll,
+			Fenced:         []netip.Addr{holderLB},
+			Transit:        transit,
+			NodeInterfaces: []string{"hnode"},
 		})
 		// The holder SNATs by the pod's address: seeing its LoadBalancer
 		// IP proves the packet left the node with the pod's.

@@ -27,6 +27,9 @@ const (
 	ChainGate = ChainPrefix + "GATE"
 	// ChainRaw (raw, from PREROUTING): the tunnel guard and anti-spoofing.
 	ChainRaw = ChainPrefix + "RAW"
+	// ChainTransit (mangle): other nodes' pods arriving from them return
+	// when a rule's pods or for this node, the rest is dropped.
+	ChainTransit = ChainPrefix + "TRANSIT"
 	// ChainFwd (mangle, from FORWARD, with a tunnel device): MSS clamp of
 	// steered SYNs into the tunnel.
 	ChainFwd = ChainPrefix + "FWD"
@@ -187,6 +190,14 @@ func iptRender(f Family, c *compiled, o datapathOptions) map[string][]iptChain {
 			pre = append(pre, rb{src: p, comment: gateComment}.to(ChainGate))
 		}
 	}
+	transit := len(c.transit) > 0 && len(c.nodeIfaces) > 0
+	if transit {
+		for _, i := range c.nodeIfaces {
+			for _, p := range minimalPrefixes(c.transit) {
+				pre = append(pre, rb{src: p, in: i, comment: transitComment}.to(ChainTransit))
+			}
+		}
+	}
 	snat := append([]string{rb{matches: markMatch, comment: steeredComment}.to("ACCEPT")}, excl...)
 	for _, pod := range c.pods {
 		p := c.plans[pod]
@@ -239,6 +250,14 @@ func iptRender(f Family, c *compiled, o datapathOptions) map[string][]iptChain {
 		}
 		g = append(g, rb{comment: gateComment}.to("DROP"))
 		mangle = append(mangle, iptChain{ChainGate, g})
+	}
+	if transit {
+		t := []string{rb{matches: []string{"-m", "addrtype", "--dst-type", "LOCAL"}, comment: transitComment}.to("RETURN")}
+		for _, a := range c.pods {
+			t = append(t, rb{src: host(a), comment: transitComment}.to("RETURN"))
+		}
+		t = append(t, rb{comment: transitComment}.to("DROP"))
+		mangle = append(mangle, iptChain{ChainTransit, t})
 	}
 	if o.tunnelDevice != "" {
 		mss := rb{out: o.tunnelDevice, proto: "tcp", matches: append(slices.Clone(markMatch), "-m", "tcp", "--tcp-flags", "SYN,RST", "SYN"), comment: mssComment}

@@ -35,6 +35,10 @@ type pkt struct {
 	// local are the node's addresses for the fence; nil means that every
 	// source is local.
 	local []netip.Addr
+	// ctMark is its conntrack entry's mark (set by earlier packets);
+	// reply says it is a packet of the reply direction.
+	ctMark uint32
+	reply  bool
 }
 
 func udpPkt(src, dst netip.Addr, port uint16) pkt {
@@ -91,6 +95,8 @@ type verdict struct {
 	rule string
 	// unsupported is set when a rule was not understood.
 	unsupported string
+	// ctMark is the conntrack mark after the walk.
+	ctMark uint32
 }
 
 func (v verdict) String() string {
@@ -142,6 +148,13 @@ type nftTracer struct {
 	p    pkt
 	mark uint32
 	v    verdict
+}
+
+// ctMarkSet records what a rule did to the conntrack mark of the traced
+// packet's entry.
+func (tr *nftTracer) ctMarkSet(m uint32) {
+	tr.p.ctMark |= m
+	tr.v.ctMark = tr.p.ctMark
 }
 
 // traceNFT walks p through a node with nft's table (and, when set, ipt's
@@ -356,6 +369,16 @@ func (tr *nftTracer) selector(w []string, i int) (vals []nval, j int, ok bool) {
 				v.n &= m
 				n = 4
 			}
+		case "ct mark":
+			v = nval{kind: "num", n: uint64(p.ctMark)}
+			if i+3 < len(w) && w[i+2] == "&" {
+				m, err := strconv.ParseUint(w[i+3], 0, 32)
+				if err != nil {
+					return nil, i, false
+				}
+				v.n &= m
+				n = 4
+			}
 		case "ct original":
 			if i+3 < len(w) && w[i+2] == ip && w[i+3] == "daddr" {
 				v, n = nval{kind: "addr", addr: p.original()}, 4
@@ -518,6 +541,26 @@ func (tr *nftTracer) rule(rule string) (nftOutcome, string) {
 				continue
 			case "option":
 				i += 7 // tcp option maxseg size set rt mtu: no effect here
+				continue
+			}
+		case "ct":
+			switch {
+			case at(i+1) == "direction" && at(i+2) == "original":
+				if tr.p.reply {
+					return nftNext, ""
+				}
+				i += 3
+				continue
+			case at(i+1) == "mark" && at(i+2) == "set":
+				if at(i+3) != "ct" || at(i+4) != "mark" || at(i+5) != "|" {
+					return nftUnsupported, "ct mark set"
+				}
+				m, err := strconv.ParseUint(at(i+6), 0, 32)
+				if err != nil {
+					return nftUnsupported, "ct mark"
+				}
+				tr.ctMarkSet(uint32(m))
+				i += 7
 				continue
 			}
 		case "meta":

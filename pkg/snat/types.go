@@ -138,6 +138,9 @@ type famDesired struct {
 	fenced    []netip.Addr
 	// guard are the sources that may not send to the tunnel port.
 	guard []netip.Prefix
+	// transit are the sources whose forwarded off-cluster traffic from
+	// nodeIfaces is dropped unless a rule's pod.
+	transit []netip.Prefix
 	// nodeIfaces are the interfaces exempt from the anti-spoofing check
 	// (other nodes' traffic arrives there, and the tunnel device).
 	nodeIfaces []string
@@ -185,6 +188,9 @@ func normalize(d model.Datapath, guard []netip.Prefix, tunnelDevice string) (out
 			guard:      prefixesOf(f, guard),
 			fenced:     addrsOf(f, d.Fenced),
 			nodeIfaces: ifaces,
+		}
+		if len(ifaces) > 0 {
+			fd.transit = prefixesOf(f, d.Transit)
 		}
 		if d.Gate != nil {
 			fd.gateCIDRs = prefixesOf(f, d.Gate.PodCIDRs)
