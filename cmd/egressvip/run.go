@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -161,6 +162,13 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		log.WithField("backend", m.Backend()).Info("egress SNAT backend")
 		snatw = m
 	}
+	leftCtx, cancelLeft := context.WithTimeout(ctx, 10*time.Second)
+	if left := snat.KubeVIPLeftovers(leftCtx); len(left) > 0 {
+		// Not ours to remove; while it is there, kube-vip's rules may
+		// SNAT what egressvip leaves alone.
+		log.WithField("found", strings.Join(left, "; ")).Warn("kube-vip's egress rules are still on this node: " + snat.KubeVIPLeftoversFix())
+	}
+	cancelLeft()
 	routes, err := steer.New(steer.Config{Node: cfg.NodeName, Mark: cfg.Mark, Log: log})
 	if err != nil {
 		return fmt.Errorf("steering: %w", err)
