@@ -40,7 +40,7 @@ test-sandbox: deps ## the sandbox harness on real clusters: kube-proxy modes, he
 	$(GO) test -tags e2e -count=1 -v -timeout 20m ./testing/sandbox/
 
 e2e: deps ## end-to-end scenarios on the local sandbox cluster (root)
-	$(GO) test -tags e2e -count=1 -v -timeout $(E2E_TIMEOUT) ./testing/e2e/...
+	$(GO) test -p 1 -tags e2e -count=1 -v -timeout $(E2E_TIMEOUT) ./testing/e2e/...
 
 demo: deps ## run the product on the built-in local sandbox cluster (root)
 	$(GO) run ./testing/cmd/demo

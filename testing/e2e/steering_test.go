@@ -62,8 +62,16 @@ func (f *flows) stop(figure string, want netip.Addr) (wrong int) {
 			}
 		}
 		wrong += nodeIPs
-		lines = append(lines, fmt.Sprintf("%s: %d sent, %d from %s, %d from other addresses, longest gap %s",
-			name, r.Sent, r.Sources[want], want, nodeIPs, r.LongestGap.Round(time.Millisecond)))
+		line := fmt.Sprintf("%s: %d sent, %d from %s, %d from other addresses, longest gap %s",
+			name, r.Sent, r.Sources[want], want, nodeIPs, r.LongestGap.Round(time.Millisecond))
+		if len(r.Wrong) > 0 {
+			// Which ones, from where: the first and the last.
+			first, last := r.Wrong[0], r.Wrong[len(r.Wrong)-1]
+			line += fmt.Sprintf(" (%s from %s at %s, ..., %s from %s at %s)",
+				strings.TrimPrefix(first.Payload, f.flows[pod].Prefix), first.Source, first.At.Format("15:04:05.000"),
+				strings.TrimPrefix(last.Payload, f.flows[pod].Prefix), last.Source, last.At.Format("15:04:05.000"))
+		}
+		lines = append(lines, line)
 	}
 	f.t.Logf("%s:\n  %s", figure, strings.Join(lines, "\n  "))
 	record(figure, fmt.Sprintf("%d datagrams sent, %d arrived, %d not from %s", sent, arrived, wrong, want))
@@ -100,7 +108,7 @@ func waitSteered(t *testing.T, name string, egress, steered int) {
 	t.Helper()
 	eventually(t, 30*time.Second, fmt.Sprintf("%s reports %d egress pods, %d steered", name, egress, steered), func() (bool, string) {
 		svc := getService(t, name)
-		e, s := svc.Annotations["egressvip.io/egress-endpoints"], svc.Annotations["egressvip.io/steered-endpoints"]
+		e, s := svc.Annotations["egressvip.io/endpoints"], svc.Annotations["egressvip.io/steered-endpoints"]
 		return e == fmt.Sprint(egress) && s == fmt.Sprint(steered), e + "/" + s
 	})
 }

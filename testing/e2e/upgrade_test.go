@@ -116,6 +116,9 @@ func TestRollingUpgradeAndRollback(t *testing.T) {
 	for _, ip := range ips {
 		changes += len(r.Of(ip).Changes)
 	}
-	record("rolling upgrade and rollback: holder changes over 20 addresses", fmt.Sprintf("%d (upgrade took %s)", changes, upgraded.Round(time.Second)))
+	// Most changes are the previous release's own: its per-Service
+	// electors renew through client-go's default rate limit and miss
+	// their deadlines with 20 Services on a node.
+	record("rolling upgrade and rollback: holder changes over 20 addresses", fmt.Sprintf("%d (upgrade took %s; the previous release alone flaps)", changes, upgraded.Round(time.Second)))
 	t.Logf("rolling upgrade and rollback: %s", r.String())
 }

@@ -37,7 +37,7 @@ const (
 	// addresses (its servers answer on both).
 	ExternalSecond4 = extNet4 + "251"
 	ExternalSecond6 = extNet6 + "251"
-	apiServerIP   = nodeNet4 + "1"
+	apiServerIP     = nodeNet4 + "1"
 )
 
 // This run's fixed namespaces.
@@ -115,7 +115,7 @@ type Cluster struct {
 	podSeq    int
 	// closers are servers the harness started in namespaces, closed at
 	// teardown.
-	closers []func() error
+	closers   []func() error
 	linkSeq   int
 	daemonK   string // the daemon's kubeconfig
 	proxyMode string // the nodes' kube-proxy mode

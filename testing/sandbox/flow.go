@@ -55,6 +55,7 @@ func (c *Cluster) StartFlow(p *Pod, dst netip.AddrPort, interval time.Duration) 
 		return nil, err
 	}
 	f.start = time.Now()
+	gone := p.Gone()
 	go func() {
 		defer close(f.done)
 		defer long.Close()
@@ -62,12 +63,17 @@ func (c *Cluster) StartFlow(p *Pod, dst netip.AddrPort, interval time.Duration) 
 		defer tick.Stop()
 		for {
 			select {
+			case <-tick.C:
 			case <-f.stop:
+			case <-gone:
+				// The pod was deleted: its sockets die with it (the
+				// long-lived one would keep its namespace alive).
+			}
+			if stopped(f.stop) || stopped(gone) {
 				f.mu.Lock()
 				f.ended = time.Now()
 				f.mu.Unlock()
 				return
-			case <-tick.C:
 			}
 			f.mu.Lock()
 			n := f.sent
@@ -122,4 +128,13 @@ func (f *Flow) Stop(want netip.Addr) FlowReport {
 // String summarises a report.
 func (r FlowReport) String() string {
 	return fmt.Sprintf("%d sent, %d arrived, sources %v, longest gap %s", r.Sent, r.Arrived, r.Sources, r.LongestGap.Round(time.Millisecond))
+}
+
+func stopped(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }

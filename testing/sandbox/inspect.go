@@ -50,6 +50,21 @@ func (n *Node) SNATRulesFor(service string) []string {
 func nftElements(table, service string) []string {
 	var out []string
 	comment := `comment "` + service + `"`
+	// Pods with network filters have clause chains: rules that name the
+	// Service in their comment and SNAT to its address.
+	for _, l := range strings.Split(table, "\n") {
+		if !strings.Contains(l, comment) {
+			continue
+		}
+		for _, kw := range []string{"snat ip to ", "snat ip6 to ", "snat to "} {
+			if _, rest, ok := strings.Cut(l, kw); ok {
+				if f := strings.Fields(rest); len(f) > 0 {
+					out = append(out, "nft rule --to-source "+f[0])
+				}
+				break
+			}
+		}
+	}
 	for _, seg := range strings.FieldsFunc(table, func(r rune) bool { return r == ',' || r == '{' || r == '}' || r == '\n' }) {
 		seg = strings.TrimSpace(seg)
 		if !strings.Contains(seg, comment) {

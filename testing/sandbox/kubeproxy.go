@@ -270,13 +270,16 @@ func (n *Node) proxies(ip netip.Addr, proto string, port int) bool {
 		bits = 128
 	}
 	// -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment "..." -m tcp --dport 443 -j KUBE-SVC-...
+	// (KUBE-EXT-... for a LoadBalancer IP, KUBE-FW-... with source ranges)
 	for _, l := range strings.Split(out, "\n") {
 		f := strings.Fields(l)
 		if len(f) < 2 || f[0] != "-A" || f[1] != "KUBE-SERVICES" {
 			continue
 		}
 		if hasArg(f, "-d", fmt.Sprintf("%s/%d", ip, bits)) && hasArg(f, "-p", proto) && hasArg(f, "--dport", strconv.Itoa(port)) &&
-			slices.ContainsFunc(f, func(s string) bool { return strings.HasPrefix(s, "KUBE-SVC-") }) {
+			slices.ContainsFunc(f, func(s string) bool {
+				return strings.HasPrefix(s, "KUBE-SVC-") || strings.HasPrefix(s, "KUBE-EXT-") || strings.HasPrefix(s, "KUBE-FW-")
+			}) {
 			return true
 		}
 	}

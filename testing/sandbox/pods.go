@@ -37,6 +37,17 @@ type Pod struct {
 	mu      sync.Mutex
 	started bool
 	servers []io.Closer
+	gone    chan struct{}
+}
+
+// Gone is closed when the pod is deleted: its processes stop then.
+func (p *Pod) Gone() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.gone == nil {
+		p.gone = make(chan struct{})
+	}
+	return p.gone
 }
 
 // RunPod creates a Pod bound to node, plumbs its namespace (addresses from
@@ -243,6 +254,14 @@ func (c *Cluster) DeletePod(ctx context.Context, p *Pod) error {
 	p.closeServers()
 	p.mu.Lock()
 	started := p.started
+	if p.gone == nil {
+		p.gone = make(chan struct{})
+	}
+	select {
+	case <-p.gone:
+	default:
+		close(p.gone)
+	}
 	p.mu.Unlock()
 	if started {
 		delNS(p.NS)
