@@ -393,8 +393,19 @@ func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
 		rule(nftFence, "ct direction original meta mark & "+mark+" == "+mark+" ct mark set ct mark | "+mark, steeredConnComment),
 		rule(nftFence, "ct direction original ct mark & "+mark+" == "+mark+" meta mark & "+mark+" == 0 drop", steeredConnComment),
 	}
+	steered := rule(nftPostrouting, "meta mark & "+mark+" == "+mark+" snat to "+ip+" saddr", steeredComment)
+	postrouting := &knftables.Chain{
+		Name:     nftPostrouting,
+		Type:     knftables.PtrTo(knftables.NATType),
+		Hook:     knftables.PtrTo(knftables.PostroutingHook),
+		Priority: knftables.PtrTo(knftables.BaseChainPriority(NFTPriority)),
+	}
 	if w.fenceOnly {
-		return append(objs, fence), fenceRules
+		// The iptables backends' steered packets get their null SNAT
+		// here too: an iptables ACCEPT sets up no translation, so a
+		// MASQUERADE of the other iptables flavour (a CNI's) would
+		// still rewrite them.
+		return append(objs, fence, postrouting), append(fenceRules, steered)
 	}
 	objs = append(objs,
 		&knftables.Chain{Name: nftSteer},
@@ -404,12 +415,7 @@ func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
 			Hook:     knftables.PtrTo(knftables.PreroutingHook),
 			Priority: knftables.PtrTo(knftables.FilterPriority),
 		},
-		&knftables.Chain{
-			Name:     nftPostrouting,
-			Type:     knftables.PtrTo(knftables.NATType),
-			Hook:     knftables.PtrTo(knftables.PostroutingHook),
-			Priority: knftables.PtrTo(knftables.BaseChainPriority(NFTPriority)),
-		},
+		postrouting,
 		fence,
 	)
 	var rules []*knftables.Rule
@@ -425,7 +431,7 @@ func (w *nftWriter) schema(f Family) ([]knftables.Object, []*knftables.Rule) {
 		rule(nftPrerouting, ip+" saddr . meta l4proto . th dport vmap @"+nftPrePorts, "egressvip: steer or hold by pod and destination port"),
 		rule(nftPrerouting, ip+" saddr vmap @"+nftPreAll, "egressvip: steer or hold by pod"),
 		rule(nftSteer, "meta mark set meta mark | "+mark, "egressvip: steering mark"),
-		rule(nftPostrouting, "meta mark & "+mark+" == "+mark+" snat to "+ip+" saddr", steeredComment),
+		steered,
 		rule(nftPostrouting, ip+" daddr @"+nftExclude+" return", ExcludeComment),
 		rule(nftPostrouting, "ct original "+ip+" daddr @"+nftExclude+" return", ExcludeComment),
 		rule(nftPostrouting, ip+" saddr vmap @"+nftSNATChain, "egressvip: SNAT by pod and destination prefix"),

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -102,14 +103,29 @@ func runNamed(t *testing.T, namespace, app, name string, node *sandbox.Node) {
 
 // maskExplain keeps what a run cannot change: which node holds an address
 // (a rank), the pod ranges node-ipam handed out and the routing-table
-// numbers are the same on every run; nothing else varies in --no-age
-// output except trailing spaces.
+// numbers are the same on every run. Pod addresses depend on the pods the
+// scenarios before made: each becomes <pod-N>, numbered in order of
+// appearance; UIDs become <uid>; trailing spaces go.
 func maskExplain(s string) string {
 	var out []string
 	for _, l := range strings.Split(s, "\n") {
 		out = append(out, strings.TrimRight(l, " "))
 	}
-	return strings.TrimSpace(uidRe.ReplaceAllString(strings.Join(out, "\n"), "<uid>")) + "\n"
+	s = uidRe.ReplaceAllString(strings.Join(out, "\n"), "<uid>")
+	seen := map[string]string{}
+	s = podIPRe.ReplaceAllStringFunc(s, func(a string) string {
+		if strings.Contains(a, "/") {
+			return a // a pod range
+		}
+		if _, ok := seen[a]; !ok {
+			seen[a] = fmt.Sprintf("<pod-%d>", len(seen)+1)
+		}
+		return seen[a]
+	})
+	return strings.TrimSpace(s) + "\n"
 }
 
-var uidRe = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
+var (
+	uidRe   = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
+	podIPRe = regexp.MustCompile(`10\.244\.[0-9]+\.[0-9]+(/[0-9]+)?|fd00:10:244:[0-9a-f:]*(/[0-9]+)?`)
+)
