@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/egressvip/egressvip/pkg/allocator"
 	"github.com/egressvip/egressvip/pkg/cidr"
+	"github.com/egressvip/egressvip/pkg/compat"
 	"github.com/egressvip/egressvip/pkg/config"
 	"github.com/egressvip/egressvip/pkg/desired"
 	"github.com/egressvip/egressvip/pkg/election"
@@ -227,6 +229,8 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		m.Registry.MustRegister(alloc.Collectors()...)
 		elected = runWhileElected(ctx, lease, alloc.Run, log)
 	}
+	neighbours := watchNeighbours(ctx, compat.Node{Client: client, Backend: backendName(snatw), Tunnel: tunnel != nil, Mark: cfg.Mark,
+		ServiceInterface: iface}, poke, log)
 	ctrl, err = node.New(node.Options{
 		Node:            cfg.NodeName,
 		Namespace:       cfg.Namespace,
@@ -236,6 +240,7 @@ func run(ctx context.Context, logger *logrus.Logger) error {
 		Singletons:      singletons,
 		Elected:         elected,
 		SNATUnavailable: snatUnavailable,
+		EgressBlocked:   neighbours,
 		Resync:          time.Minute,
 		RetryPeriod:     cfg.RetryPeriod,
 		RenewDeadline:   cfg.RenewDeadline,
@@ -380,4 +385,64 @@ func cleanup(logger *logrus.Logger) error {
 	}
 	log.Info("cleanup complete")
 	return nil
+}
+
+// neighbourInterval is how often the neighbours are looked at again.
+const neighbourInterval = 10 * time.Minute
+
+// watchNeighbours looks at the node's neighbours (pkg/compat) now and every
+// neighbourInterval: each finding is logged once while it lasts (a
+// blocking one at error level); the returned function says why egress
+// cannot work on this node, or "". A change pokes the sync loop.
+func watchNeighbours(ctx context.Context, n compat.Node, poke func(), log *logrus.Entry) func() string {
+	var blocked atomic.Value
+	blocked.Store("")
+	seen := map[string]bool{}
+	look := func() {
+		gctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		findings := compat.Check(compat.Gather(gctx, n))
+		cancel()
+		now, why := map[string]bool{}, ""
+		for _, f := range findings {
+			now[f.String()] = true
+			if f.Blocking && why == "" {
+				why = f.Message
+			}
+			if seen[f.String()] {
+				continue
+			}
+			l := log.WithField("neighbour", f.Component)
+			if f.Blocking {
+				l.Error("egress cannot work on this node: " + f.Message)
+			} else {
+				l.Warn(f.Message)
+			}
+		}
+		seen = now
+		if blocked.Swap(why) != why {
+			poke()
+		}
+	}
+	look()
+	go func() {
+		t := time.NewTicker(neighbourInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				look()
+			}
+		}
+	}()
+	return func() string { return blocked.Load().(string) }
+}
+
+// backendName is the firewall backend's name, "" without one.
+func backendName(s node.SNAT) string {
+	if m, ok := s.(*snat.Manager); ok && m != nil {
+		return m.Backend()
+	}
+	return ""
 }

@@ -112,6 +112,11 @@ type Options struct {
 	// SNATUnavailable, when set, is why egress cannot be programmed on
 	// this node (the firewall backend is missing); SNAT is then nil.
 	SNATUnavailable string
+	// EgressBlocked, when set, says why egress cannot work on this node
+	// now (a neighbour's datapath bypasses the firewall: pkg/compat), or
+	// "": while it says so, egress is not programmed here and egress
+	// Services get a Warning.
+	EgressBlocked func() string
 	// Resync is the longest time between two full syncs.
 	Resync time.Duration
 	// RetryPeriod separates candidates' turns; RenewDeadline bounds the

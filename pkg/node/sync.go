@@ -79,6 +79,10 @@ func (c *Controller) snapshot() (view, error) {
 		RemotePod:     c.verifier.Verdict,
 		MissingIPv6:   c.cluster.Missing(true),
 	}
+	blocked := ""
+	if c.opts.EgressBlocked != nil {
+		blocked = c.opts.EgressBlocked()
+	}
 	for _, svc := range all {
 		if !c.ours(svc) {
 			continue
@@ -94,6 +98,9 @@ func (c *Controller) snapshot() (view, error) {
 		s := desired.Analyze(svc, epSlices, opts)
 		if s.Egress && c.snat == nil {
 			s.Problems = append(s.Problems, model.Problem{Reason: desired.EventEgressNotSupported, Message: "egress unavailable on node " + c.opts.Node + ": " + c.opts.SNATUnavailable})
+			s.Egress, s.EgressIPv6 = false, false
+		} else if s.Egress && blocked != "" {
+			s.Problems = append(s.Problems, model.Problem{Reason: desired.EventEgressNotSupported, Message: "egress cannot work on node " + c.opts.Node + ": " + blocked})
 			s.Egress, s.EgressIPv6 = false, false
 		}
 		v.services[s.Key] = svc

@@ -414,7 +414,7 @@ func guardCount(t testing.TB, m *Manager) int {
 	}
 	n := 0
 	for k, c := range rs {
-		if k.local || k.unreachable {
+		if k.local || k.blackhole {
 			n += c
 		}
 	}
@@ -473,7 +473,7 @@ func ownedCount(t testing.TB, m *Manager) (rules, routes int) {
 		t.Fatal(err, odd)
 	}
 	for k, n := range rs {
-		if !k.local && !k.unreachable {
+		if !k.local && !k.blackhole {
 			rules += n
 		}
 	}

@@ -256,7 +256,7 @@ func (m *Manager) linkName(index int) string {
 // guard rules of a family, one and two priorities later:
 // "iif lo fwmark <mark>/<mask> lookup main" (packets this node sends, such
 // as the VXLAN device's encapsulated ones, which keep the inner packet's
-// mark) and "fwmark <mark>/<mask> unreachable" (a marked packet no pod's
+// mark) and "fwmark <mark>/<mask> blackhole" (a marked packet no pod's
 // rule takes is dropped, never routed by the main table).
 type ruleKey struct {
 	family   int
@@ -265,8 +265,8 @@ type ruleKey struct {
 	mark     uint32
 	mask     uint32
 	table    int
-	// local: the "iif lo" guard; unreachable: the last guard.
-	local, unreachable bool
+	// local: the "iif lo" guard; blackhole: the last guard.
+	local, blackhole bool
 }
 
 // guardKeys are the guard rules of both families.
@@ -275,7 +275,7 @@ func (m *Manager) guardKeys() []ruleKey {
 	for _, f := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		out = append(out,
 			ruleKey{family: f, priority: m.cfg.RulePriority + 1, mark: m.cfg.Mark, mask: m.cfg.Mark, table: unix.RT_TABLE_MAIN, local: true},
-			ruleKey{family: f, priority: m.cfg.RulePriority + 2, mark: m.cfg.Mark, mask: m.cfg.Mark, unreachable: true})
+			ruleKey{family: f, priority: m.cfg.RulePriority + 2, mark: m.cfg.Mark, mask: m.cfg.Mark, blackhole: true})
 	}
 	return out
 }
@@ -287,8 +287,8 @@ func keyOf(r *netlink.Rule) (ruleKey, bool) {
 		r.IPProto == 0 && r.Dport == nil && r.Sport == nil && r.UIDRange == nil && r.SuppressPrefixlen < 0 && r.SuppressIfgroup < 0 && r.Flow <= 0 {
 		k := ruleKey{family: r.Family, priority: r.Priority, mark: r.Mark, mask: *r.Mask}
 		switch {
-		case r.Type == unix.FR_ACT_UNREACHABLE && r.IifName == "" && r.Table <= 0:
-			k.unreachable = true
+		case r.Type == unix.FR_ACT_BLACKHOLE && r.IifName == "" && r.Table <= 0:
+			k.blackhole = true
 			return k, true
 		case (r.Type == unix.FR_ACT_TO_TBL || r.Type == 0) && r.IifName == "lo" && r.Table == unix.RT_TABLE_MAIN:
 			k.local, k.table = true, r.Table
@@ -319,8 +319,8 @@ func (m *Manager) ruleOf(k ruleKey) *netlink.Rule {
 	r.Mask = &mask
 	r.Protocol = Proto
 	switch {
-	case k.unreachable:
-		r.Type = unix.FR_ACT_UNREACHABLE
+	case k.blackhole:
+		r.Type = unix.FR_ACT_BLACKHOLE
 		return r
 	case k.local:
 		r.IifName = "lo"

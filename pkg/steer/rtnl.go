@@ -104,8 +104,8 @@ func decodeRule(b []byte) (k ruleKey, owned, exact bool, err error) {
 	if src == nil {
 		plain := srcLen == 0 && flags == 0 && tos == 0 && dstLen == 0 && hasMark && hasMask && suppress == 0xffffffff && !other
 		switch {
-		case action == unix.FR_ACT_UNREACHABLE && iif == "" && k.table == 0:
-			k.unreachable = true
+		case action == unix.FR_ACT_BLACKHOLE && iif == "" && k.table == 0:
+			k.blackhole = true
 			return k, true, plain, nil
 		case action == unix.FR_ACT_TO_TBL && iif == "lo" && k.table == unix.RT_TABLE_MAIN:
 			k.local = true

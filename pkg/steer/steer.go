@@ -8,7 +8,7 @@
 //
 //	31000:	from 10.244.1.5 fwmark 0x1000/0x1000 lookup 59136 proto 231
 //	31001:	from all iif lo fwmark 0x1000/0x1000 lookup main proto 231
-//	31002:	from all fwmark 0x1000/0x1000 unreachable proto 231
+//	31002:	from all fwmark 0x1000/0x1000 blackhole proto 231
 //	default via 198.51.100.12 dev eth0 proto 231 onlink         (table 59136)
 //
 // The guard rules (both families, always there) drop a marked packet that

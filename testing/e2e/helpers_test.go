@@ -14,6 +14,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -263,10 +264,22 @@ const daemonNS = "egressvip"
 // createNamespace creates a namespace for the test, deleted after it.
 func createNamespace(t *testing.T, name string) {
 	t.Helper()
-	_, err := cluster.Admin.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatalf("create namespace %s: %v", name, err)
-	}
+	// A namespace of the same name an earlier scenario deleted may still
+	// be terminating: wait until it is gone.
+	eventually(t, 90*time.Second, "namespace "+name+" created", func() (bool, string) {
+		_, err := cluster.Admin.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+		if err == nil {
+			return true, ""
+		}
+		if !apierrors.IsAlreadyExists(err) {
+			return false, err.Error()
+		}
+		cur, gerr := cluster.Admin.CoreV1().Namespaces().Get(ctx(t), name, metav1.GetOptions{})
+		if gerr != nil {
+			return false, gerr.Error()
+		}
+		return cur.Status.Phase == corev1.NamespaceActive && cur.DeletionTimestamp == nil, "terminating"
+	})
 	t.Cleanup(func() {
 		_ = cluster.Admin.CoreV1().Namespaces().Delete(context.Background(), name, metav1.DeleteOptions{})
 	})

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
@@ -21,14 +20,6 @@ import (
 
 // namespace creates a namespace for the test (left in place: the sandbox
 // runs no namespace controller, and an empty namespace costs nothing).
-func namespace(t *testing.T, name string) {
-	t.Helper()
-	_, err := cluster.Admin.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
-	if err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
-}
-
 // serviceIn is service() in another namespace.
 func serviceIn(t *testing.T, namespace, name string, local bool, ann map[string]string) {
 	t.Helper()
@@ -88,8 +79,8 @@ func waitEventIn(t *testing.T, namespace, service, reason string) string {
 // and the attacker's Service gets an Event that does not name the victim.
 func TestForeignNamespaceCannotClaimAnAddress(t *testing.T) {
 	lb := addr("203.0.113.140")
-	namespace(t, "victim")
-	namespace(t, "attacker")
+	createNamespace(t, "victim")
+	createNamespace(t, "attacker")
 	victimNode, attackerNode := cluster.Nodes[0], cluster.Nodes[1]
 	serviceIn(t, "victim", "db-egress", true, egressAnn(lb.String()))
 	victim := runPodIn(t, "victim", "db-egress", victimNode)
