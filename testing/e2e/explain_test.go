@@ -105,7 +105,8 @@ func runNamed(t *testing.T, namespace, app, name string, node *sandbox.Node) {
 // (a rank), the pod ranges node-ipam handed out and the routing-table
 // numbers are the same on every run. Pod addresses depend on the pods the
 // scenarios before made: each becomes <pod-N>, numbered in order of
-// appearance; UIDs become <uid>; trailing spaces go.
+// appearance; UIDs become <uid>; trailing spaces go, and columns are
+// separated by two spaces.
 func maskExplain(s string) string {
 	var out []string
 	for _, l := range strings.Split(s, "\n") {
@@ -122,10 +123,14 @@ func maskExplain(s string) string {
 		}
 		return seen[a]
 	})
+	// Column widths follow the addresses' lengths: two spaces between
+	// columns, whatever their widths.
+	s = columnsRe.ReplaceAllString(s, "  ")
 	return strings.TrimSpace(s) + "\n"
 }
 
 var (
-	uidRe   = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
-	podIPRe = regexp.MustCompile(`10\.244\.[0-9]+\.[0-9]+(/[0-9]+)?|fd00:10:244:[0-9a-f:]*(/[0-9]+)?`)
+	uidRe     = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
+	columnsRe = regexp.MustCompile(`  +`)
+	podIPRe   = regexp.MustCompile(`10\.244\.[0-9]+\.[0-9]+(/[0-9]+)?|fd00:10:244:[0-9a-f:]*(/[0-9]+)?`)
 )

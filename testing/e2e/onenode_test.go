@@ -294,30 +294,30 @@ func TestUnbindableAddressAffectsItsServiceAlone(t *testing.T) {
 func TestClaimSequenceCannotTakeAnAddress(t *testing.T) {
 	lb := addr("203.0.113.198")
 	n1 := cluster.Nodes[0]
-	for _, n := range []string{"attacker", "victim"} {
+	for _, n := range []string{"claim-attacker", "claim-victim"} {
 		createNamespace(t, n)
 	}
 	// The attacker is served with the address first.
-	createService(t, "attacker", "x", true, egressAnn(lb.String()))
-	ap := runPodIn(t, "attacker", "x", n1)
+	createService(t, "claim-attacker", "x", true, egressAnn(lb.String()))
+	ap := runPodIn(t, "claim-attacker", "x", n1)
 	waitHolder(t, lb)
 	eventually(t, 30*time.Second, "the attacker's status shows the address", func() (bool, string) {
-		svc, _ := cluster.Admin.CoreV1().Services("attacker").Get(ctx(t), "x", metav1.GetOptions{})
+		svc, _ := cluster.Admin.CoreV1().Services("claim-attacker").Get(ctx(t), "x", metav1.GetOptions{})
 		return svc != nil && len(svc.Status.LoadBalancer.Ingress) == 1, ""
 	})
 	// Scale to 0, move the annotation away.
 	if err := cluster.DeletePod(ctx(t), ap); err != nil {
 		t.Fatal(err)
 	}
-	annotate(t, "attacker", "x", annotations.LoadBalancerIPs, "203.0.113.249")
+	annotate(t, "claim-attacker", "x", annotations.LoadBalancerIPs, "203.0.113.249")
 	// The victim claims the address and is served.
-	createService(t, "victim", "db", true, egressAnn(lb.String()))
-	vp := runPodIn(t, "victim", "db", n1)
-	waitServedIn(t, "victim", "db", n1, lb)
+	createService(t, "claim-victim", "db", true, egressAnn(lb.String()))
+	vp := runPodIn(t, "claim-victim", "db", n1)
+	waitServedIn(t, "claim-victim", "db", n1, lb)
 	// Move it back, with a pod: the victim keeps it.
-	annotate(t, "attacker", "x", annotations.LoadBalancerIPs, lb.String())
-	attackerPod := runPodIn(t, "attacker", "x", n1)
-	waitWarningIn(t, "attacker", "x", "LoadBalancerIPConflict", "")
+	annotate(t, "claim-attacker", "x", annotations.LoadBalancerIPs, lb.String())
+	attackerPod := runPodIn(t, "claim-attacker", "x", n1)
+	waitWarningIn(t, "claim-attacker", "x", "LoadBalancerIPConflict", "")
 	time.Sleep(3 * time.Second)
 	if got := sourceSeen(t, vp, "udp", false, sandbox.UDPPort); got != lb {
 		t.Errorf("the victim's pod left from %s, want %s", got, lb)
