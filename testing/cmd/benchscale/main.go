@@ -48,7 +48,6 @@ const (
 	daemonNS         = "egressvip"
 	nodeLeasePrefix  = "egressvip.node."
 	serviceLeaseName = "egressvip-" // + Service name, in its namespace
-	managedByLabel   = "app.kubernetes.io/managed-by"
 	defaultLeaseSecs = 5
 	// podOffset skips the start of node-1's pod ranges (RunPod's).
 	podOffset = 256
@@ -945,7 +944,9 @@ func sampleHeartbeat(daemon, round *leaseWatch) heartbeat {
 		}
 	}
 	for _, le := range daemon.leases() {
-		if strings.HasPrefix(le.Name, nodeLeasePrefix) || le.Labels[managedByLabel] == "egressvip" && le.Name != "egressvip.services" {
+		// Only heartbeats: address Leases are written on change, never
+		// renewed, so their renewTime says nothing.
+		if strings.HasPrefix(le.Name, nodeLeasePrefix) {
 			measure(le)
 		}
 	}
