@@ -22,7 +22,9 @@ func TestPrivilegedGather(t *testing.T) {
 	privtest.Require(t, "nft")
 	plain := privtest.NewNS(t, "compat-plain")
 	var in Input
-	plain.Do(t, func() { in = Gather(context.Background(), Node{Mark: 0x1000, Backend: "nftables", ServiceInterface: "lo"}) })
+	plain.Do(t, func() {
+		in = Gather(context.Background(), Node{Mark: 0x1000, Backend: "nftables", ServiceInterface: "lo"})
+	})
 	if got := Check(in); len(got) != 0 {
 		t.Fatalf("a plain namespace: %v", got)
 	}

@@ -196,7 +196,7 @@ func (m *Manager) heartbeatRecord(renew time.Time, info NodeInfo) *coordinationv
 		l.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: m.cfg.Identity, UID: info.UID}}
 	}
 	holder := m.cfg.Identity
-	seconds := int32((m.cfg.Timing.LeaseDuration + time.Second - 1) / time.Second)
+	seconds := int32((max(m.cfg.Timing.LeaseDuration, m.hbDuration) + time.Second - 1) / time.Second)
 	if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != holder {
 		l.Spec.AcquireTime = &metav1.MicroTime{Time: renew}
 	}
@@ -223,10 +223,33 @@ func (m *Manager) renewed(start time.Time, out *coordinationv1.Lease) {
 	}
 	m.renewedAt = start
 	m.hb = out
+	if out != nil && out.Spec.LeaseDurationSeconds != nil {
+		m.hbWritten = time.Duration(*out.Spec.LeaseDurationSeconds) * time.Second
+	}
 	m.mu.Unlock()
 	if first || wasOverdue {
 		m.cfg.Poke()
 	}
+}
+
+// SetHeartbeatDuration sets the leaseDurationSeconds the next heartbeat
+// renewals carry: never less than Timing.LeaseDuration. Other nodes take
+// this node's addresses over only that long after the last renewal they
+// saw (they read the heartbeat from the API server once more before they
+// do), so a node whose addresses need a longer kernel lifetime (thousands
+// of IPv6 addresses cost more to renew) announces it here first.
+func (m *Manager) SetHeartbeatDuration(d time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.hbDuration = d
+}
+
+// HeartbeatDuration is the leaseDurationSeconds of the last heartbeat
+// renewal that was written (0 before the first).
+func (m *Manager) HeartbeatDuration() time.Duration {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.hbWritten
 }
 
 // RenewedAt is the RenewTime of the last successful heartbeat renewal.

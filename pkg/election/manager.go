@@ -83,6 +83,10 @@ type Manager struct {
 	// process's last renewal.
 	renewedAt time.Time
 	prevRenew time.Time
+	// hbDuration is the leaseDurationSeconds the heartbeat is to carry
+	// (at least Timing.LeaseDuration; see SetHeartbeatDuration), and
+	// hbWritten what the last successful renewal wrote.
+	hbDuration, hbWritten time.Duration
 	// epoch counts the stretches of time this node's heartbeat stayed
 	// valid without a gap: 0 before the first renewal, then 1, and one
 	// more after every renewal that came a lease duration or more after
@@ -455,6 +459,18 @@ func sortedNodes(nodes map[string]*peer) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// Fresh says whether this node's heartbeat is established and its last
+// successful renewal is younger than the renew deadline: while it is, no
+// other node can see it expired for at least LeaseDuration - RenewDeadline,
+// longer than an address's lifetime, so renewing the lifetimes of what it
+// holds cannot make an address outlive its claim.
+func (m *Manager) Fresh() bool {
+	now := m.now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.epoch > 0 && !m.renewedAt.IsZero() && now.Sub(m.renewedAt) < m.cfg.Timing.RenewDeadline
 }
 
 // View returns the election as this node sees it now.

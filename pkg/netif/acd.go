@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"time"
 
 	"github.com/mdlayher/packet"
-	"github.com/vishvananda/netns"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressvip/egressvip/internal/netnsdo"
 )
 
 // Address conflict detection (ACD) on the serviceInterface, for both
@@ -279,28 +279,7 @@ func (m *Manager) inNetNS(fn func() error) error {
 	if !m.cfg.inOtherNS() {
 		return fn()
 	}
-	done := make(chan error, 1)
-	go func() {
-		// Until it is back in its namespace the thread stays locked, and
-		// dies with the goroutine if it cannot return.
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- fmt.Errorf("read the current namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(m.cfg.NetNS); err != nil {
-			done <- fmt.Errorf("enter the namespace: %w", err)
-			return
-		}
-		err = fn()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- err
-	}()
-	return <-done
+	return netnsdo.Do(m.cfg.NetNS, fn)
 }
 
 // ethernet is the interface as ACD needs it: its index and its Ethernet

@@ -59,6 +59,66 @@ func lifetimeSeconds(d time.Duration) (uint32, error) {
 	return uint32((d + time.Second - 1) / time.Second), nil
 }
 
+// SetLifetime changes the valid lifetime of the owned addresses (Config.
+// Lifetime) from now on: the next Refresh renews every wanted address
+// with it. A Manager without a lifetime keeps its addresses forever. The
+// caller makes sure nobody takes the addresses over before a longer
+// lifetime runs out (see node: the heartbeat announces it first).
+func (m *Manager) SetLifetime(d time.Duration) error {
+	if !m.finite {
+		return nil
+	}
+	l, err := lifetimeSeconds(d)
+	if err != nil || l == infinity {
+		return fmt.Errorf("address lifetime %v: %w", d, err)
+	}
+	m.syncMu.Lock()
+	defer m.syncMu.Unlock()
+	if l == m.lifetime {
+		return nil
+	}
+	if m.prevLifetime == 0 || m.lifetime < m.prevLifetime {
+		m.prevLifetime = m.lifetime
+	}
+	m.lifetime, m.changedAt, m.refreshAt = l, time.Now(), time.Time{}
+	return nil
+}
+
+// Lifetime is the valid lifetime addresses are written with now (0:
+// forever).
+func (m *Manager) Lifetime() time.Duration {
+	m.syncMu.Lock()
+	defer m.syncMu.Unlock()
+	if m.lifetime == infinity {
+		return 0
+	}
+	return time.Duration(m.lifetime) * time.Second
+}
+
+// RenewCost is what renewing one address's lifetime cost in the last
+// round that renewed any (0 before the first), and how many addresses
+// the last Sync wanted.
+func (m *Manager) RenewCost() (perAddress time.Duration, held int) {
+	m.state.mu.Lock()
+	if w := m.state.wanted; w != nil {
+		held = len(w.index)
+	}
+	m.state.mu.Unlock()
+	m.syncMu.Lock()
+	defer m.syncMu.Unlock()
+	return m.renewCost, held
+}
+
+// writtenLifetime is the lifetime an address written at at may count on:
+// after a change, what was written before it only the shortest earlier
+// one. Called with syncMu held.
+func (m *Manager) writtenLifetime(at time.Time) uint32 {
+	if m.prevLifetime != 0 && at.Before(m.changedAt) {
+		return min(m.prevLifetime, m.lifetime)
+	}
+	return m.lifetime
+}
+
 // validFor is the valid lifetime ip is written with. Called with syncMu
 // held.
 func (m *Manager) validFor(ip netip.Addr) uint32 {
@@ -126,7 +186,7 @@ func (m *Manager) renewable(a ifAddr, listed, now time.Time) bool {
 		until = listed.Add(time.Duration(a.valid-1) * time.Second)
 	}
 	if at, ok := m.renewedAt[a.ip]; ok && m.lifetime != infinity {
-		until = latest(until, at.Add(time.Duration(m.lifetime)*time.Second))
+		until = latest(until, at.Add(time.Duration(m.writtenLifetime(at))*time.Second))
 	}
 	return now.Before(until.Add(-renewMargin))
 }
@@ -151,6 +211,12 @@ func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, ren
 		upgradeErr         error
 	)
 	complete = true
+	start := time.Now()
+	defer func() {
+		if written > 0 {
+			m.renewCost = time.Since(start) / time.Duration(written)
+		}
+	}()
 	for _, r := range renew {
 		if ctx.Err() != nil {
 			complete = false
@@ -213,11 +279,11 @@ func (m *Manager) planRefresh(wanted *wantSet, complete bool) {
 	}
 	// The kernel reports an address stale once floor(age) >= ceil(L/3);
 	// its clock started a moment after ours.
-	third := time.Duration((m.lifetime+2)/3)*time.Second + 50*time.Millisecond
+	third := func(l uint32) time.Duration { return time.Duration((l+2)/3)*time.Second + 50*time.Millisecond }
 	next := time.Now().Add(time.Duration(m.lifetime) * time.Second)
 	for ip := range wanted.index {
-		if at, ok := m.renewedAt[ip]; ok && at.Add(third).Before(next) {
-			next = at.Add(third)
+		if at, ok := m.renewedAt[ip]; ok && at.Add(third(m.writtenLifetime(at))).Before(next) {
+			next = at.Add(third(m.writtenLifetime(at)))
 		}
 	}
 	m.refreshAt = next
@@ -245,7 +311,7 @@ func (m *Manager) Refresh(ctx context.Context) error {
 
 // refresh is Refresh; it also says how many addresses it wrote.
 func (m *Manager) refresh(ctx context.Context) (int, error) {
-	if m.lifetime == infinity {
+	if !m.finite {
 		return 0, nil
 	}
 	m.syncMu.Lock()

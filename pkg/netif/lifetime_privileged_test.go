@@ -165,6 +165,41 @@ func TestPrivilegedRefreshKeepsAddresses(t *testing.T) {
 	}
 }
 
+// SetLifetime: the next Refresh writes every wanted address with the new
+// lifetime, longer or shorter; RenewCost reports what a renewal cost.
+func TestPrivilegedSetLifetime(t *testing.T) {
+	tp := newTopology(t)
+	m := managerIn(t, tp.node, Config{Interface: "eth1", Lifetime: 2 * time.Second})
+	ctx := context.Background()
+	if _, _, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []uint64{8, 3} {
+		if err := m.SetLifetime(time.Duration(want) * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.Lifetime(); got != time.Duration(want)*time.Second {
+			t.Fatalf("Lifetime %v, want %ds", got, want)
+		}
+		if n, err := m.refresh(ctx); err != nil || n != 2 {
+			t.Fatalf("Refresh after SetLifetime(%ds) wrote %d, %v; want both", want, n, err)
+		}
+		for _, ip := range []netip.Addr{lb4, lb6} {
+			if valid, _, ok := lifetimes(t, tp, ip); !ok || valid > want || valid < want-1 {
+				t.Fatalf("%s: valid %d (found %v), want %d s", ip, valid, ok, want)
+			}
+		}
+	}
+	if per, held := m.RenewCost(); per <= 0 || held != 2 {
+		t.Fatalf("RenewCost %v for %d held; want a cost, 2 held", per, held)
+	}
+	// Without a lifetime, SetLifetime changes nothing.
+	forever := managerIn(t, tp.node, Config{Interface: "eth1"})
+	if err := forever.SetLifetime(5 * time.Second); err != nil || forever.Lifetime() != 0 {
+		t.Fatalf("SetLifetime without a lifetime: %v, Lifetime %v", err, forever.Lifetime())
+	}
+}
+
 // Sync with KeepOnly bindings keeps and renews what the kernel holds and
 // adds nothing; Sync resets lifetimes a previous process left (forever);
 // Persist makes addresses permanent, and Sync and Refresh leave them so.

@@ -129,6 +129,16 @@ type Manager struct {
 	// refreshAt is when Refresh has to list the interface again (zero:
 	// at once); see planRefresh.
 	refreshAt time.Time
+	// finite is true when Config.Lifetime is set (lifetime is then never
+	// infinity; SetLifetime changes it). prevLifetime is the shortest
+	// lifetime used before the last change, at changedAt: what an
+	// address written before then may count on.
+	finite       bool
+	prevLifetime uint32
+	changedAt    time.Time
+	// renewCost is the cost of one renewal in the last round that wrote
+	// any (a write costs more the more IPv6 addresses the node has).
+	renewCost time.Duration
 
 	mu         sync.Mutex
 	announcing map[netip.Addr]*pending
@@ -187,7 +197,7 @@ func New(cfg Config) (*Manager, error) {
 	}
 	m := &Manager{cfg: cfg, h: &netlink.Handle{}, proto: kernelHasAddrProto(), label: label(cfg.Interface),
 		log: cfg.Log.WithField("interface", cfg.Interface), announcing: map[netip.Addr]*pending{}, wake: make(chan struct{}, 1),
-		lifetime: lifetime, persisted: map[netip.Addr]bool{}, renewedAt: map[netip.Addr]time.Time{}}
+		lifetime: lifetime, finite: lifetime != infinity, persisted: map[netip.Addr]bool{}, renewedAt: map[netip.Addr]time.Time{}}
 	if cfg.inOtherNS() {
 		var err error
 		if m.h, err = netlink.NewHandleAt(cfg.NetNS); err != nil {

@@ -75,6 +75,9 @@ type Elections interface {
 	// PeerAddresses are other nodes' serviceInterface addresses, from
 	// their heartbeats.
 	PeerAddresses() map[netip.Addr]bool
+	// Fresh says this node's heartbeat renewal is younger than the renew
+	// deadline: address lifetimes may be renewed outside the sync loop.
+	Fresh() bool
 }
 
 // Cluster is what the node knows of the cluster's ranges and Nodes
@@ -436,6 +439,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	c.log.WithField("addresses", len(owned)).Info("caches synced; starting sync loop")
 
 	go c.verifier.run(ctx, 4)
+	go c.renewLifetimes(ctx)
 	c.Poke()
 	c.queue.AddAfter(checkKey, checkInterval)
 	done := make(chan struct{})
@@ -493,10 +497,59 @@ func (c *Controller) processNext(ctx context.Context) bool {
 	return true
 }
 
+// renewLifetimes renews the lifetime of the held addresses every
+// checkInterval while this node's heartbeat is fresh, on a goroutine of
+// its own: a sync that takes long (thousands of Services changing at once)
+// must not let them expire. A dead or frozen process renews nothing; a
+// node cut off from the API stops within the renew deadline, before any
+// other node may take its addresses over. What the planner keeps through
+// an outage (no other node could take it) the sync loop's check renews.
+//
+// When renewals get expensive (see lifetime.go) it lengthens the lifetime,
+// the heartbeat first.
+func (c *Controller) renewLifetimes(ctx context.Context) {
+	t := time.NewTicker(checkInterval)
+	defer t.Stop()
+	lt, _ := c.addrs.(Lifetimes)
+	hb, _ := c.elections.(HeartbeatDurations)
+	var state *lifetimeState
+	if lt != nil && hb != nil && lt.Lifetime() > 0 {
+		state = &lifetimeState{base: lt.Lifetime(), margin: max(c.opts.Grace-lt.Lifetime(), 0)}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if state != nil {
+			per, held := lt.RenewCost()
+			cur := lt.Lifetime()
+			step := state.adapt(c.opts.Clock.Now(), per, held, cur, hb.HeartbeatDuration())
+			if step.heartbeat > 0 {
+				hb.SetHeartbeatDuration(step.heartbeat)
+			}
+			if step.lifetime > 0 && step.lifetime != cur {
+				if err := lt.SetLifetime(step.lifetime); err == nil {
+					c.log.WithFields(map[string]any{"addresses": held, "renewal": per.String(), "lifetime": step.lifetime.String(),
+						"heartbeat": (step.lifetime + state.margin).String()}).Info("address lifetime changed with the cost of renewing it")
+				}
+			}
+		}
+		if !c.elections.Fresh() {
+			continue
+		}
+		if err := c.addrs.Refresh(ctx); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) && ctx.Err() == nil {
+			c.log.WithError(err).Debug("cannot renew the lifetime of the held addresses")
+		}
+	}
+}
+
 // check runs on the sync loop's goroutine, so it never interleaves with
-// an apply: it renews the lifetime of the held addresses (the kernel drops
-// them if this loop stops), and a difference in the firewall makes the
-// next sync rewrite everything.
+// an apply: it renews the lifetime of the held addresses (so that what
+// the planner keeps while the heartbeat is overdue expires if this loop
+// stops), and a difference in the firewall makes the next sync rewrite
+// everything.
 func (c *Controller) check(ctx context.Context) {
 	defer c.queue.AddAfter(checkKey, checkInterval)
 	if err := c.addrs.Refresh(ctx); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {

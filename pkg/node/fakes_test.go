@@ -347,6 +347,12 @@ func (f *fakeElections) View() model.ElectionView {
 	return v
 }
 
+func (f *fakeElections) Fresh() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.view.Established && !f.view.Overdue
+}
+
 func (f *fakeElections) Acquire(c model.Claim) {
 	f.mu.Lock()
 	f.claims = append(f.claims, c)

@@ -47,7 +47,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 
 	"github.com/sirupsen/logrus"
@@ -56,6 +55,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/egressvip/egressvip/internal/netnsdo"
 	"github.com/egressvip/egressvip/pkg/model"
 )
 
@@ -233,30 +233,7 @@ func (m *Manager) inNS(fn func() error) error {
 	if !m.cfg.inOtherNS() {
 		return fn()
 	}
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- fmt.Errorf("current network namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(m.cfg.NetNS); err != nil {
-			done <- fmt.Errorf("enter network namespace: %w", err)
-			return
-		}
-		ferr := fn()
-		// Back before unlocking; a thread that cannot return stays locked
-		// and exits with the goroutine.
-		if err := netns.Set(orig); err != nil {
-			done <- errors.Join(ferr, fmt.Errorf("return from network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- ferr
-	}()
-	return <-done
+	return netnsdo.Do(m.cfg.NetNS, fn)
 }
 
 // family returns the netlink family of ip.
