@@ -96,9 +96,9 @@ func (m *Manager) Lifetime() time.Duration {
 }
 
 // RenewCost is what renewing one address's lifetime cost in the last
-// round that renewed any (0 before the first), and how many addresses
-// the last Sync wanted.
-func (m *Manager) RenewCost() (perAddress time.Duration, held int) {
+// round that renewed any (0 before the first), how many addresses were
+// wanted then, and how many the last Sync wanted.
+func (m *Manager) RenewCost() (perAddress time.Duration, measuredAt, held int) {
 	m.state.mu.Lock()
 	if w := m.state.wanted; w != nil {
 		held = len(w.index)
@@ -106,7 +106,7 @@ func (m *Manager) RenewCost() (perAddress time.Duration, held int) {
 	m.state.mu.Unlock()
 	m.syncMu.Lock()
 	defer m.syncMu.Unlock()
-	return m.renewCost, held
+	return m.renewCost, m.renewHeld, held
 }
 
 // writtenLifetime is the lifetime an address written at at may count on:
@@ -215,6 +215,11 @@ func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, ren
 	defer func() {
 		if written > 0 {
 			m.renewCost = time.Since(start) / time.Duration(written)
+			m.state.mu.Lock()
+			if w := m.state.wanted; w != nil {
+				m.renewHeld = len(w.index)
+			}
+			m.state.mu.Unlock()
 		}
 	}()
 	for _, r := range renew {

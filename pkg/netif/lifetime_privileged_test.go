@@ -190,8 +190,8 @@ func TestPrivilegedSetLifetime(t *testing.T) {
 			}
 		}
 	}
-	if per, held := m.RenewCost(); per <= 0 || held != 2 {
-		t.Fatalf("RenewCost %v for %d held; want a cost, 2 held", per, held)
+	if per, at, held := m.RenewCost(); per <= 0 || at != 2 || held != 2 {
+		t.Fatalf("RenewCost %v measured at %d, %d held; want a cost, 2 and 2", per, at, held)
 	}
 	// Without a lifetime, SetLifetime changes nothing.
 	forever := managerIn(t, tp.node, Config{Interface: "eth1"})

@@ -137,8 +137,10 @@ type Manager struct {
 	prevLifetime uint32
 	changedAt    time.Time
 	// renewCost is the cost of one renewal in the last round that wrote
-	// any (a write costs more the more IPv6 addresses the node has).
+	// any (a write costs more the more IPv6 addresses the node has), when
+	// renewHeld addresses were wanted.
 	renewCost time.Duration
+	renewHeld int
 
 	mu         sync.Mutex
 	announcing map[netip.Addr]*pending

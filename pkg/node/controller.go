@@ -523,9 +523,9 @@ func (c *Controller) renewLifetimes(ctx context.Context) {
 		case <-t.C:
 		}
 		if state != nil {
-			per, held := lt.RenewCost()
+			per, at, held := lt.RenewCost()
 			cur := lt.Lifetime()
-			step := state.adapt(c.opts.Clock.Now(), per, held, cur, hb.HeartbeatDuration())
+			step := state.adapt(c.opts.Clock.Now(), per, at, held, cur, hb.HeartbeatDuration())
 			if step.heartbeat > 0 {
 				hb.SetHeartbeatDuration(step.heartbeat)
 			}

@@ -22,7 +22,7 @@ import (
 type Lifetimes interface {
 	Lifetime() time.Duration
 	SetLifetime(time.Duration) error
-	RenewCost() (perAddress time.Duration, held int)
+	RenewCost() (perAddress time.Duration, measuredAt, held int)
 }
 
 // HeartbeatDurations is what election.Manager offers for that.
@@ -34,7 +34,7 @@ type HeartbeatDurations interface {
 const (
 	// renewRounds: a round of renewals must take at most this fraction
 	// of the lifetime (renewals start at a third of it).
-	renewRounds = 6
+	renewRounds = 8
 	// maxLifetime bounds the lifetime (and so the failover time of the
 	// node's addresses).
 	maxLifetime = 60 * time.Second
@@ -62,15 +62,19 @@ type lifetimeStep struct {
 	heartbeat, lifetime time.Duration
 }
 
-// adapt decides the next step from the renewal cost (per address, for
-// held addresses), the lifetime in use and the heartbeat duration the
-// last renewal wrote.
-func (s *lifetimeState) adapt(now time.Time, perAddress time.Duration, held int, current, written time.Duration) lifetimeStep {
+// adapt decides the next step from the renewal cost (per address, with
+// measuredAt addresses; an IPv6 write costs in proportion to the
+// addresses there are, so for held addresses it is scaled up), the
+// lifetime in use and the heartbeat duration the last renewal wrote.
+func (s *lifetimeState) adapt(now time.Time, perAddress time.Duration, measuredAt, held int, current, written time.Duration) lifetimeStep {
 	var step lifetimeStep
 	if !s.heartbeatAt.IsZero() && !now.Before(s.heartbeatAt) {
 		step.heartbeat, s.heartbeatAt = s.heartbeat, time.Time{}
 	}
 	want := s.base
+	if measuredAt > 0 && held > measuredAt {
+		perAddress = perAddress * time.Duration(held) / time.Duration(measuredAt)
+	}
 	if need := (renewRounds*perAddress*time.Duration(held) + time.Second - 1).Truncate(time.Second); need > want {
 		want = min(need, maxLifetime)
 	}

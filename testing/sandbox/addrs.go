@@ -62,8 +62,8 @@ func (n *Node) closeHandle() {
 }
 
 // addrs dumps every address of n (dev "" ) or of interface dev. A dump the
-// kernel interrupted (addresses changed meanwhile) is retried, at most
-// five times.
+// kernel interrupted (addresses changed meanwhile: thousands of lifetime
+// renewals make that likely) is retried, for at most two seconds.
 func (n *Node) addrs(dev string) ([]netlink.Addr, error) {
 	l, err := n.handle()
 	if err != nil {
@@ -77,12 +77,16 @@ func (n *Node) addrs(dev string) ([]netlink.Addr, error) {
 			return nil, fmt.Errorf("%s: %s: %w", n.Name, dev, err)
 		}
 	}
-	for range 5 {
+	for deadline := time.Now().Add(2 * time.Second); ; {
 		var as []netlink.Addr
 		as, err = l.h.AddrList(link, netlink.FAMILY_ALL)
 		if !errors.Is(err, netlink.ErrDumpInterrupted) {
 			return as, err
 		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 	return nil, fmt.Errorf("%s: address dump: %w", n.Name, err)
 }
