@@ -292,10 +292,13 @@ func (c *Cluster) network() error {
 		return err
 	}
 	// A second address of the external host, for allowed and denied
-	// networks: one host, two destinations.
+	// networks: one host, two destinations. It only receives: the IPv4 one
+	// is secondary, the IPv6 one deprecated (preferred_lft 0), so the
+	// host's own connections always leave from its first address, whatever
+	// order the kernel lists them in.
 	if err := shAll(
 		[]string{"ip", "-n", externalNS, "addr", "add", ExternalSecond4 + "/24", "dev", "eth0"},
-		[]string{"ip", "-n", externalNS, "addr", "add", ExternalSecond6 + "/64", "dev", "eth0", "nodad"},
+		[]string{"ip", "-n", externalNS, "addr", "add", ExternalSecond6 + "/64", "dev", "eth0", "nodad", "preferred_lft", "0"},
 	); err != nil {
 		return err
 	}
