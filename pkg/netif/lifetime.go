@@ -1,10 +1,12 @@
 package netif
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -138,6 +140,12 @@ func (m *Manager) validFor(ip netip.Addr) uint32 {
 // 500 ms write nothing: the kernel reports whole seconds, and a reported r
 // at most 2/3 of want means that less than 2/3 are really left.
 func lifetimeStale(a ifAddr, want uint32) bool {
+	return lifetimeStaleAt(a, want, 2)
+}
+
+// lifetimeStaleAt is lifetimeStale with at most thirds/3 of want left
+// for the last rule: 2 for Refresh, 1 (urgent) for Sync.
+func lifetimeStaleAt(a ifAddr, want uint32, thirds uint64) bool {
 	switch {
 	case !a.cacheinfo || a.flags&unix.IFA_F_DEPRECATED == 0:
 		return true
@@ -146,17 +154,24 @@ func lifetimeStale(a ifAddr, want uint32) bool {
 	case a.valid == infinity || a.valid > want:
 		return true
 	}
-	return 3*uint64(a.valid) <= 2*uint64(want)
+	return 3*uint64(a.valid) <= thirds*uint64(want)
 }
 
 // needsRenewal says whether an owned address is to be written at this
-// Sync or Refresh: its lifetimes are stale, or this Manager never wrote it
-// (a previous process bound it). Adopting such an address at once, while
-// the listing proves it is still bound, starts this Manager's own record
-// of when it expires. Called with syncMu held.
-func (m *Manager) needsRenewal(a ifAddr) bool {
+// Refresh (thirds 2) or Sync (thirds 1): its lifetimes are stale (see
+// lifetimeStaleAt), or this Manager never wrote it (a previous process
+// bound it). Adopting such an address at once, while the listing proves it
+// is still bound, starts this Manager's own record of when it expires.
+//
+// Sync leaves the ordinary renewals, at two thirds left, to Refresh, which
+// does them in slices (see refreshSlice) instead of holding the lock of
+// the interface for a whole round: at thousands of IPv6 addresses on a busy
+// node a round takes seconds, and the Sync that binds a new Service's
+// address would wait for it. Sync renews what is down to a third, in case
+// Refresh does not run. Called with syncMu held.
+func (m *Manager) needsRenewal(a ifAddr, thirds uint64) bool {
 	want := m.validFor(a.ip)
-	if lifetimeStale(a, want) {
+	if lifetimeStaleAt(a, want, thirds) {
 		return true
 	}
 	_, known := m.renewedAt[a.ip]
@@ -205,7 +220,10 @@ func latest(a, b time.Time) time.Time {
 // refusals go to res.Failed, except for a renewal that was only the
 // prefix-route upgrade, which costs a useless route at worst and is tried
 // again at the next Sync. Called with syncMu held.
-func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, renew []renewal, res *Result) (written int, complete bool) {
+//
+// A non-zero until stops it there (complete false, more true): the caller
+// lists again and goes on, after a Sync waiting for the lock had its turn.
+func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, renew []renewal, res *Result, until time.Time) (written int, complete, more bool) {
 	var (
 		upgraded, unproven int
 		upgradeErr         error
@@ -213,22 +231,22 @@ func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, ren
 	complete = true
 	start := time.Now()
 	defer func() {
-		if written > 0 {
-			m.renewCost = time.Since(start) / time.Duration(written)
-			m.state.mu.Lock()
-			if w := m.state.wanted; w != nil {
-				m.renewHeld = len(w.index)
-			}
-			m.state.mu.Unlock()
+		// A sliced round is measured whole, by refreshWhile.
+		if written > 0 && until.IsZero() {
+			m.measureRenewals(time.Since(start), written)
 		}
 	}()
-	for _, r := range renew {
+	for i, r := range renew {
 		if ctx.Err() != nil {
 			complete = false
 			break
 		}
 		ip := r.addr.ip
 		now := time.Now()
+		if i > 0 && !until.IsZero() && !now.Before(until) {
+			complete, more = false, true
+			break
+		}
 		if !m.renewable(r.addr, listed, now) {
 			unproven++
 			complete = false
@@ -265,7 +283,18 @@ func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, ren
 	if written > 0 || unproven > 0 {
 		m.log.WithField("renewed", written).WithField("left_to_expire", unproven).Debug("address lifetimes")
 	}
-	return written, complete
+	return written, complete, more
+}
+
+// measureRenewals records that written renewals took took, for
+// RenewCost. Called with syncMu held.
+func (m *Manager) measureRenewals(took time.Duration, written int) {
+	m.renewCost = took / time.Duration(written)
+	m.state.mu.Lock()
+	if w := m.state.wanted; w != nil {
+		m.renewHeld = len(w.index)
+	}
+	m.state.mu.Unlock()
 }
 
 // planRefresh sets when Refresh has to look at the interface again: when
@@ -309,30 +338,82 @@ func (m *Manager) planRefresh(wanted *wantSet, complete bool) {
 // are written. See BenchmarkRefresh for the figures. An address whose write
 // the kernel refuses does not stop the others; the errors are joined. Each
 // write keeps what Sync writes: flags, protocol and label.
-func (m *Manager) Refresh(ctx context.Context) error {
-	_, err := m.refresh(ctx)
+//
+// The writes go in slices of refreshSlice, each with a listing of its own:
+// between two, a Sync waiting for the interface goes first, so that a
+// round of thousands of renewals on a busy node does not hold up binding
+// a new Service's address. While is asked before every slice (nil: always
+// go on); the round stops when it says no. The node renews only while its
+// heartbeat is fresh, and a round that takes seconds must stop when it no
+// longer is.
+//
+// RenewCost reports a whole round's time, waits for the lock included, by
+// the addresses it wrote: what the lifetime must leave room for.
+func (m *Manager) Refresh(ctx context.Context, while func() bool) error {
+	_, err := m.refreshWhile(ctx, while)
 	return err
 }
 
-// refresh is Refresh; it also says how many addresses it wrote.
+// refreshSlice is how long Refresh holds the lock of the interface at a
+// time: between slices a Sync that waits for it goes first (sync.Mutex
+// hands a lock over to a waiter of more than a millisecond).
+const refreshSlice = 20 * time.Millisecond
+
+// refresh is a whole Refresh; it also says how many addresses it wrote.
 func (m *Manager) refresh(ctx context.Context) (int, error) {
+	return m.refreshWhile(ctx, nil)
+}
+
+// refreshWhile is Refresh; it also says how many addresses it wrote.
+func (m *Manager) refreshWhile(ctx context.Context, while func() bool) (int, error) {
+	var (
+		total int
+		start time.Time // the first slice got the lock
+	)
+	for while == nil || while() {
+		n, more, err := m.refreshSome(ctx, refreshSlice, &start)
+		total += n
+		if err != nil {
+			return total, err
+		}
+		if !more {
+			if total > 0 {
+				m.syncMu.Lock()
+				m.measureRenewals(time.Since(start), total)
+				m.syncMu.Unlock()
+			}
+			return total, nil
+		}
+	}
+	return total, nil
+}
+
+// refreshSome is one slice of refresh: it lists the interface and renews
+// what is due for slice from when it got the lock (at least one); more
+// says that some is left. It sets a zero *locked to when it got the lock.
+func (m *Manager) refreshSome(ctx context.Context, slice time.Duration, locked *time.Time) (int, bool, error) {
 	if !m.finite {
-		return 0, nil
+		return 0, false, nil
 	}
 	m.syncMu.Lock()
 	defer m.syncMu.Unlock()
+	now := time.Now()
+	if locked.IsZero() {
+		*locked = now
+	}
+	until := now.Add(slice)
 	if time.Now().Before(m.refreshAt) {
-		return 0, nil
+		return 0, false, nil
 	}
 	m.state.mu.Lock()
 	wanted := m.state.wanted
 	m.state.mu.Unlock()
 	if wanted == nil || len(wanted.index) == 0 {
-		return 0, nil
+		return 0, false, nil
 	}
 	l, err := m.link()
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	index := l.Attrs().Index
 	var due []renewal
@@ -344,13 +425,13 @@ func (m *Manager) refresh(ctx context.Context) (int, error) {
 			return nil
 		}
 		bound[i] = true
-		if m.needsRenewal(a) {
+		if m.needsRenewal(a, 2) {
 			due = append(due, renewal{addr: a})
 		}
 		return nil
 	})
 	if err != nil {
-		return 0, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
+		return 0, false, fmt.Errorf("list addresses of %s: %w", m.cfg.Interface, err)
 	}
 	// What expired or was deleted has nothing left to renew.
 	for ip, i := range wanted.index {
@@ -358,10 +439,13 @@ func (m *Manager) refresh(ctx context.Context) (int, error) {
 			delete(m.renewedAt, ip)
 		}
 	}
+	// The least time left first: a slice that stops early leaves the
+	// addresses that can wait.
+	slices.SortFunc(due, func(a, b renewal) int { return cmp.Compare(a.addr.valid, b.addr.valid) })
 	var res Result
-	n, complete := m.renewAll(ctx, index, listed, due, &res)
+	n, complete, more := m.renewAll(ctx, index, listed, due, &res, until)
 	m.planRefresh(wanted, complete)
-	return n, errors.Join(append(failures(res), ctx.Err())...)
+	return n, more, errors.Join(append(failures(res), ctx.Err())...)
 }
 
 // Persist makes the given owned addresses valid forever, for a graceful
@@ -399,7 +483,7 @@ func (m *Manager) Persist(ctx context.Context, addrs []netip.Addr) error {
 		m.persisted[r.addr.ip] = true
 	}
 	var res Result
-	n, _ := m.renewAll(ctx, index, listed, due, &res)
+	n, _, _ := m.renewAll(ctx, index, listed, due, &res, time.Time{})
 	errs := failures(res)
 	if n+len(errs) < len(due) {
 		errs = append(errs, fmt.Errorf("%d of %d addresses may have expired already and were not made permanent", len(due)-n-len(errs), len(due)))

@@ -114,7 +114,7 @@ func TestPrivilegedLifetimeExpires(t *testing.T) {
 	}
 	// The daemon resumes (it was frozen): Refresh binds nothing again,
 	// and KeepOnly bindings report the loss instead of binding.
-	if err := m.Refresh(context.Background()); err != nil {
+	if err := m.Refresh(context.Background(), nil); err != nil {
 		t.Fatal(err)
 	}
 	res, err := m.Sync(context.Background(), []model.Binding{{Addr: lb4, KeepOnly: true}, {Addr: lb6, KeepOnly: true}})
@@ -162,6 +162,47 @@ func TestPrivilegedRefreshKeepsAddresses(t *testing.T) {
 	for _, ip := range []netip.Addr{lb4, lb6} {
 		at := del.gone(t, ip, lifetime+expiryBound+time.Second)
 		t.Logf("%s removed %v after the last Refresh", ip, at.Sub(stopped).Round(time.Millisecond))
+	}
+}
+
+// Refresh renews in slices: a slice that reaches its deadline stops
+// (having written at least one, the least time left first) and says more
+// is due, and a Sync taken in between neither waits for the rest nor does
+// it itself; the whole Refresh writes them all.
+func TestPrivilegedRefreshInSlices(t *testing.T) {
+	tp := newTopology(t)
+	m := managerIn(t, tp.node, Config{Interface: "eth1", Lifetime: 6 * time.Second})
+	ctx := context.Background()
+	var want []netip.Addr
+	for i := range 20 {
+		want = append(want, netip.AddrFrom4([4]byte{203, 0, 113, byte(100 + i)}))
+	}
+	if _, _, err := syncAddrs(ctx, m, want); err != nil {
+		t.Fatal(err)
+	}
+	// Due once the kernel reports 4 s left (two thirds), from 2 s on;
+	// urgent for Sync at 2 s left, from 4 s on.
+	time.Sleep(2200 * time.Millisecond)
+	var locked time.Time
+	n, more, err := m.refreshSome(ctx, 0, &locked)
+	if err != nil || n != 1 || !more {
+		t.Fatalf("a slice past its deadline wrote %d (more %v, %v); want 1 and more", n, more, err)
+	}
+	// Due at two thirds, not down to a third: Sync leaves them to Refresh.
+	res, err := m.Sync(ctx, bindings(want...))
+	if err != nil || len(res.Added)+len(res.Removed)+len(res.Failed) != 0 {
+		t.Fatalf("Sync: %+v, %v", res, err)
+	}
+	if n, err := m.refresh(ctx); err != nil || n != len(want)-1 {
+		t.Fatalf("Refresh wrote %d, %v; want the %d left", n, err, len(want)-1)
+	}
+	for _, ip := range want {
+		if valid, _, ok := lifetimes(t, tp, ip); !ok || valid > 6 {
+			t.Fatalf("%s: valid %d (found %v), want at most 6 s", ip, valid, ok)
+		}
+	}
+	if n, err := m.refresh(ctx); err != nil || n != 0 {
+		t.Fatalf("a second Refresh wrote %d, %v; want nothing", n, err)
 	}
 }
 
@@ -370,7 +411,7 @@ func TestPrivilegedUnchangedSyncWritesNothing(t *testing.T) {
 				if added, removed, err := syncAddrs(ctx, m, []netip.Addr{lb4, lb6}); err != nil || len(added)+len(removed) != 0 {
 					t.Fatalf("Sync: added %v removed %v, %v", added, removed, err)
 				}
-				if err := m.Refresh(ctx); err != nil {
+				if err := m.Refresh(ctx, nil); err != nil {
 					t.Fatal(err)
 				}
 			}

@@ -38,8 +38,9 @@ import (
 // Addresses binds LoadBalancer IPs on the serviceInterface (pkg/netif).
 type Addresses interface {
 	Sync(ctx context.Context, want []model.Binding) (netif.Result, error)
-	// Refresh renews the lifetime of the addresses the last Sync wanted.
-	Refresh(ctx context.Context) error
+	// Refresh renews the lifetime of the addresses the last Sync wanted,
+	// in slices, while while says so (nil: the whole round).
+	Refresh(ctx context.Context, while func() bool) error
 	Owned() ([]netip.Addr, error)
 	// Host is the node's own addresses, subnets and gateways there, and
 	// whether the interface is up.
@@ -539,21 +540,26 @@ func (c *Controller) renewLifetimes(ctx context.Context) {
 		if !c.elections.Fresh() {
 			continue
 		}
-		if err := c.addrs.Refresh(ctx); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) && ctx.Err() == nil {
+		// A round that takes long stops when the heartbeat is no
+		// longer fresh.
+		if err := c.addrs.Refresh(ctx, c.elections.Fresh); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) && ctx.Err() == nil {
 			c.log.WithError(err).Debug("cannot renew the lifetime of the held addresses")
 		}
 	}
 }
 
 // check runs on the sync loop's goroutine, so it never interleaves with
-// an apply: it renews the lifetime of the held addresses (so that what
-// the planner keeps while the heartbeat is overdue expires if this loop
-// stops), and a difference in the firewall makes the next sync rewrite
-// everything.
+// an apply: while the heartbeat is overdue it renews the lifetime of the
+// held addresses (so that what the planner keeps then expires if this loop
+// stops; otherwise renewLifetimes does it, without holding up the loop for
+// a round of renewals), and a difference in the firewall makes the next
+// sync rewrite everything.
 func (c *Controller) check(ctx context.Context) {
 	defer c.queue.AddAfter(checkKey, checkInterval)
-	if err := c.addrs.Refresh(ctx); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
-		c.log.WithError(err).Warn("cannot renew the lifetime of the held addresses")
+	if !c.elections.Fresh() {
+		if err := c.addrs.Refresh(ctx, nil); err != nil && !errors.Is(err, netif.ErrInterfaceNotFound) {
+			c.log.WithError(err).Warn("cannot renew the lifetime of the held addresses")
+		}
 	}
 	ch, ok := c.snat.(Checker)
 	if !ok || !c.ready.Load() {

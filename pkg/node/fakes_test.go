@@ -129,7 +129,7 @@ func (f *fakeAddrs) Sync(_ context.Context, want []model.Binding) (netif.Result,
 	return res, nil
 }
 
-func (f *fakeAddrs) Refresh(context.Context) error {
+func (f *fakeAddrs) Refresh(context.Context, func() bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.refreshes++
