@@ -12,64 +12,6 @@ import (
 // Frames other hosts send, for the tests: a gratuitous ARP, an ARP reply,
 // an unsolicited neighbour advertisement and a solicitation.
 
-// appendARP appends an ARP frame of op (1 request, 2 reply) from mac.
-func appendARP(b []byte, op uint16, mac net.HardwareAddr, sender netip.Addr, targetMAC net.HardwareAddr, target netip.Addr, dst net.HardwareAddr) []byte {
-	b = append(b, dst...)
-	b = append(b, mac...)
-	b = binary.BigEndian.AppendUint16(b, etherTypeARP)
-	b = append(b, 0, 1, 0x08, 0x00, 6, 4)
-	b = binary.BigEndian.AppendUint16(b, op)
-	b = append(b, mac...)
-	b = append(b, sender.AsSlice()...)
-	b = append(b, targetMAC...)
-	b = append(b, target.AsSlice()...)
-	return b
-}
-
-var (
-	broadcast = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
-	zeroMAC   = net.HardwareAddr{0, 0, 0, 0, 0, 0}
-)
-
-// appendGARP appends a gratuitous ARP request for ip (sender = target).
-func appendGARP(b []byte, mac net.HardwareAddr, ip netip.Addr) []byte {
-	return appendARP(b, 1, mac, ip, zeroMAC, ip, broadcast)
-}
-
-// appendNDP appends an ICMPv6 neighbour discovery message of typ from src
-// to dst for target, with a link-layer option of optType (0: none)
-// carrying mac.
-func appendNDP(b []byte, typ byte, mac net.HardwareAddr, src, dst, target netip.Addr, optType byte, flags byte) []byte {
-	dstMAC := net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}
-	if dst != netip.IPv6LinkLocalAllNodes() {
-		_, dstMAC = solicitedNode(target)
-	}
-	b = append(b, dstMAC...)
-	b = append(b, mac...)
-	b = binary.BigEndian.AppendUint16(b, etherTypeIPv6)
-	icmp := []byte{typ, 0, 0, 0, flags, 0, 0, 0}
-	t := target.As16()
-	icmp = append(icmp, t[:]...)
-	if optType != 0 {
-		icmp = append(icmp, optType, 1)
-		icmp = append(icmp, mac...)
-	}
-	s, d := src.As16(), dst.As16()
-	binary.BigEndian.PutUint16(icmp[2:], icmpv6Checksum(s, d, icmp))
-	b = append(b, 0x60, 0, 0, 0)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(icmp)))
-	b = append(b, icmpv6, 255)
-	b = append(b, s[:]...)
-	b = append(b, d[:]...)
-	return append(b, icmp...)
-}
-
-// appendUnsolicitedNA appends an advertisement of ip to all nodes, with
-// the override flag and mac as target link-layer address.
-func appendUnsolicitedNA(b []byte, mac net.HardwareAddr, ip netip.Addr) []byte {
-	return appendNDP(b, typeNA, mac, ip, netip.IPv6LinkLocalAllNodes(), ip, optTLLA, 0x20)
-}
-
 func TestParseClaim(t *testing.T) {
 	mac := net.HardwareAddr{0x02, 0, 0, 0, 0, 0xbb}
 	other := net.HardwareAddr{0x02, 0, 0, 0, 0, 0xcc}

@@ -2,15 +2,14 @@ package netif
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
 	"runtime"
 	"time"
 
-	"github.com/mdlayher/arp"
-	"github.com/mdlayher/ethernet"
-	"github.com/mdlayher/ndp"
+	"github.com/mdlayher/packet"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
@@ -101,14 +100,16 @@ func (m *Manager) announceLoop() {
 			return
 		}
 		m.mu.Unlock()
+		var a announcer
 		for _, j := range due {
 			log := m.log.WithField("ip", j.ip.String())
-			if err := send(j.ifi, j.ip); err != nil {
+			if err := a.send(j.ifi, j.ip); err != nil {
 				log.WithError(err).Warn("announcement failed")
 			} else {
 				log.WithField("n", j.n).Debug("announced")
 			}
 		}
+		a.close()
 		if next.IsZero() {
 			continue
 		}
@@ -132,48 +133,110 @@ func (m *Manager) stopAnnouncing(ip netip.Addr) {
 	delete(m.announcing, ip)
 }
 
-func send(ifi *net.Interface, ip netip.Addr) error {
+// announcementFrame is the frame that announces ip from mac: a
+// gratuitous ARP request, or an unsolicited neighbour advertisement from ip
+// to all nodes with the override flag and mac as target link-layer
+// address.
+func announcementFrame(mac net.HardwareAddr, ip netip.Addr) (frame []byte, dst net.HardwareAddr) {
 	if ip.Is4() {
-		return gratuitousARP(ifi, ip)
+		return appendGARP(nil, mac, ip), broadcast
 	}
-	return unsolicitedNA(ifi, ip)
+	return appendUnsolicitedNA(nil, mac, ip), allNodesMAC
 }
 
-// gratuitousARP broadcasts an ARP request for ip from ip (sender = target),
+var (
+	broadcast   = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	zeroMAC     = net.HardwareAddr{0, 0, 0, 0, 0, 0}
+	allNodesMAC = net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}
+)
+
+// announcer sends announcement frames through one packet socket per
+// interface, opened for a batch of them: a socket that an ARP or NDP
+// library opens per address looks the interface's addresses up first,
+// which with thousands of IPv6 addresses bound costs a dump of all of them
+// for every announcement.
+type announcer struct {
+	conns map[int]*packet.Conn
+}
+
+func (a *announcer) send(ifi *net.Interface, ip netip.Addr) error {
+	c, ok := a.conns[ifi.Index]
+	if !ok {
+		var err error
+		// Protocol 0: the socket only sends.
+		if c, err = packet.Listen(ifi, packet.Raw, 0, nil); err != nil {
+			return fmt.Errorf("open a packet socket on %s: %w", ifi.Name, err)
+		}
+		if a.conns == nil {
+			a.conns = map[int]*packet.Conn{}
+		}
+		a.conns[ifi.Index] = c
+	}
+	frame, dst := announcementFrame(ifi.HardwareAddr, ip)
+	return sendFrame(c, frame, dst)
+}
+
+func (a *announcer) close() {
+	for _, c := range a.conns {
+		c.Close()
+	}
+	clear(a.conns)
+}
+
+// appendARP appends an ARP frame of op (1 request, 2 reply) from mac.
+func appendARP(b []byte, op uint16, mac net.HardwareAddr, sender netip.Addr, targetMAC net.HardwareAddr, target netip.Addr, dst net.HardwareAddr) []byte {
+	start := len(b)
+	b = append(b, dst...)
+	b = append(b, mac...)
+	b = binary.BigEndian.AppendUint16(b, etherTypeARP)
+	b = append(b, 0, 1, 0x08, 0x00, 6, 4)
+	b = binary.BigEndian.AppendUint16(b, op)
+	b = append(b, mac...)
+	b = append(b, sender.AsSlice()...)
+	b = append(b, targetMAC...)
+	b = append(b, target.AsSlice()...)
+	for len(b)-start < minFrameLen {
+		b = append(b, 0)
+	}
+	return b
+}
+
+// appendGARP appends a gratuitous ARP request for ip (sender = target),
 // the form arping -U sends, which updates existing neighbour entries.
-func gratuitousARP(ifi *net.Interface, ip netip.Addr) error {
-	c, err := arp.Dial(ifi)
-	if err != nil {
-		return fmt.Errorf("open ARP socket on %s: %w", ifi.Name, err)
-	}
-	defer c.Close()
-	p, err := arp.NewPacket(arp.OperationRequest, ifi.HardwareAddr, ip, ethernet.Broadcast, ip)
-	if err != nil {
-		return err
-	}
-	return c.WriteTo(p, ethernet.Broadcast)
+func appendGARP(b []byte, mac net.HardwareAddr, ip netip.Addr) []byte {
+	return appendARP(b, 1, mac, ip, zeroMAC, ip, broadcast)
 }
 
-// unsolicitedNA sends a neighbour advertisement for ip to all nodes, with
-// the override flag and our link-layer address, from ip itself.
-//
-// The interface is given to ndp by index only: with its name, the
-// destination's zone would be resolved through the net package's cache of
-// names (refreshed once a minute), which after the interface was re-created
-// still holds the old index, and the kernel refuses a send whose zone and
-// packet-info index differ (EINVAL).
-func unsolicitedNA(ifi *net.Interface, ip netip.Addr) error {
-	byIndex := *ifi
-	byIndex.Name = ""
-	c, _, err := ndp.Listen(&byIndex, ndp.Addr(ip.String()))
-	if err != nil {
-		return fmt.Errorf("open ICMPv6 socket on %s: %w", ifi.Name, err)
+// appendNDP appends an ICMPv6 neighbour discovery message of typ from src
+// to dst for target, with a link-layer option of optType (0: none)
+// carrying mac.
+func appendNDP(b []byte, typ byte, mac net.HardwareAddr, src, dst, target netip.Addr, optType byte, flags byte) []byte {
+	dstMAC := net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}
+	if dst != netip.IPv6LinkLocalAllNodes() {
+		_, dstMAC = solicitedNode(target)
 	}
-	defer c.Close()
-	na := &ndp.NeighborAdvertisement{
-		Override:      true,
-		TargetAddress: ip,
-		Options:       []ndp.Option{&ndp.LinkLayerAddress{Direction: ndp.Target, Addr: ifi.HardwareAddr}},
+	b = append(b, dstMAC...)
+	b = append(b, mac...)
+	b = binary.BigEndian.AppendUint16(b, etherTypeIPv6)
+	icmp := []byte{typ, 0, 0, 0, flags, 0, 0, 0}
+	t := target.As16()
+	icmp = append(icmp, t[:]...)
+	if optType != 0 {
+		icmp = append(icmp, optType, 1)
+		icmp = append(icmp, mac...)
 	}
-	return c.WriteTo(na, nil, netip.IPv6LinkLocalAllNodes())
+	s, d := src.As16(), dst.As16()
+	binary.BigEndian.PutUint16(icmp[2:], icmpv6Checksum(s, d, icmp))
+	b = append(b, 0x60, 0, 0, 0)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(icmp)))
+	b = append(b, icmpv6, 255)
+	b = append(b, s[:]...)
+	b = append(b, d[:]...)
+	return append(b, icmp...)
+}
+
+// appendUnsolicitedNA appends an advertisement of ip to all nodes, with
+// the override flag and mac as target link-layer address.
+func appendUnsolicitedNA(b []byte, mac net.HardwareAddr, ip netip.Addr) []byte {
+	return appendNDP(b, typeNA, mac, ip, netip.IPv6LinkLocalAllNodes(), ip, optTLLA, 0x20)
 }
