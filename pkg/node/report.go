@@ -88,14 +88,29 @@ func (r *reporter) retain(keep map[types.NamespacedName]bool) {
 	}
 }
 
+// reportWorkers is how many writes the reporter has in flight: a write
+// waits for the API server (tens of milliseconds on a busy one), and a node
+// that takes 2,000 Services over has two or three to do for each. The
+// report client's QPS bounds them all; the queue never hands one Service
+// to two workers.
+const reportWorkers = 8
+
 // run writes until ctx ends.
 func (r *reporter) run(ctx context.Context) {
 	go func() {
 		<-ctx.Done()
 		r.queue.ShutDown()
 	}()
-	for r.processNext(ctx) {
+	var wg sync.WaitGroup
+	for range reportWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r.processNext(ctx) {
+			}
+		}()
 	}
+	wg.Wait()
 }
 
 func (r *reporter) processNext(ctx context.Context) bool {
