@@ -18,6 +18,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/egressvip/egressvip/pkg/annotations"
 	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/testing/sandbox"
@@ -420,4 +422,51 @@ func waitAllocated(t *testing.T, namespace string, n int, limit time.Duration) m
 		return len(got) >= n, fmt.Sprintf("%d allocated", len(got))
 	})
 	return got
+}
+
+// steeredVia is the next hop node n's steering rule for the pod address
+// pod leads to (the default route of the rule's table), or the zero Addr
+// when the pod has no steering rule there (or the table no such route).
+func steeredVia(n *sandbox.Node, pod netip.Addr) (netip.Addr, error) {
+	var gw netip.Addr
+	fam := netlink.FAMILY_V4
+	if pod.Is6() {
+		fam = netlink.FAMILY_V6
+	}
+	err := sandbox.Do(n.NS, func() error {
+		rules, err := netlink.RuleList(fam)
+		if err != nil {
+			return err
+		}
+		table := 0
+		for _, r := range rules {
+			if r.Src == nil || r.Table <= 0 {
+				continue
+			}
+			ip, ok := netip.AddrFromSlice(r.Src.IP)
+			if ones, bits := r.Src.Mask.Size(); ok && ip.Unmap() == pod && ones == bits {
+				table = r.Table
+			}
+		}
+		if table == 0 {
+			return nil
+		}
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return err
+		}
+		for _, rt := range routes {
+			if rt.Gw != nil && (rt.Dst == nil || rt.Dst.IP.IsUnspecified()) {
+				gw, _ = netip.AddrFromSlice(rt.Gw)
+				gw = gw.Unmap()
+			}
+		}
+		return nil
+	})
+	return gw, err
+}
+
+// nodeAddrs are every address of node n the steering may use as next hop.
+func nodeAddrs(n *sandbox.Node) []netip.Addr {
+	return []netip.Addr{n.IP4, n.IP6, n.ExtIP4, n.ExtIP6}
 }

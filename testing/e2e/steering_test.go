@@ -7,13 +7,16 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/election"
 	"github.com/egressvip/egressvip/testing/sandbox"
 )
 
@@ -215,15 +218,81 @@ func TestHolderKilledWhileReplicasSend(t *testing.T) {
 		f.start(p)
 	}
 	time.Sleep(time.Second)
+	// Every 2 ms, on the nodes that go on running: when each one's pod is
+	// first steered to another node than the dead holder.
+	type steered struct {
+		at  time.Time
+		via netip.Addr
+	}
+	firstElsewhere := map[string]steered{}
+	var polled sync.WaitGroup
+	stopPolling := make(chan struct{})
+	polled.Add(1)
+	go func() {
+		defer polled.Done()
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			select {
+			case <-stopPolling:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			for _, p := range pods {
+				if p.Node == holder || !firstElsewhere[p.Node.Name].at.IsZero() {
+					continue
+				}
+				via, err := steeredVia(p.Node, p.IP4)
+				if err == nil && via.IsValid() && !slices.Contains(nodeAddrs(holder), via) {
+					firstElsewhere[p.Node.Name] = steered{time.Now(), via}
+				}
+			}
+		}
+	}()
 	if _, err := cluster.StopDaemon(holder, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	killed := time.Now()
+	var newHolder *sandbox.Node
 	eventually(t, 30*time.Second, "another node holds the address", func() (bool, string) {
 		h := holders(lb)
-		return len(h) == 1 && h[0] != holder.Name, fmt.Sprint(h)
+		if len(h) == 1 && h[0] != holder.Name {
+			newHolder = cluster.Node(h[0])
+			return true, ""
+		}
+		return false, fmt.Sprint(h)
 	})
 	record("replicas sending, holder killed: another node holds it after", time.Since(killed).Round(time.Millisecond).String())
+	// The third node's steering follows the new holder's Lease write.
+	lease, err := cluster.Admin.CoordinationV1().Leases(daemonNS).Get(ctx(t), election.AddressLeaseName(lb), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the third node's pod steered to the new holder", func() (bool, string) {
+		for _, p := range pods {
+			if p.Node != holder && p.Node != newHolder {
+				via, err := steeredVia(p.Node, p.IP4)
+				return slices.Contains(nodeAddrs(newHolder), via), fmt.Sprint(via, err)
+			}
+		}
+		return false, "no third node"
+	})
+	close(stopPolling)
+	polled.Wait()
+	for _, p := range pods {
+		if p.Node == holder || p.Node == newHolder {
+			continue
+		}
+		first := firstElsewhere[p.Node.Name]
+		switch {
+		case lease.Spec.HolderIdentity == nil || *lease.Spec.HolderIdentity != newHolder.Name || lease.Spec.AcquireTime == nil:
+			t.Errorf("the address Lease %s: holder %v, acquired %v; want %s", lease.Name, lease.Spec.HolderIdentity, lease.Spec.AcquireTime, newHolder.Name)
+		case first.at.IsZero() || !slices.Contains(nodeAddrs(newHolder), first.via):
+			t.Errorf("%s's pod was first steered elsewhere via %v, not to the new holder %s", p.Node.Name, first.via, newHolder.Name)
+		default:
+			record("replicas sending, holder killed: the third node's steering follows the new holder's Lease write after",
+				first.at.Sub(lease.Spec.AcquireTime.Time).Round(time.Millisecond).String())
+		}
+	}
 	time.Sleep(3 * time.Second)
 	if err := cluster.StartDaemon(holder); err != nil {
 		t.Fatal(err)
