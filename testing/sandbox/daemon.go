@@ -344,17 +344,10 @@ func (c *Cluster) StartDaemonWith(n *Node, binary string, env []string) error {
 	fmt.Fprintf(logFile, "=== sandbox: %s run at %s\n", binary, time.Now().Format(time.RFC3339Nano))
 	cmd := exec.Command("ip", "netns", "exec", n.NS, binary, "run")
 	cmd.Env = env
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := startKilledWithUs(cmd); err != nil {
-		logFile.Close()
+	exited, err := startLogging(cmd, logFile)
+	if err != nil {
 		return err
 	}
-	exited := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		logFile.Close()
-		close(exited)
-	}()
 	n.mu.Lock()
 	n.daemon, n.exited = cmd, exited
 	n.mu.Unlock()

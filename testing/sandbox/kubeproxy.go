@@ -76,17 +76,10 @@ func (c *Cluster) startKubeProxy(n *Node, mode string) error {
 	fmt.Fprintf(logFile, "=== sandbox: kube-proxy --proxy-mode=%s at %s\n", mode, time.Now().Format(time.RFC3339Nano))
 	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS, c.bins.KubeProxy}, c.kubeProxyArgs(n, mode)...)...)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + c.Dir}
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := startKilledWithUs(cmd); err != nil {
-		logFile.Close()
+	exited, err := startLogging(cmd, logFile)
+	if err != nil {
 		return err
 	}
-	exited := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		logFile.Close()
-		close(exited)
-	}()
 	n.mu.Lock()
 	n.proxy, n.proxyExited = cmd, exited
 	n.mu.Unlock()

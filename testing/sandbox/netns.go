@@ -245,6 +245,23 @@ var (
 	spawnReqs chan startReq
 )
 
+// startLogging starts cmd (startKilledWithUs) with its output to logFile,
+// which it closes; exited is closed once cmd has exited.
+func startLogging(cmd *exec.Cmd, logFile *os.File) (exited chan struct{}, err error) {
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := startKilledWithUs(cmd); err != nil {
+		logFile.Close()
+		return nil, err
+	}
+	exited = make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		logFile.Close()
+		close(exited)
+	}()
+	return exited, nil
+}
+
 // startKilledWithUs starts cmd so that it gets SIGKILL if this process
 // dies. Pdeathsig follows the thread that forked the child, not the
 // process, and Go ends a thread whose goroutine exits while locked to it
