@@ -257,3 +257,51 @@ func TestMissingIPv6Exclusions(t *testing.T) {
 		t.Fatalf("problems %+v", s.Problems)
 	}
 }
+
+// Another node's endpoints are read only where they may be steered to this
+// node: where it may hold the Service, or holds one of its addresses.
+func TestRemotePodsReadOnlyWhereSteeredTo(t *testing.T) {
+	remote := ep{pod: "r-ok", node: "node-b", addr: "10.244.2.5", ready: true}
+	lb := netip.MustParseAddr("203.0.113.10")
+	for _, tc := range []struct {
+		name   string
+		local  bool
+		eps    []ep
+		holds  bool
+		nilFn  bool
+		reads  bool
+		trusts bool
+	}{
+		{name: "Local, no ready endpoint here, address not held", local: true, eps: []ep{remote}},
+		{name: "Local, a ready endpoint here", local: true, eps: []ep{localPod, remote}, reads: true, trusts: true},
+		{name: "Local, the address held here (shared with another Service)", local: true, eps: []ep{remote}, holds: true, reads: true, trusts: true},
+		{name: "Cluster: any node may hold it", eps: []ep{remote}, reads: true, trusts: true},
+		{name: "no Holds: everywhere", local: true, eps: []ep{remote}, nilFn: true, reads: true, trusts: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := opts
+			o.LocalPod = func(a netip.Addr) (PodRef, bool) {
+				return PodRef{Namespace: "default", Name: localPod.pod}, a.String() == localPod.addr
+			}
+			read := 0
+			o.RemotePod = func(ns, name, node string, a netip.Addr) (Verdict, string) {
+				read++
+				return Trusted, ""
+			}
+			if !tc.nilFn {
+				o.Holds = func(a netip.Addr) bool { return tc.holds && a == lb }
+			}
+			s := Analyze(svc("a", tc.local, egressAnn(lb.String())), []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, tc.eps...)}, o)
+			if (read > 0) != tc.reads {
+				t.Fatalf("%d reads, want reads %v", read, tc.reads)
+			}
+			i := slices.IndexFunc(s.Endpoints, func(e model.Endpoint) bool { return e.Name == remote.pod })
+			if i < 0 {
+				t.Fatalf("endpoints %+v", s.Endpoints)
+			}
+			if e := s.Endpoints[i]; e.NoEgress != "" || e.Unverified == tc.trusts {
+				t.Fatalf("remote endpoint: noEgress %q unverified %v; want trusted %v", e.NoEgress, e.Unverified, tc.trusts)
+			}
+		})
+	}
+}

@@ -86,6 +86,14 @@ type Options struct {
 	// namespace with that address on that node (see Verdict). Nil trusts
 	// what the EndpointSlice says (unit tests of other things).
 	RemotePod func(namespace, name, node string, addr netip.Addr) (Verdict, string)
+	// Holds says whether this node holds an address (its address Lease
+	// names it). Another node's endpoints are confirmed (RemotePod) only
+	// where they may be steered to this node: it may hold the Service
+	// (any node for Cluster policy, a node with a ready endpoint for
+	// Local) or holds one of its addresses (a shared address held for
+	// another Service). Elsewhere they stay unverified and cost no read.
+	// Nil: everywhere.
+	Holds func(netip.Addr) bool
 	// MissingIPv6 names the IPv6 exclusions no range is known for
 	// ("pod", "Service"): IPv6 egress would SNAT traffic to those too.
 	MissingIPv6 []string
@@ -250,10 +258,17 @@ func checkFamilies(s *model.Service) {
 // other pod. Another node's pod is confirmed by reading the pod itself
 // (RemotePod); until then its steered traffic is held, not SNATed.
 func checkTrust(s *model.Service, opts Options) {
+	holds := func(a netip.Addr) bool { return a.IsValid() && opts.Holds(a) }
+	confirm := opts.RemotePod != nil &&
+		(opts.Holds == nil || s.ReadyOn(opts.Node) || holds(s.LBv4) || holds(s.LBv6))
 	for i := range s.Endpoints {
 		ep := &s.Endpoints[i]
 		why, transient := endpointTrust(*ep, s.Key.Namespace, opts)
-		if why == "" && !ep.Local && opts.RemotePod != nil {
+		if why == "" && !ep.Local && opts.RemotePod != nil && !confirm {
+			// Nothing of it is steered here: no read.
+			ep.Unverified = true
+		}
+		if why == "" && !ep.Local && confirm {
 			verdict, reason := Unknown, ""
 			for _, a := range []netip.Addr{ep.V4, ep.V6} {
 				if a.IsValid() {

@@ -77,7 +77,11 @@ func (c *Controller) snapshot() (view, error) {
 		LocalPod:      c.localPodByIP,
 		LocalPods:     c.localPodsSelected,
 		RemotePod:     c.verifier.Verdict,
-		MissingIPv6:   c.cluster.Missing(true),
+		Holds: func(a netip.Addr) bool {
+			l, ok := v.election.Leases[types.NamespacedName{Namespace: c.opts.DaemonNamespace, Name: election.AddressLeaseName(a)}]
+			return ok && l.Holder == c.opts.Node
+		},
+		MissingIPv6: c.cluster.Missing(true),
 	}
 	blocked := ""
 	if c.opts.EgressBlocked != nil {
