@@ -140,12 +140,6 @@ func (m *Manager) validFor(ip netip.Addr) uint32 {
 // 500 ms write nothing: the kernel reports whole seconds, and a reported r
 // at most 2/3 of want means that less than 2/3 are really left.
 func lifetimeStale(a ifAddr, want uint32) bool {
-	return lifetimeStaleAt(a, want, 2)
-}
-
-// lifetimeStaleAt is lifetimeStale with at most thirds/3 of want left
-// for the last rule: 2 for Refresh, 1 (urgent) for Sync.
-func lifetimeStaleAt(a ifAddr, want uint32, thirds uint64) bool {
 	switch {
 	case !a.cacheinfo || a.flags&unix.IFA_F_DEPRECATED == 0:
 		return true
@@ -154,24 +148,22 @@ func lifetimeStaleAt(a ifAddr, want uint32, thirds uint64) bool {
 	case a.valid == infinity || a.valid > want:
 		return true
 	}
-	return 3*uint64(a.valid) <= thirds*uint64(want)
+	return 3*uint64(a.valid) <= 2*uint64(want)
 }
 
 // needsRenewal says whether an owned address is to be written at this
-// Refresh (thirds 2) or Sync (thirds 1): its lifetimes are stale (see
-// lifetimeStaleAt), or this Manager never wrote it (a previous process
-// bound it). Adopting such an address at once, while the listing proves it
-// is still bound, starts this Manager's own record of when it expires.
+// Sync or Refresh: its lifetimes are stale, or this Manager never wrote it
+// (a previous process bound it). Adopting such an address at once, while
+// the listing proves it is still bound, starts this Manager's own record
+// of when it expires. Called with syncMu held.
 //
-// Sync leaves the ordinary renewals, at two thirds left, to Refresh, which
-// does them in slices (see refreshSlice) instead of holding the lock of
-// the interface for a whole round: at thousands of IPv6 addresses on a busy
-// node a round takes seconds, and the Sync that binds a new Service's
-// address would wait for it. Sync renews what is down to a third, in case
-// Refresh does not run. Called with syncMu held.
-func (m *Manager) needsRenewal(a ifAddr, thirds uint64) bool {
+// Sync writes at most refreshSlice of them, the least time left first,
+// and leaves the rest to Refresh, which goes on in slices: at thousands of
+// IPv6 addresses on a busy node a round takes seconds, and the Sync that
+// binds a new Service's address must not wait for it.
+func (m *Manager) needsRenewal(a ifAddr) bool {
 	want := m.validFor(a.ip)
-	if lifetimeStaleAt(a, want, thirds) {
+	if lifetimeStale(a, want) {
 		return true
 	}
 	_, known := m.renewedAt[a.ip]
@@ -284,6 +276,12 @@ func (m *Manager) renewAll(ctx context.Context, index int, listed time.Time, ren
 		m.log.WithField("renewed", written).WithField("left_to_expire", unproven).Debug("address lifetimes")
 	}
 	return written, complete, more
+}
+
+// sortRenewals puts the least time left first: a slice that stops early
+// leaves the addresses that can wait.
+func sortRenewals(r []renewal) {
+	slices.SortFunc(r, func(a, b renewal) int { return cmp.Compare(a.addr.valid, b.addr.valid) })
 }
 
 // measureRenewals records that written renewals took took, for
@@ -425,7 +423,7 @@ func (m *Manager) refreshSome(ctx context.Context, slice time.Duration, locked *
 			return nil
 		}
 		bound[i] = true
-		if m.needsRenewal(a, 2) {
+		if m.needsRenewal(a) {
 			due = append(due, renewal{addr: a})
 		}
 		return nil
@@ -439,9 +437,7 @@ func (m *Manager) refreshSome(ctx context.Context, slice time.Duration, locked *
 			delete(m.renewedAt, ip)
 		}
 	}
-	// The least time left first: a slice that stops early leaves the
-	// addresses that can wait.
-	slices.SortFunc(due, func(a, b renewal) int { return cmp.Compare(a.addr.valid, b.addr.valid) })
+	sortRenewals(due)
 	var res Result
 	n, complete, more := m.renewAll(ctx, index, listed, due, &res, until)
 	m.planRefresh(wanted, complete)

@@ -166,9 +166,8 @@ func TestPrivilegedRefreshKeepsAddresses(t *testing.T) {
 }
 
 // Refresh renews in slices: a slice that reaches its deadline stops
-// (having written at least one, the least time left first) and says more
-// is due, and a Sync taken in between neither waits for the rest nor does
-// it itself; the whole Refresh writes them all.
+// (having written at least one) and says more is due; the whole Refresh
+// writes the rest.
 func TestPrivilegedRefreshInSlices(t *testing.T) {
 	tp := newTopology(t)
 	m := managerIn(t, tp.node, Config{Interface: "eth1", Lifetime: 6 * time.Second})
@@ -180,18 +179,12 @@ func TestPrivilegedRefreshInSlices(t *testing.T) {
 	if _, _, err := syncAddrs(ctx, m, want); err != nil {
 		t.Fatal(err)
 	}
-	// Due once the kernel reports 4 s left (two thirds), from 2 s on;
-	// urgent for Sync at 2 s left, from 4 s on.
+	// Due once the kernel reports 4 s left (two thirds), from 2 s on.
 	time.Sleep(2200 * time.Millisecond)
 	var locked time.Time
 	n, more, err := m.refreshSome(ctx, 0, &locked)
 	if err != nil || n != 1 || !more {
 		t.Fatalf("a slice past its deadline wrote %d (more %v, %v); want 1 and more", n, more, err)
-	}
-	// Due at two thirds, not down to a third: Sync leaves them to Refresh.
-	res, err := m.Sync(ctx, bindings(want...))
-	if err != nil || len(res.Added)+len(res.Removed)+len(res.Failed) != 0 {
-		t.Fatalf("Sync: %+v, %v", res, err)
 	}
 	if n, err := m.refresh(ctx); err != nil || n != len(want)-1 {
 		t.Fatalf("Refresh wrote %d, %v; want the %d left", n, err, len(want)-1)

@@ -356,7 +356,7 @@ func (m *Manager) Sync(ctx context.Context, want []model.Binding) (Result, error
 			own = append(own, netip.PrefixFrom(a.ip, a.ones))
 		case isWanted:
 			seen[i] = ours
-			stale := m.needsRenewal(a, 1)
+			stale := m.needsRenewal(a)
 			// IPv6 addresses an earlier version bound without
 			// IFA_F_NOPREFIXROUTE get it in place (they stay bound
 			// throughout), which removes their /128 routes from the
@@ -408,7 +408,8 @@ func (m *Manager) Sync(ctx context.Context, want []model.Binding) (Result, error
 		m.renewedAt[ip] = at
 		res.Added = append(res.Added, ip)
 	}
-	_, complete, _ := m.renewAll(ctx, index, listed, renew, &res, time.Time{})
+	sortRenewals(renew)
+	_, complete, _ := m.renewAll(ctx, index, listed, renew, &res, time.Now().Add(refreshSlice))
 	m.planRefresh(wanted, complete)
 	slices.SortFunc(res.Added, netip.Addr.Compare)
 	slices.SortFunc(res.Removed, netip.Addr.Compare)

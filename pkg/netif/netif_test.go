@@ -302,9 +302,7 @@ func TestWantedSet(t *testing.T) {
 	}
 }
 
-// lifetimeStale decides which owned addresses Refresh writes;
-// lifetimeStaleAt(…, 1) which Sync writes: the same but the ordinary
-// renewals only once a third is left.
+// lifetimeStale decides which owned addresses Sync and Refresh write.
 func TestLifetimeStale(t *testing.T) {
 	const L = 6
 	for _, tc := range []struct {
@@ -314,23 +312,22 @@ func TestLifetimeStale(t *testing.T) {
 		valid         uint32
 		want          uint32
 		stale         bool
-		urgent        bool // Sync writes it
 	}{
 		{name: "fresh", valid: 6, want: L},
 		{name: "a third gone", valid: 5, want: L},
 		{name: "two thirds left", valid: 4, want: L, stale: true},
-		{name: "a third left", valid: 2, want: L, stale: true, urgent: true},
-		{name: "about to expire", valid: 1, want: L, stale: true, urgent: true},
-		{name: "forever, should be finite (persisted by a previous process)", valid: infinity, want: L, stale: true, urgent: true},
-		{name: "longer than ours", valid: 60, want: L, stale: true, urgent: true},
-		{name: "preferred lifetime set by hand", notDeprecated: true, valid: 6, want: L, stale: true, urgent: true},
-		{name: "forever and not deprecated", notDeprecated: true, valid: infinity, want: infinity, stale: true, urgent: true},
+		{name: "a third left", valid: 2, want: L, stale: true},
+		{name: "about to expire", valid: 1, want: L, stale: true},
+		{name: "forever, should be finite (persisted by a previous process)", valid: infinity, want: L, stale: true},
+		{name: "longer than ours", valid: 60, want: L, stale: true},
+		{name: "preferred lifetime set by hand", notDeprecated: true, valid: 6, want: L, stale: true},
+		{name: "forever and not deprecated", notDeprecated: true, valid: infinity, want: infinity, stale: true},
 		{name: "forever, wanted forever", valid: infinity, want: infinity},
-		{name: "finite, wanted forever", valid: 6, want: infinity, stale: true, urgent: true},
-		{name: "no cacheinfo", noCacheinfo: true, want: L, stale: true, urgent: true},
+		{name: "finite, wanted forever", valid: 6, want: infinity, stale: true},
+		{name: "no cacheinfo", noCacheinfo: true, want: L, stale: true},
 		{name: "2 s: fresh", valid: 2, want: 2},
 		{name: "2 s: one second left", valid: 1, want: 2, stale: true},
-		{name: "3 s: one second left", valid: 1, want: 3, stale: true, urgent: true},
+		{name: "3 s: one second left", valid: 1, want: 3, stale: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a := ifAddr{cacheinfo: !tc.noCacheinfo, flags: unix.IFA_F_DEPRECATED, valid: tc.valid}
@@ -339,9 +336,6 @@ func TestLifetimeStale(t *testing.T) {
 			}
 			if got := lifetimeStale(a, tc.want); got != tc.stale {
 				t.Fatalf("lifetimeStale(%+v; want %d) = %v", a, tc.want, got)
-			}
-			if got := lifetimeStaleAt(a, tc.want, 1); got != tc.urgent {
-				t.Fatalf("lifetimeStaleAt(%+v; want %d; a third) = %v", a, tc.want, got)
 			}
 		})
 	}

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"slices"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -233,7 +236,12 @@ func (c *Cluster) installDaemon(ctx context.Context) error {
 		return err
 	}
 	for _, n := range c.Nodes {
-		if err := c.StartDaemon(n); err != nil {
+		if err := c.startDaemon(n); err != nil {
+			return err
+		}
+	}
+	for _, n := range c.Nodes {
+		if err := c.WaitDaemonReady(n, daemonReadyLimit); err != nil {
 			return err
 		}
 	}
@@ -310,13 +318,51 @@ func (c *Cluster) SetDaemonEnv(n *Node, env map[string]string) {
 }
 
 // StartDaemon starts egressvip (the checkout's build) in n's namespace
-// with DaemonEnv, appending to its log.
+// with DaemonEnv, appending to its log, and waits until its /readyz says
+// ok: what follows finds it serving (a scenario that starts right after
+// another one restarted a daemon would otherwise race its start).
 func (c *Cluster) StartDaemon(n *Node) error {
+	if err := c.startDaemon(n); err != nil {
+		return err
+	}
+	return c.WaitDaemonReady(n, daemonReadyLimit)
+}
+
+func (c *Cluster) startDaemon(n *Node) error {
 	env, err := c.DaemonEnv(n)
 	if err != nil {
 		return err
 	}
 	return c.StartDaemonWith(n, c.bins.EgressVIP, env)
+}
+
+// daemonReadyLimit bounds the wait for a daemon's /readyz: a bound on a
+// hang, not a performance figure.
+const daemonReadyLimit = time.Minute
+
+// WaitDaemonReady waits at most limit until n's egressvip answers its
+// /readyz (port 2112) with 200.
+func (c *Cluster) WaitDaemonReady(n *Node, limit time.Duration) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: DialIn(n.NS), DisableKeepAlives: true}}
+	deadline := time.Now().Add(limit)
+	last := ""
+	for {
+		resp, err := client.Get("http://127.0.0.1:2112/readyz")
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = resp.Status + " " + strings.TrimSpace(string(body))
+		} else {
+			last = err.Error()
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("egressvip on %s not ready after %v: %s (log: %s)", n.Name, limit, last, n.LogPath)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // StartDaemonWith starts binary as n's egressvip with exactly env (see
