@@ -259,7 +259,14 @@ func TestUnbindableAddressAffectsItsServiceAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		_, _ = sandbox.InNS(n1.NS, "sysctl", "-qw", "net.ipv6.conf.eth1.disable_ipv6=0")
+		// Enabling IPv6 again does not bring the node's own IPv6
+		// address back: later scenarios need it.
+		if _, err := sandbox.InNS(n1.NS, "sysctl", "-qw", "net.ipv6.conf.eth1.disable_ipv6=0"); err != nil {
+			t.Error(err)
+		}
+		if err := cluster.RestoreNodeAddresses(n1); err != nil {
+			t.Error(err)
+		}
 	})
 	bad := addr("2001:db8:1::197")
 	good := addr("203.0.113.197")

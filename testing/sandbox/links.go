@@ -45,6 +45,14 @@ func (c *Cluster) BounceLink(n *Node) error {
 	); err != nil {
 		return err
 	}
-	_, _ = sh("ip", "-n", n.NS, "addr", "replace", n.ExtIP6.String()+"/64", "dev", "eth1", "nodad")
-	return nil
+	return c.RestoreNodeAddresses(n)
+}
+
+// RestoreNodeAddresses puts n's own addresses on its external interface
+// (eth1) back, as the host's network configuration would after a link went
+// down or IPv6 was disabled and enabled again on it (which drops every
+// IPv6 address of the interface); egressvip's are egressvip's to restore.
+func (c *Cluster) RestoreNodeAddresses(n *Node) error {
+	_, err := sh("ip", "-n", n.NS, "addr", "replace", n.ExtIP6.String()+"/64", "dev", "eth1", "nodad")
+	return err
 }
