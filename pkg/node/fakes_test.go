@@ -65,6 +65,7 @@ type fakeAddrs struct {
 	// answers are other hosts answering probes for an address.
 	answers   map[netip.Addr]net.HardwareAddr
 	probes    [][]netip.Addr
+	onProbe   func() // called by Probe, without the lock
 	persisted []netip.Addr
 	refreshes int
 	host      netif.Host
@@ -160,6 +161,9 @@ func (f *fakeAddrs) Host() (netif.Host, error) {
 }
 
 func (f *fakeAddrs) Probe(_ context.Context, addrs []netip.Addr, _ time.Duration) (map[netip.Addr]net.HardwareAddr, error) {
+	if f.onProbe != nil {
+		f.onProbe()
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.missing {

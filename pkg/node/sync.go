@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -246,6 +247,7 @@ func (c *Controller) input(v view) plan.Input {
 // Sync recomputes and applies the whole node state once: snapshot, plan,
 // apply, settle, emit. Every decision is the planner's (pkg/plan).
 func (c *Controller) Sync(ctx context.Context) error {
+	planned := c.opts.Clock.Now()
 	v, err := c.snapshot()
 	if err != nil {
 		return err
@@ -266,7 +268,7 @@ func (c *Controller) Sync(ctx context.Context) error {
 	for _, key := range p.Delete {
 		c.elections.Delete(key)
 	}
-	res := c.apply(ctx, p)
+	res := c.apply(ctx, p, planned)
 	now := c.opts.Clock.Now()
 	mem, release, events := plan.Settle(mem, p, now, c.opts.RetryPeriod, c.opts.Grace, res)
 	// Release only what the kernel no longer holds, so an address is
@@ -317,7 +319,15 @@ func (c *Controller) Sync(ctx context.Context) error {
 // apply probes new addresses, then writes addresses, firewall rules and
 // routes. A failure of one part (or of one Service) does not stop the
 // others; the result says what failed.
-func (c *Controller) apply(ctx context.Context, p plan.Plan) plan.Result {
+//
+// A plan rests on the election as it was when the sync began (planned):
+// holdings valid then, other nodes' takeovers at least a lease duration
+// minus a renew deadline after the last heartbeat renewal. If applying it
+// starts a retry period later or more (the process was frozen in between,
+// or the sync was that slow), it binds nothing the kernel does not hold:
+// another node may have taken the address over meanwhile, and the next
+// sync plans again.
+func (c *Controller) apply(ctx context.Context, p plan.Plan, planned time.Time) plan.Result {
 	res := plan.Result{FailedAddrs: map[netip.Addr]error{}, FailedServices: map[string]error{}}
 	binds := p.Bind
 	if len(p.Probe) > 0 {
@@ -332,6 +342,13 @@ func (c *Controller) apply(ctx context.Context, p plan.Plan) plan.Result {
 				res.Busy[a] = mac.String()
 				c.log.WithFields(map[string]any{"ip": a.String(), "mac": mac.String()}).Warn("another host answers for the address; not binding it")
 			}
+		}
+	}
+	if age := c.opts.Clock.Since(planned); age >= c.opts.RetryPeriod && slices.ContainsFunc(binds, func(b model.Binding) bool { return !b.KeepOnly }) {
+		c.log.WithField("age", age.String()).Info("the plan is older than a retry period: binding nothing new this time, keeping what the kernel holds")
+		binds = slices.Clone(binds)
+		for i := range binds {
+			binds[i].KeepOnly = true
 		}
 	}
 	var errs []error
@@ -421,7 +438,7 @@ func (c *Controller) shutdown() {
 	}
 	in := c.input(v)
 	p := plan.Drain(c.mem, in)
-	res := c.apply(ctx, plan.Plan{Bind: p.Bind, Datapath: p.Datapath, Routes: p.Routes})
+	res := c.apply(ctx, plan.Plan{Bind: p.Bind, Datapath: p.Datapath, Routes: p.Routes}, c.opts.Clock.Now())
 	if res.Err != nil {
 		c.log.WithError(res.Err).Error("shutdown: removing addresses and rules failed; keeping their Leases")
 	}

@@ -541,3 +541,22 @@ func TestReportOnDeletedServiceIsNotRetried(t *testing.T) {
 		t.Fatalf("a write to a deleted Service was requeued %d times", n)
 	}
 }
+
+// A plan applied a retry period or more after it was made (the process
+// was frozen between the two) binds nothing new: another node may have
+// taken the address over meanwhile. The next sync plans again.
+func TestStalePlanBindsNothingNew(t *testing.T) {
+	h := newHarness(t, egressApp("web", "203.0.113.10", "10.244.1.5", true)...)
+	h.sync()
+	h.elections.grantAll()
+	h.addrs.onProbe = func() { h.clock.Step(2 * time.Second) }
+	h.sync()
+	if h.addrs.has("203.0.113.10") {
+		t.Fatalf("bound an address from a plan 2 s old: %s", h.j)
+	}
+	h.addrs.onProbe = nil
+	h.sync()
+	if !h.addrs.has("203.0.113.10") {
+		t.Fatalf("the next sync did not bind the address: %s", h.j)
+	}
+}
