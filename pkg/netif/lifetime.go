@@ -400,7 +400,7 @@ func (m *Manager) refreshSome(ctx context.Context, slice time.Duration, locked *
 		*locked = now
 	}
 	until := now.Add(slice)
-	if time.Now().Before(m.refreshAt) {
+	if now.Before(m.refreshAt) {
 		return 0, false, nil
 	}
 	m.state.mu.Lock()
