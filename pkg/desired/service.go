@@ -259,19 +259,16 @@ func checkFamilies(s *model.Service) {
 // (RemotePod); until then its steered traffic is held, not SNATed.
 func checkTrust(s *model.Service, opts Options) {
 	holds := func(a netip.Addr) bool { return a.IsValid() && opts.Holds(a) }
-	confirm := opts.RemotePod != nil &&
-		(opts.Holds == nil || s.ReadyOn(opts.Node) || holds(s.LBv4) || holds(s.LBv6))
+	// Where nothing of the Service is steered to this node, another node's
+	// endpoints are not read and stay unverified.
+	confirm := opts.Holds == nil || s.ReadyOn(opts.Node) || holds(s.LBv4) || holds(s.LBv6)
 	for i := range s.Endpoints {
 		ep := &s.Endpoints[i]
 		why, transient := endpointTrust(*ep, s.Key.Namespace, opts)
-		if why == "" && !ep.Local && opts.RemotePod != nil && !confirm {
-			// Nothing of it is steered here: no read.
-			ep.Unverified = true
-		}
-		if why == "" && !ep.Local && confirm {
+		if why == "" && !ep.Local && opts.RemotePod != nil {
 			verdict, reason := Unknown, ""
 			for _, a := range []netip.Addr{ep.V4, ep.V6} {
-				if a.IsValid() {
+				if a.IsValid() && confirm {
 					if verdict, reason = opts.RemotePod(s.Key.Namespace, ep.Name, ep.Node, a); verdict != Trusted {
 						break
 					}
