@@ -140,3 +140,82 @@ func flushes(prev, next map[netip.Addr]*podPlan, exclude []netip.Prefix) []flush
 	slices.SortFunc(out, func(x, y flush) int { return x.pod.Compare(y.pod) })
 	return out
 }
+
+// mistranslated selects the conntrack entries whose translation is not
+// what egressvip's rules give their packets: entries set up while someone
+// else's rule ran before ours (a CNI's MASQUERADE inserted first, our
+// table deleted by hand). Their packets keep that translation for as long
+// as the entry lives, so a repaired rule set alone does not stop them
+// from leaving with the node's address. Entries that are right, and
+// traffic none of our clauses takes, are never selected. It implements
+// netlink.CustomConntrackFilter.
+type mistranslated struct {
+	// clauses are each pod's clauses in the order in which they apply.
+	clauses map[netip.Addr][]clause
+	exclude []netip.Prefix
+}
+
+var _ netlink.CustomConntrackFilter = mistranslated{}
+
+func newMistranslated(d *famDesired) mistranslated {
+	m := mistranslated{clauses: map[netip.Addr][]clause{}, exclude: d.exclude}
+	for _, c := range d.clauses {
+		m.clauses[c.pod] = append(m.clauses[c.pod], c)
+	}
+	return m
+}
+
+// MatchConntrackFlow says whether the first clause of the flow's pod that
+// takes the flow wants another translation than the entry has: an SNAT
+// clause its LoadBalancer IP, a steering clause none (the holder
+// translates).
+func (m mistranslated) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	src, ok1 := addrFromIP(flow.Forward.SrcIP)
+	dst, ok2 := addrFromIP(flow.Forward.DstIP)
+	if !ok1 || !ok2 {
+		return false
+	}
+	cs := m.clauses[src]
+	if len(cs) == 0 {
+		return false
+	}
+	cur, okCur := addrFromIP(flow.Reverse.SrcIP)
+	for _, p := range m.exclude {
+		if p.Contains(dst) || (okCur && p.Contains(cur)) {
+			return false
+		}
+	}
+	// Replies go to the translated source.
+	got, ok := addrFromIP(flow.Reverse.DstIP)
+	if !ok {
+		return false
+	}
+	for _, c := range cs {
+		if !c.takes(flow.Forward.Protocol, flow.Forward.DstPort, dst) {
+			continue
+		}
+		switch c.kind {
+		case kindSNAT:
+			return got != c.source
+		case kindSteer:
+			return got != src
+		}
+		return false
+	}
+	return false
+}
+
+// takes says whether the clause's filter lets a flow of protocol proto to
+// dst, port through. An SCTP entry, whose port the netlink library does
+// not read (0), is taken by a clause with an SCTP port.
+func (c clause) takes(proto uint8, port uint16, dst netip.Addr) bool {
+	if len(c.ports) > 0 && !slices.ContainsFunc(c.ports, func(p annotations.DestinationPort) bool {
+		return protoNumbers[p.Protocol] == proto && (p.Port == port || (p.Protocol == annotations.SCTP && port == 0))
+	}) {
+		return false
+	}
+	if len(c.allow) > 0 && !slices.ContainsFunc(c.allow, func(p netip.Prefix) bool { return p.Contains(dst) }) {
+		return false
+	}
+	return !slices.ContainsFunc(c.deny, func(p netip.Prefix) bool { return p.Contains(dst) })
+}

@@ -137,3 +137,56 @@ func TestFlushMatchConntrackFlow(t *testing.T) {
 		})
 	}
 }
+
+// snatFlow is a flow from src to dst whose source was translated to to.
+func snatFlow(src, dst, to netip.Addr, proto uint8, dport uint16) *netlink.ConntrackFlow {
+	f := flow(src, dst, proto, dport)
+	f.Reverse.DstIP = net.IP(to.AsSlice())
+	return f
+}
+
+func TestMistranslatedMatchConntrackFlow(t *testing.T) {
+	node := netip.MustParseAddr("203.0.113.1")
+	d := model.Datapath{
+		SNAT: []model.SNATRule{
+			// pod4: SIP by lb4b, the rest by lb4.
+			{Service: "a/sip", Pod: pod4, Source: lb4b, Filter: ports(udp5060)},
+			{Service: "b/all", Pod: pod4, Source: lb4},
+			// pod4b: only towards 198.51.100.0/24 but not .128/25.
+			{Service: "c/some", Pod: pod4b, Source: lb4, Filter: model.Filter{Allow: prefixes("198.51.100.0/24"), Deny: prefixes("198.51.100.128/25")}},
+		},
+		Steer:   []model.SteerRule{{Service: "d/steered", Pod: netip.MustParseAddr("10.244.2.7")}},
+		Exclude: []netip.Prefix{podNet4, svcNet4},
+	}
+	fams, _ := normalize(d, nil, "")
+	m := newMistranslated(fams[IPv4])
+	steered := netip.MustParseAddr("10.244.2.7")
+	tests := []struct {
+		name string
+		flow *netlink.ConntrackFlow
+		want bool
+	}{
+		{"SNATed to the LoadBalancer IP", snatFlow(pod4, ext4, lb4, 6, 443), false},
+		{"MASQUERADEd to the node", snatFlow(pod4, ext4, node, 6, 443), true},
+		{"not translated", flow(pod4, ext4, 6, 443), true},
+		{"port rule: its own address", snatFlow(pod4, ext4, lb4b, 17, 5060), false},
+		{"port rule: the all-traffic rule's address", snatFlow(pod4, ext4, lb4, 17, 5060), true},
+		{"other traffic with the port rule's address", snatFlow(pod4, ext4, lb4b, 17, 5061), true},
+		{"excluded destination, translated", snatFlow(pod4, netip.MustParseAddr("10.244.3.3"), node, 6, 443), false},
+		{"ClusterIP DNATed to a pod", dnatFlow(pod4, ext4, netip.MustParseAddr("10.244.3.3"), 6, 443), false},
+		{"pod without rules", snatFlow(pod6, ext6, node, 6, 443), false},
+		{"prefix rule: allowed, wrong", snatFlow(pod4b, ext4, node, 6, 443), true},
+		{"prefix rule: allowed, right", snatFlow(pod4b, ext4, lb4, 6, 443), false},
+		{"prefix rule: denied destination is not ours", snatFlow(pod4b, netip.MustParseAddr("198.51.100.200"), node, 6, 443), false},
+		{"prefix rule: outside allow is not ours", snatFlow(pod4b, netip.MustParseAddr("192.0.2.9"), node, 6, 443), false},
+		{"steered: untranslated", flow(steered, ext4, 17, 53), false},
+		{"steered: MASQUERADEd on the source node", snatFlow(steered, ext4, node, 17, 53), true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := m.MatchConntrackFlow(tc.flow); got != tc.want {
+				t.Errorf("MatchConntrackFlow = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

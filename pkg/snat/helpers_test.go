@@ -65,11 +65,13 @@ func testLog(t testing.TB) *logrus.Entry {
 	return logrus.NewEntry(log)
 }
 
-// fakeConntrack records the filters of each delete call.
+// fakeConntrack records the filters of each delete call: flushes in
+// calls, sweeps of mistranslated entries in sweeps.
 type fakeConntrack struct {
-	mu    sync.Mutex
-	calls map[netlink.InetFamily][][]flush
-	err   error
+	mu     sync.Mutex
+	calls  map[netlink.InetFamily][][]flush
+	sweeps map[netlink.InetFamily][]mistranslated
+	err    error
 }
 
 func (f *fakeConntrack) ConntrackDeleteFilters(_ netlink.ConntrackTableType, fam netlink.InetFamily, filters ...netlink.CustomConntrackFilter) (uint, error) {
@@ -78,11 +80,20 @@ func (f *fakeConntrack) ConntrackDeleteFilters(_ netlink.ConntrackTableType, fam
 	if f.calls == nil {
 		f.calls = map[netlink.InetFamily][][]flush{}
 	}
+	if f.sweeps == nil {
+		f.sweeps = map[netlink.InetFamily][]mistranslated{}
+	}
 	var fl []flush
 	for _, x := range filters {
+		if m, ok := x.(mistranslated); ok {
+			f.sweeps[fam] = append(f.sweeps[fam], m)
+			continue
+		}
 		fl = append(fl, x.(flush))
 	}
-	f.calls[fam] = append(f.calls[fam], fl)
+	if len(fl) > 0 {
+		f.calls[fam] = append(f.calls[fam], fl)
+	}
 	return uint(len(filters)), f.err
 }
 

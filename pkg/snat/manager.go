@@ -247,6 +247,10 @@ type familyState struct {
 	written *famDesired
 	// unusable is set while writing failed and no rule needed the family.
 	unusable bool
+	// sweep is set when Check found the family changed by someone else:
+	// the next write is followed by deleting the conntrack entries set up
+	// meanwhile with another translation than ours.
+	sweep bool
 }
 
 // New returns a Manager for the selected backend (see SelectBackend). It
@@ -473,6 +477,20 @@ func (m *Manager) applyFamily(ctx context.Context, f Family, fd *famDesired) (fa
 		log.WithFields(logrus.Fields{"pods": len(fl), "entries": n}).Debug("Deleted conntrack entries of pods whose treatment changed")
 	}
 	st.prev = kernelState{plans: next.plans, exclude: fd.exclude}
+	if st.sweep {
+		if len(next.clauses) > 0 {
+			n, err := m.ct.ConntrackDeleteFilters(netlink.ConntrackTable, netlinkFamily(f), newMistranslated(next.famDesired))
+			if err != nil {
+				// sweep stays, so the next sync tries again.
+				log.WithError(err).Warn("Cannot delete the connections set up while the rules were changed by someone else; they may keep the wrong source until the next sync")
+				return failed, nil
+			}
+			if n > 0 {
+				log.WithField("entries", n).Info("Deleted connections set up with another source while the rules were changed by someone else")
+			}
+		}
+		st.sweep = false
+	}
 	return failed, nil
 }
 
@@ -632,10 +650,12 @@ func (m *Manager) Check(ctx context.Context) (bool, error) {
 		return true, nil
 	}
 	ok, err := m.w.check(ctx, fams)
-	if err != nil {
-		return false, err
+	if !ok || err != nil {
+		for _, f := range fams {
+			m.state[f].sweep = true
+		}
 	}
-	return ok, nil
+	return ok && err == nil, err
 }
 
 // RemoveOtherBackends removes what egressvip owns in the backends other

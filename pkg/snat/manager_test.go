@@ -485,3 +485,58 @@ func TestIPTablesFence(t *testing.T) {
 		f.RUnlock()
 	}
 }
+
+// TestRepairSweepsMistranslatedEntries: after Check found the rules
+// changed by someone else, the Apply that repairs them deletes the
+// entries set up meanwhile with another translation, once; an Apply
+// without a failed Check does not.
+func TestRepairSweepsMistranslatedEntries(t *testing.T) {
+	fakes, ct := iptFakes(), &fakeConntrack{}
+	m := newFakeManager(t, fakes, ct)
+	ctx := t.Context()
+	d := dualStack()
+	noFail(t)(m.Apply(ctx, d))
+	if ok, err := m.Check(ctx); !ok || err != nil {
+		t.Fatalf("Check after Apply = %v, %v", ok, err)
+	}
+	m.Recheck()
+	noFail(t)(m.Apply(ctx, d))
+	if len(ct.sweeps[netlink.FAMILY_V4]) != 0 {
+		t.Fatalf("swept without a failed Check: %v", ct.sweeps)
+	}
+	must(t, fakes[IPv4].Insert("nat", "POSTROUTING", 1, "-s", "10.244.0.0/16", "-j", "MASQUERADE"))
+	if ok, _ := m.Check(ctx); ok {
+		t.Fatal("Check did not notice the MASQUERADE inserted first")
+	}
+	m.Recheck()
+	noFail(t)(m.Apply(ctx, d))
+	sw := ct.sweeps[netlink.FAMILY_V4]
+	if len(sw) != 1 {
+		t.Fatalf("sweeps after the repair = %d, want 1", len(sw))
+	}
+	if cs := sw[0].clauses[pod4]; len(cs) != 1 || cs[0].source != lb4 {
+		t.Errorf("sweep clauses of %s = %+v", pod4, cs)
+	}
+	if !sw[0].MatchConntrackFlow(snatFlow(pod4, ext4, netip.MustParseAddr("203.0.113.1"), 17, 5060)) {
+		t.Error("the sweep does not select a MASQUERADEd entry of the pod")
+	}
+	noFail(t)(m.Apply(ctx, d))
+	if len(ct.sweeps[netlink.FAMILY_V4]) != 1 {
+		t.Errorf("swept again without a failed Check")
+	}
+
+	// A failed sweep is retried by the next Apply.
+	must(t, fakes[IPv4].Insert("nat", "POSTROUTING", 1, "-s", "10.244.0.0/16", "-j", "MASQUERADE"))
+	if ok, _ := m.Check(ctx); ok {
+		t.Fatal("Check did not notice the second MASQUERADE")
+	}
+	m.Recheck()
+	ct.err = errors.New("netlink: no buffer space")
+	_, _ = m.Apply(ctx, d)
+	ct.err = nil
+	before := len(ct.sweeps[netlink.FAMILY_V4])
+	noFail(t)(m.Apply(ctx, d))
+	if got := len(ct.sweeps[netlink.FAMILY_V4]); got != before+1 {
+		t.Errorf("failed sweep not retried: %d sweeps, want %d", got, before+1)
+	}
+}

@@ -2,10 +2,12 @@ package snat
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/egressvip/egressvip/internal/privtest"
 	"github.com/egressvip/egressvip/pkg/model"
@@ -268,4 +270,86 @@ func TestPrivilegedSwitchBackends(t *testing.T) {
 	if got := tp.seenAs(t, "udp", udp4); got != node4 {
 		t.Errorf("after Cleanup, packet arrived from %s, want the CNI's %s", got, node4)
 	}
+}
+
+// TestPrivilegedRepairEndsMistranslatedFlows: a flow set up while someone
+// else's rule ran before ours (a MASQUERADE inserted first, our table
+// deleted) leaves from the node's address; once Check noticed and the
+// rules were repaired, its next datagram leaves with the LoadBalancer IP,
+// in both families, while a flow set up before keeps its translation.
+func TestPrivilegedRepairEndsMistranslatedFlows(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backendCase) {
+		tp := newTopo(t, b)
+		m := tp.manager(t, nil)
+		d := rulesFor()
+		tp.apply(t, m, d)
+		cases := []struct {
+			f        Family
+			ext      netip.AddrPort
+			lb, node netip.Addr
+		}{
+			{IPv4, netip.AddrPortFrom(extSrv4, 5060), lb4, netip.MustParseAddr("203.0.113.1")},
+			{IPv6, netip.AddrPortFrom(extSrv6, 5060), lb6, node6},
+		}
+		dial := func(dst netip.AddrPort) net.Conn {
+			var (
+				c   net.Conn
+				err error
+			)
+			tp.pod.Do(t, func() { c, err = net.Dial("udp", dst.String()) })
+			if err != nil {
+				t.Fatalf("udp to %s: %v", dst, err)
+			}
+			t.Cleanup(func() { _ = c.Close() })
+			return c
+		}
+		seen := func(c net.Conn) netip.Addr {
+			t.Helper()
+			buf := make([]byte, 64)
+			for range 3 {
+				if _, err := c.Write([]byte("?")); err != nil {
+					t.Fatalf("send: %v", err)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				if n, err := c.Read(buf); err == nil {
+					return netip.MustParseAddr(string(buf[:n]))
+				}
+			}
+			t.Fatalf("no answer from %s", c.RemoteAddr())
+			return netip.Addr{}
+		}
+		before := make([]net.Conn, len(cases))
+		for i, c := range cases {
+			before[i] = dial(c.ext)
+			if got := seen(before[i]); got != c.lb {
+				t.Fatalf("%s: flow set up under our rules arrived from %s, want %s", c.f, got, c.lb)
+			}
+		}
+		if b.iptables() {
+			tp.node.Exec(t, b.ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-s", "10.244.0.0/16", "-j", "MASQUERADE")
+			tp.node.Exec(t, b.ip6t, "-t", "nat", "-I", "POSTROUTING", "1", "-s", "fd00:10:244::/56", "-j", "MASQUERADE")
+		} else {
+			tp.node.Exec(t, "nft", "delete", "table", "ip", TableName)
+			tp.node.Exec(t, "nft", "delete", "table", "ip6", TableName)
+		}
+		during := make([]net.Conn, len(cases))
+		for i, c := range cases {
+			during[i] = dial(c.ext)
+			if got := seen(during[i]); got != c.node {
+				t.Fatalf("%s: setup: flow set up while our rules were bypassed arrived from %s, want the node's %s", c.f, got, c.node)
+			}
+		}
+		if tp.check(t, m) {
+			t.Fatal("Check did not notice")
+		}
+		tp.repair(t, m, d)
+		for i, c := range cases {
+			if got := seen(during[i]); got != c.lb {
+				t.Errorf("%s: after the repair, the flow set up meanwhile still arrives from %s, want %s", c.f, got, c.lb)
+			}
+			if got := seen(before[i]); got != c.lb {
+				t.Errorf("%s: after the repair, the flow set up before arrives from %s, want %s", c.f, got, c.lb)
+			}
+		}
+	})
 }
