@@ -718,8 +718,12 @@ func (d *decider) bind(g *group, dec Decision, own, keepOnly bool, st leaseState
 				d.p.Probe = append(d.p.Probe, a)
 			}
 		}
-		for _, s := range g.services {
-			d.next.Served[s.Key] = true
+		// Keeping what the kernel does not hold (an acquisition half
+		// written) serves nothing yet.
+		if !keepOnly || slices.ContainsFunc(g.addrs, func(a netip.Addr) bool { return d.mem.Kernel[a] }) {
+			for _, s := range g.services {
+				d.next.Served[s.Key] = true
+			}
 		}
 		return
 	}

@@ -700,3 +700,39 @@ func TestInterfaceDownKeepsHoldingsForTheGrace(t *testing.T) {
 		t.Errorf("acquire %v with the interface down", acquired(p))
 	}
 }
+
+// A pinned group whose address Lease is written and whose Service Lease is
+// not yet: nothing new is bound and no Service is said to be served (its
+// Event would claim an address the kernel does not hold); once both are
+// written, it is bound and the Event says so.
+func TestHalfWrittenAcquisitionServesNothing(t *testing.T) {
+	s := svc("web", "203.0.113.72", true, true)
+	_, mem := Decide(Start(nil), input(view(), s))
+	p, mem := Decide(mem, input(holds(view(), self, nil, "203.0.113.72"), s))
+	for _, b := range p.Bind {
+		if !b.KeepOnly {
+			t.Errorf("bound %v with the Service Lease unwritten", bound(p))
+		}
+	}
+	if got := acquired(p); !slices.Equal(got, []string{"egressvip-web"}) {
+		t.Errorf("acquire %v, want the Service Lease", got)
+	}
+	for _, e := range p.Events {
+		if e.Reason == EventBound {
+			t.Errorf("event %+v before anything is bound", e)
+		}
+	}
+	p, _ = Decide(mem, input(holds(view(), self, []string{"web"}, "203.0.113.72"), s))
+	if got := bound(p); !slices.Equal(got, []string{"203.0.113.72"}) {
+		t.Fatalf("bound %v once both Leases are written", got)
+	}
+	var got []string
+	for _, e := range p.Events {
+		if e.Reason == EventBound {
+			got = append(got, e.Message)
+		}
+	}
+	if want := []string{"node " + self + " serves 203.0.113.72 (" + ReasonHolder + ")"}; !slices.Equal(got, want) {
+		t.Errorf("events %q, want %q", got, want)
+	}
+}
