@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
+	"github.com/egressvip/egressvip/pkg/kube"
 	"github.com/egressvip/egressvip/pkg/kube/kubefake"
 	"github.com/egressvip/egressvip/pkg/model"
 )
@@ -357,28 +358,59 @@ func TestSteadyStateWritesOnlyHeartbeats(t *testing.T) {
 }
 
 // Many acquisitions at once queue behind a bounded number of writers.
+// slowCreates delays every Lease create by 5 ms outside the fake (whose
+// reactors run one at a time) and records how many were in flight at most.
+type slowCreates struct {
+	kube.Interface
+	inFlight, most atomic.Int64
+}
+
+// IsWatchListSemanticsUnSupported passes the fake's answer on to the
+// informers.
+func (c *slowCreates) IsWatchListSemanticsUnSupported() bool {
+	w, ok := c.Interface.(interface{ IsWatchListSemanticsUnSupported() bool })
+	return ok && w.IsWatchListSemanticsUnSupported()
+}
+
+func (c *slowCreates) Leases(ns string) kube.LeaseClient {
+	return slowLeaseClient{c.Interface.Leases(ns), c}
+}
+
+type slowLeaseClient struct {
+	kube.LeaseClient
+	c *slowCreates
+}
+
+func (l slowLeaseClient) Create(ctx context.Context, lease *coordinationv1.Lease, opts metav1.CreateOptions) (*coordinationv1.Lease, error) {
+	n := l.c.inFlight.Add(1)
+	for {
+		m := l.c.most.Load()
+		if n <= m || l.c.most.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	time.Sleep(5 * time.Millisecond)
+	l.c.inFlight.Add(-1)
+	return l.LeaseClient.Create(ctx, lease, opts)
+}
+
+// Acquisitions run in parallel, at most Workers at once: a node taking
+// thousands of addresses over writes at the rate the API server answers.
 func TestAcquisitionsAreBounded(t *testing.T) {
 	api := newAPIServer()
-	var inFlight, most atomic.Int64
-	api.PrependReactor("create", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
-		n := inFlight.Add(1)
-		for {
-			m := most.Load()
-			if n <= m || most.CompareAndSwap(m, n) {
-				break
-			}
-		}
-		time.Sleep(2 * time.Millisecond)
-		inFlight.Add(-1)
-		return false, nil, nil
-	})
-	a, _ := start(t, api, "node-a")
-	for i := range 200 {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	slow := &slowCreates{Interface: kubefake.Wrap(api)}
+	a := NewManager(Config{Identity: "node-a", Namespace: daemonNS, Timing: fast,
+		HeartbeatClient: kubefake.Wrap(api), Client: slow, Log: quietLog()})
+	a.Run(ctx)
+	eventually(t, "node-a established", func() bool { return a.HasSynced() && a.View().Established })
+	for i := range 300 {
 		a.Acquire(model.Claim{Lease: types.NamespacedName{Namespace: "default", Name: LeaseName(fmt.Sprintf("s%d", i))}, Kind: model.ServiceLease})
 	}
-	eventually(t, "200 held", func() bool { return current(a) == 200 })
-	if m := most.Load(); m > 16 {
-		t.Fatalf("%d writes ran at once, want at most the 16 workers", m)
+	eventually(t, "300 held", func() bool { return current(a) == 300 })
+	if m := slow.most.Load(); m > DefaultWorkers || m < DefaultWorkers/2 {
+		t.Fatalf("%d writes ran at once, want up to the %d workers and most of them", m, DefaultWorkers)
 	}
 }
 
