@@ -79,6 +79,9 @@ type Elections interface {
 	// Fresh says this node's heartbeat renewal is younger than the renew
 	// deadline: address lifetimes may be renewed outside the sync loop.
 	Fresh() bool
+	// Epoch counts the heartbeat's stretches without a gap of a lease
+	// duration: a plan made in an earlier epoch binds nothing new.
+	Epoch() uint64
 }
 
 // Cluster is what the node knows of the cluster's ranges and Nodes

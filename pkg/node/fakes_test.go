@@ -319,6 +319,7 @@ type fakeElections struct {
 	releasedNow []types.NamespacedName
 	drained     bool
 	peerAddrs   map[netip.Addr]bool
+	lapses      uint64
 }
 
 func newFakeElections(j *journal, c clock.PassiveClock) *fakeElections {
@@ -355,6 +356,23 @@ func (f *fakeElections) Fresh() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.view.Established && !f.view.Overdue
+}
+
+// Epoch is 1 once established, plus the lapses tests add (lapse).
+func (f *fakeElections) Epoch() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.view.Established {
+		return 0
+	}
+	return 1 + f.lapses
+}
+
+// lapse is a heartbeat that came back after a lease duration: a new epoch.
+func (f *fakeElections) lapse() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.lapses++
 }
 
 func (f *fakeElections) Acquire(c model.Claim) {

@@ -247,7 +247,7 @@ func (c *Controller) input(v view) plan.Input {
 // Sync recomputes and applies the whole node state once: snapshot, plan,
 // apply, settle, emit. Every decision is the planner's (pkg/plan).
 func (c *Controller) Sync(ctx context.Context) error {
-	planned := c.opts.Clock.Now()
+	planned, epoch := c.opts.Clock.Now(), c.elections.Epoch()
 	v, err := c.snapshot()
 	if err != nil {
 		return err
@@ -268,7 +268,7 @@ func (c *Controller) Sync(ctx context.Context) error {
 	for _, key := range p.Delete {
 		c.elections.Delete(key)
 	}
-	res := c.apply(ctx, p, planned)
+	res := c.apply(ctx, p, planned, epoch)
 	now := c.opts.Clock.Now()
 	mem, release, events := plan.Settle(mem, p, now, c.opts.RetryPeriod, c.opts.Grace, res)
 	// Release only what the kernel no longer holds, so an address is
@@ -320,14 +320,15 @@ func (c *Controller) Sync(ctx context.Context) error {
 // routes. A failure of one part (or of one Service) does not stop the
 // others; the result says what failed.
 //
-// A plan rests on the election as it was when the sync began (planned):
-// holdings valid then, other nodes' takeovers at least a lease duration
-// minus a renew deadline after the last heartbeat renewal. If applying it
-// starts a retry period later or more (the process was frozen in between,
-// or the sync was that slow), it binds nothing the kernel does not hold:
-// another node may have taken the address over meanwhile, and the next
-// sync plans again.
-func (c *Controller) apply(ctx context.Context, p plan.Plan, planned time.Time) plan.Result {
+// A plan rests on the election as it was when the sync began (planned, in
+// the heartbeat's epoch): holdings valid then, other nodes' takeovers at
+// least a lease duration after the last heartbeat renewal they saw. If the
+// heartbeat is no longer fresh when the addresses are written, or came
+// back in a new epoch (the process was frozen or starved in between), it
+// binds nothing the kernel does not hold: another node may have taken the
+// address over meanwhile, and the next sync plans again. A slow sync whose
+// heartbeat stayed fresh binds: nobody can have taken over.
+func (c *Controller) apply(ctx context.Context, p plan.Plan, planned time.Time, epoch uint64) plan.Result {
 	res := plan.Result{FailedAddrs: map[netip.Addr]error{}, FailedServices: map[string]error{}}
 	binds := p.Bind
 	if len(p.Probe) > 0 {
@@ -344,8 +345,13 @@ func (c *Controller) apply(ctx context.Context, p plan.Plan, planned time.Time) 
 			}
 		}
 	}
-	if age := c.opts.Clock.Since(planned); age >= c.opts.RetryPeriod && slices.ContainsFunc(binds, func(b model.Binding) bool { return !b.KeepOnly }) {
-		c.log.WithField("age", age.String()).Info("the plan is older than a retry period: binding nothing new this time, keeping what the kernel holds")
+	// The plan was made with Leases valid in epoch; if the heartbeat lapsed
+	// since (this process frozen or starved), other nodes may have taken
+	// them over: bind nothing new from it. The next plan, from a fresh
+	// view, decides again.
+	if fresh, now := c.elections.Fresh(), c.elections.Epoch(); (!fresh || now != epoch) && slices.ContainsFunc(binds, func(b model.Binding) bool { return !b.KeepOnly }) {
+		c.log.WithFields(map[string]any{"age": c.opts.Clock.Since(planned).String(), "fresh": fresh, "epoch": now, "planEpoch": epoch}).
+			Info("the heartbeat lapsed since the plan was made: binding nothing new this time, keeping what the kernel holds")
 		binds = slices.Clone(binds)
 		for i := range binds {
 			binds[i].KeepOnly = true
@@ -438,7 +444,7 @@ func (c *Controller) shutdown() {
 	}
 	in := c.input(v)
 	p := plan.Drain(c.mem, in)
-	res := c.apply(ctx, plan.Plan{Bind: p.Bind, Datapath: p.Datapath, Routes: p.Routes}, c.opts.Clock.Now())
+	res := c.apply(ctx, plan.Plan{Bind: p.Bind, Datapath: p.Datapath, Routes: p.Routes}, c.opts.Clock.Now(), c.elections.Epoch())
 	if res.Err != nil {
 		c.log.WithError(res.Err).Error("shutdown: removing addresses and rules failed; keeping their Leases")
 	}
