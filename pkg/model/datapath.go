@@ -44,6 +44,10 @@ type SNATRule struct {
 	// Remote is true for a pod on another node whose traffic arrives
 	// steered (over the node network, or the VXLAN device).
 	Remote bool
+	// KeepConntrack leaves the pod's conntrack entries alone when its
+	// translation changes (kube-vip.io/flush-conntrack: "false"): its
+	// existing connections keep the translation they began with.
+	KeepConntrack bool
 }
 
 // SteerRule says: new connections from Pod (on this node) whose destination
@@ -64,6 +68,8 @@ type SteerRule struct {
 	// Tunnel sends the traffic through egressvip's VXLAN device to the
 	// holder's VTEP instead of plain routing.
 	Tunnel bool
+	// KeepConntrack: see SNATRule.
+	KeepConntrack bool
 }
 
 // HoldRule says: new connections from Pod (on this node) whose destination

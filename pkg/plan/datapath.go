@@ -48,7 +48,8 @@ func (d *decider) datapath(g *group, dec Decision, own bool) {
 				}
 				switch {
 				case holding && (e.Local || !e.Unverified):
-					d.snat = append(d.snat, model.SNATRule{Service: key, Pod: fam.pod, Source: fam.lb, Filter: s.Filter, Remote: !e.Local})
+					d.snat = append(d.snat, model.SNATRule{Service: key, Pod: fam.pod, Source: fam.lb, Filter: s.Filter, Remote: !e.Local,
+						KeepConntrack: !s.FlushConntrack})
 					d.p.owned[s.Key] = true
 				case holding:
 					// Another node's pod not confirmed yet: its
@@ -59,7 +60,7 @@ func (d *decider) datapath(g *group, dec Decision, own bool) {
 				case !e.Local:
 				case steerTo != "" && len(familyOf(via, fam.pod)) > 0 || steerTo != "" && d.in.Tunnel != nil:
 					d.steer = append(d.steer, model.SteerRule{Service: key, Pod: fam.pod, Holder: steerTo,
-						Via: familyOf(via, fam.pod), Filter: s.Filter, Tunnel: d.in.Tunnel != nil})
+						Via: familyOf(via, fam.pod), Filter: s.Filter, Tunnel: d.in.Tunnel != nil, KeepConntrack: !s.FlushConntrack})
 					d.p.owned[s.Key] = true
 					d.p.Steered++
 				case s.Strict:
@@ -91,7 +92,8 @@ func (d *decider) datapath(g *group, dec Decision, own bool) {
 				}
 				for _, pod := range []netip.Addr{e.V4, e.V6} {
 					if pod.IsValid() && pod.Is4() == a.Is4() && (pod.Is4() && s.EgressIPv4 || pod.Is6() && s.EgressIPv6) {
-						rules = append(rules, model.SNATRule{Service: s.Key.String(), Pod: pod, Source: a, Filter: s.Filter, Remote: true})
+						rules = append(rules, model.SNATRule{Service: s.Key.String(), Pod: pod, Source: a, Filter: s.Filter, Remote: true,
+							KeepConntrack: !s.FlushConntrack})
 					}
 				}
 			}

@@ -736,3 +736,19 @@ func TestHalfWrittenAcquisitionServesNothing(t *testing.T) {
 		t.Errorf("events %q, want %q", got, want)
 	}
 }
+
+// kube-vip.io/flush-conntrack: "false" reaches the datapath rules of the
+// Service's pods.
+func TestFlushConntrackFalseKeepsEntries(t *testing.T) {
+	s := svc("web", "203.0.113.73", true, true)
+	s.FlushConntrack = false
+	p, _ := Decide(Start(nil), input(holds(view(), self, []string{"web"}, "203.0.113.73"), s))
+	if len(p.Datapath.SNAT) != 1 || !p.Datapath.SNAT[0].KeepConntrack {
+		t.Errorf("SNAT rules %+v: want one that keeps the conntrack entries", p.Datapath.SNAT)
+	}
+	s.FlushConntrack = true
+	p, _ = Decide(Start(nil), input(holds(view(), self, []string{"web"}, "203.0.113.73"), s))
+	if len(p.Datapath.SNAT) != 1 || p.Datapath.SNAT[0].KeepConntrack {
+		t.Errorf("SNAT rules %+v: want one that flushes", p.Datapath.SNAT)
+	}
+}

@@ -157,10 +157,13 @@ type mistranslated struct {
 
 var _ netlink.CustomConntrackFilter = mistranslated{}
 
-func newMistranslated(d *famDesired) mistranslated {
+// newMistranslated selects among the pods of d, except those in keep.
+func newMistranslated(d *famDesired, keep map[netip.Addr]bool) mistranslated {
 	m := mistranslated{clauses: map[netip.Addr][]clause{}, exclude: d.exclude}
 	for _, c := range d.clauses {
-		m.clauses[c.pod] = append(m.clauses[c.pod], c)
+		if !keep[c.pod] {
+			m.clauses[c.pod] = append(m.clauses[c.pod], c)
+		}
 	}
 	return m
 }

@@ -159,7 +159,7 @@ func TestMistranslatedMatchConntrackFlow(t *testing.T) {
 		Exclude: []netip.Prefix{podNet4, svcNet4},
 	}
 	fams, _ := normalize(d, nil, "")
-	m := newMistranslated(fams[IPv4])
+	m := newMistranslated(fams[IPv4], nil)
 	steered := netip.MustParseAddr("10.244.2.7")
 	tests := []struct {
 		name string

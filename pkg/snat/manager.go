@@ -186,6 +186,9 @@ func (cfg Config) options() (datapathOptions, error) {
 type kernelState struct {
 	plans   map[netip.Addr]*podPlan
 	exclude []netip.Prefix
+	// keep are the pods whose entries are left alone
+	// (kube-vip.io/flush-conntrack: "false"); unknown after a restart.
+	keep map[netip.Addr]bool
 }
 
 // writer is one backend's kernel side.
@@ -452,7 +455,9 @@ func (m *Manager) applyFamily(ctx context.Context, f Family, fd *famDesired) (fa
 	}
 	st.written = next.famDesired
 	exclude := append(slices.Clone(st.prev.exclude), fd.exclude...)
-	if fl := flushes(st.prev.plans, next.plans, exclude); len(fl) > 0 {
+	keep := next.keepPods()
+	fl := slices.DeleteFunc(flushes(st.prev.plans, next.plans, exclude), func(x flush) bool { return keep[x.pod] || st.prev.keep[x.pod] })
+	if len(fl) > 0 {
 		filters := make([]netlink.CustomConntrackFilter, len(fl))
 		for i, x := range fl {
 			filters[i] = x
@@ -476,10 +481,10 @@ func (m *Manager) applyFamily(ctx context.Context, f Family, fd *famDesired) (fa
 		}
 		log.WithFields(logrus.Fields{"pods": len(fl), "entries": n}).Debug("Deleted conntrack entries of pods whose treatment changed")
 	}
-	st.prev = kernelState{plans: next.plans, exclude: fd.exclude}
+	st.prev = kernelState{plans: next.plans, exclude: fd.exclude, keep: keep}
 	if st.sweep {
-		if len(next.clauses) > 0 {
-			n, err := m.ct.ConntrackDeleteFilters(netlink.ConntrackTable, netlinkFamily(f), newMistranslated(next.famDesired))
+		if sw := newMistranslated(next.famDesired, keep); len(sw.clauses) > 0 {
+			n, err := m.ct.ConntrackDeleteFilters(netlink.ConntrackTable, netlinkFamily(f), sw)
 			if err != nil {
 				// sweep stays, so the next sync tries again.
 				log.WithError(err).Warn("Cannot delete the connections set up while the rules were changed by someone else; they may keep the wrong source until the next sync")

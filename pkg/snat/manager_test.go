@@ -540,3 +540,36 @@ func TestRepairSweepsMistranslatedEntries(t *testing.T) {
 		t.Errorf("failed sweep not retried: %d sweeps, want %d", got, before+1)
 	}
 }
+
+// kube-vip.io/flush-conntrack: "false": a change of the pod's translation,
+// or its rule going away, deletes none of its entries, and a repair does
+// not sweep them; other pods' entries go as usual.
+func TestKeepConntrack(t *testing.T) {
+	ct := &fakeConntrack{}
+	m := newFakeManager(t, iptFakes(), ct)
+	ctx := t.Context()
+	rules := func(kept, other netip.Addr) model.Datapath {
+		return model.Datapath{SNAT: []model.SNATRule{
+			{Service: "a/kept", Pod: pod4, Source: kept, KeepConntrack: true},
+			{Service: "b/flushed", Pod: pod4b, Source: other},
+		}, Exclude: []netip.Prefix{podNet4}}
+	}
+	noFail(t)(m.Apply(ctx, rules(lb4, lb4)))
+	ct.calls = nil
+	noFail(t)(m.Apply(ctx, rules(lb4b, lb4b)))
+	if got := ct.pods(netlink.FAMILY_V4); !slices.Equal(got, []netip.Addr{pod4b}) {
+		t.Errorf("flushed %v after both sources changed, want only %s", got, pod4b)
+	}
+	ct.calls = nil
+	noFail(t)(m.Apply(ctx, model.Datapath{Exclude: []netip.Prefix{podNet4}}))
+	if got := ct.pods(netlink.FAMILY_V4); !slices.Equal(got, []netip.Addr{pod4b}) {
+		t.Errorf("flushed %v after both rules went, want only %s", got, pod4b)
+	}
+	noFail(t)(m.Apply(ctx, rules(lb4, lb4)))
+	m.state[IPv4].sweep = true
+	noFail(t)(m.Apply(ctx, rules(lb4, lb4)))
+	sw := ct.sweeps[netlink.FAMILY_V4]
+	if len(sw) != 1 || len(sw[0].clauses[pod4]) != 0 || len(sw[0].clauses[pod4b]) != 1 {
+		t.Errorf("sweeps %+v: want one, of %s only", sw, pod4b)
+	}
+}

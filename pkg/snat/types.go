@@ -107,6 +107,9 @@ type clause struct {
 	// hold no prefix inside another. Empty allow means every destination.
 	ports       []annotations.DestinationPort
 	allow, deny []netip.Prefix
+	// keep leaves the pod's conntrack entries alone when its treatment
+	// changes (model.SNATRule.KeepConntrack); it writes no rule.
+	keep bool
 }
 
 // filtered says whether the clause has destination prefixes, which the
@@ -154,6 +157,21 @@ func (d *famDesired) services() []string {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// keepPods are the pods with a clause whose Service keeps their conntrack
+// entries: a change of their treatment deletes none.
+func (d *famDesired) keepPods() map[netip.Addr]bool {
+	var out map[netip.Addr]bool
+	for _, c := range d.clauses {
+		if c.keep {
+			if out == nil {
+				out = map[netip.Addr]bool{}
+			}
+			out[c.pod] = true
+		}
+	}
+	return out
 }
 
 // only returns a copy of d with the clauses of the Services keep accepts.
@@ -228,14 +246,14 @@ func normalize(d model.Datapath, guard []netip.Prefix, tunnelDevice string) (out
 			fail(r.Service, "SNAT", r.Pod, r.Source)
 			continue
 		}
-		add(clause{service: r.Service, kind: kindSNAT, pod: r.Pod, source: r.Source}, r.Filter)
+		add(clause{service: r.Service, kind: kindSNAT, pod: r.Pod, source: r.Source, keep: r.KeepConntrack}, r.Filter)
 	}
 	for _, r := range d.Steer {
 		if !r.Pod.IsValid() {
 			fail(r.Service, "steering", r.Pod)
 			continue
 		}
-		add(clause{service: r.Service, kind: kindSteer, pod: r.Pod}, r.Filter)
+		add(clause{service: r.Service, kind: kindSteer, pod: r.Pod, keep: r.KeepConntrack}, r.Filter)
 	}
 	for _, r := range d.Hold {
 		if !r.Pod.IsValid() {
