@@ -612,3 +612,29 @@ func TestPrivilegedSNATConntrack(t *testing.T) {
 		}
 	})
 }
+
+// kube-vip.io/flush-conntrack: "false": the Service stops egressing and
+// its pod's entries stay, in the kernel.
+func TestPrivilegedKeepConntrack(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backendCase) {
+		tp := newTopo(t, b)
+		m := tp.manager(t, nil)
+		d := rulesFor()
+		for i := range d.SNAT {
+			d.SNAT[i].KeepConntrack = true
+		}
+		tp.apply(t, m, d)
+		ext := netip.AddrPortFrom(extSrv4, 5060)
+		if got := tp.seenAs(t, "udp", ext); got != lb4 {
+			t.Fatalf("UDP flow arrived from %s, want %s", got, lb4)
+		}
+		want := fmt.Sprintf("17 %s", ext)
+		if flows := tp.podFlows(t, IPv4, pod4); !slices.Contains(flows, want) {
+			t.Fatalf("setup: no conntrack entry towards %s in %v", ext, flows)
+		}
+		tp.apply(t, m, model.Datapath{Exclude: excludeAll})
+		if flows := tp.podFlows(t, IPv4, pod4); !slices.Contains(flows, want) {
+			t.Errorf("the entry towards %s was deleted with flush-conntrack false: %v", ext, flows)
+		}
+	})
+}
