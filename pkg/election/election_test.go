@@ -358,7 +358,7 @@ func TestSteadyStateWritesOnlyHeartbeats(t *testing.T) {
 }
 
 // Many acquisitions at once queue behind a bounded number of writers.
-// slowCreates delays every Lease create by 5 ms outside the fake (whose
+// slowCreates delays every Lease create by 20 ms outside the fake (whose
 // reactors run one at a time) and records how many were in flight at most.
 type slowCreates struct {
 	kube.Interface
@@ -389,7 +389,7 @@ func (l slowLeaseClient) Create(ctx context.Context, lease *coordinationv1.Lease
 			break
 		}
 	}
-	time.Sleep(5 * time.Millisecond)
+	time.Sleep(20 * time.Millisecond)
 	l.c.inFlight.Add(-1)
 	return l.LeaseClient.Create(ctx, lease, opts)
 }
