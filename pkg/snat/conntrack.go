@@ -44,35 +44,40 @@ var _ netlink.CustomConntrackFilter = flush{}
 // entries, whose ports the netlink library does not read, match by
 // protocol when ports has an SCTP port.
 func (f flush) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
-	src, ok1 := addrFromIP(flow.Forward.SrcIP)
-	dst, ok2 := addrFromIP(flow.Forward.DstIP)
-	if !ok1 || !ok2 || src != f.pod.Unmap() {
+	src, _, ok := outside(flow, f.exclude)
+	if !ok || src != f.pod.Unmap() {
 		return false
 	}
-	// The reply comes from where the connection was DNATed to.
-	cur, ok := addrFromIP(flow.Reverse.SrcIP)
-	for _, p := range f.exclude {
-		if p.Contains(dst) || (ok && p.Contains(cur)) {
-			return false
+	return len(f.ports) == 0 || slices.ContainsFunc(f.ports, func(p annotations.DestinationPort) bool { return portTakes(p, flow) })
+}
+
+// outside returns the flow's original source and destination, and whether
+// it is one egressvip may touch: neither its original destination nor,
+// after a DNAT, the address replies come from is inside exclude (pod and
+// Service CIDRs: in-cluster flows are not egressvip's).
+func outside(flow *netlink.ConntrackFlow, exclude []netip.Prefix) (src, dst netip.Addr, ok bool) {
+	src, ok1 := addrFromIP(flow.Forward.SrcIP)
+	dst, ok2 := addrFromIP(flow.Forward.DstIP)
+	if !ok1 || !ok2 {
+		return src, dst, false
+	}
+	cur, okCur := addrFromIP(flow.Reverse.SrcIP)
+	for _, p := range exclude {
+		if p.Contains(dst) || (okCur && p.Contains(cur)) {
+			return src, dst, false
 		}
 	}
-	if len(f.ports) == 0 {
-		return true
-	}
-	for _, p := range f.ports {
-		if protoNumbers[p.Protocol] != flow.Forward.Protocol {
-			continue
-		}
-		// The netlink library reads ports of TCP and UDP entries only:
-		// an SCTP entry has DstPort 0. Its flows then go by protocol and
-		// addresses, so none survives a change of its pod's treatment
-		// (other SCTP flows of the pod are deleted too, and re-created
-		// by their next packet under the same rules).
-		if p.Port == flow.Forward.DstPort || (p.Protocol == annotations.SCTP && flow.Forward.DstPort == 0) {
-			return true
-		}
-	}
-	return false
+	return src, dst, true
+}
+
+// portTakes says whether the flow goes to destination port p. The netlink
+// library reads ports of TCP and UDP entries only: an SCTP entry has
+// DstPort 0 and goes by protocol, so none survives a change of its pod's
+// treatment (other SCTP flows of the pod are deleted too, and re-created
+// by their next packet under the same rules).
+func portTakes(p annotations.DestinationPort, flow *netlink.ConntrackFlow) bool {
+	return protoNumbers[p.Protocol] == flow.Forward.Protocol &&
+		(p.Port == flow.Forward.DstPort || (p.Protocol == annotations.SCTP && flow.Forward.DstPort == 0))
 }
 
 func addrFromIP(ip net.IP) (netip.Addr, bool) {
@@ -173,20 +178,10 @@ func newMistranslated(d *famDesired, keep map[netip.Addr]bool) mistranslated {
 // clause its LoadBalancer IP, a steering clause none (the holder
 // translates).
 func (m mistranslated) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
-	src, ok1 := addrFromIP(flow.Forward.SrcIP)
-	dst, ok2 := addrFromIP(flow.Forward.DstIP)
-	if !ok1 || !ok2 {
-		return false
-	}
+	src, dst, ok := outside(flow, m.exclude)
 	cs := m.clauses[src]
-	if len(cs) == 0 {
+	if !ok || len(cs) == 0 {
 		return false
-	}
-	cur, okCur := addrFromIP(flow.Reverse.SrcIP)
-	for _, p := range m.exclude {
-		if p.Contains(dst) || (okCur && p.Contains(cur)) {
-			return false
-		}
 	}
 	// Replies go to the translated source.
 	got, ok := addrFromIP(flow.Reverse.DstIP)
@@ -194,7 +189,7 @@ func (m mistranslated) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 		return false
 	}
 	for _, c := range cs {
-		if !c.takes(flow.Forward.Protocol, flow.Forward.DstPort, dst) {
+		if !c.takes(flow, dst) {
 			continue
 		}
 		switch c.kind {
@@ -208,13 +203,9 @@ func (m mistranslated) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	return false
 }
 
-// takes says whether the clause's filter lets a flow of protocol proto to
-// dst, port through. An SCTP entry, whose port the netlink library does
-// not read (0), is taken by a clause with an SCTP port.
-func (c clause) takes(proto uint8, port uint16, dst netip.Addr) bool {
-	if len(c.ports) > 0 && !slices.ContainsFunc(c.ports, func(p annotations.DestinationPort) bool {
-		return protoNumbers[p.Protocol] == proto && (p.Port == port || (p.Protocol == annotations.SCTP && port == 0))
-	}) {
+// takes says whether the clause's filter lets the flow, to dst, through.
+func (c clause) takes(flow *netlink.ConntrackFlow, dst netip.Addr) bool {
+	if len(c.ports) > 0 && !slices.ContainsFunc(c.ports, func(p annotations.DestinationPort) bool { return portTakes(p, flow) }) {
 		return false
 	}
 	if len(c.allow) > 0 && !slices.ContainsFunc(c.allow, func(p netip.Prefix) bool { return p.Contains(dst) }) {
