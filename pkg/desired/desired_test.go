@@ -248,6 +248,18 @@ func TestEgressFilterFromAnnotations(t *testing.T) {
 	}
 }
 
+// kube-vip.io/flush-conntrack: absent or "true" flushes, "false" keeps.
+func TestFlushConntrackFromAnnotations(t *testing.T) {
+	slices := []*discoveryv1.EndpointSlice{slice("a", discoveryv1.AddressTypeIPv4, localPod)}
+	if s := Analyze(svc("a", true, egressAnn("203.0.113.10")), slices, opts); !s.FlushConntrack {
+		t.Errorf("without the annotation: FlushConntrack false, want true")
+	}
+	s := Analyze(svc("a", true, egressAnn("203.0.113.10", annotations.FlushConntrack, "false")), slices, opts)
+	if s.Invalid != "" || !s.Egress || s.FlushConntrack {
+		t.Errorf("flush-conntrack false: invalid %q egress %v FlushConntrack %v", s.Invalid, s.Egress, s.FlushConntrack)
+	}
+}
+
 func TestMissingIPv6Exclusions(t *testing.T) {
 	o := opts
 	o.MissingIPv6 = []string{"pod"}
