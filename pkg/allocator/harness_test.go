@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/apimachinery/pkg/watch"
@@ -47,7 +48,89 @@ type fakeAPI struct {
 func newFakeAPI() *fakeAPI {
 	s := &fakeAPI{Clientset: fake.NewClientset()}
 	s.PrependReactor("*", "*", s.react)
+	s.PrependWatchReactor("*", s.watch)
 	return s
+}
+
+// watchKinds are the kinds of the resources the allocator watches.
+var watchKinds = map[string]schema.GroupVersionKind{
+	"services":   corev1.SchemeGroupVersion.WithKind("Service"),
+	"configmaps": corev1.SchemeGroupVersion.WithKind("ConfigMap"),
+	"leases":     coordinationv1.SchemeGroupVersion.WithKind("Lease"),
+}
+
+// watch serves a watch from a resourceVersion as the API server does,
+// without the fake tracker's limit: the tracker puts the objects changed
+// since that version into a channel of 100 and panics beyond that, and on
+// a loaded machine more than 100 Services change between an informer's
+// List and its Watch. Writes wait (s.mu) while the watch is set up, so no
+// change falls between the backlog and the live events.
+func (s *fakeAPI) watch(a k8stesting.Action) (bool, watch.Interface, error) {
+	gvr, ns := a.GetResource(), a.GetNamespace()
+	gvk, ok := watchKinds[gvr.Resource]
+	wa, isWatch := a.(k8stesting.WatchAction)
+	if !ok || !isWatch {
+		return false, nil, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	from, _ := strconv.Atoi(wa.GetWatchRestrictions().ResourceVersion)
+	list, err := s.Tracker().List(gvr, gvk, ns)
+	if err != nil {
+		return true, nil, err
+	}
+	items, err := meta.ExtractList(list)
+	if err != nil {
+		return true, nil, err
+	}
+	var backlog []runtime.Object
+	for _, o := range items {
+		m, _ := meta.Accessor(o)
+		if rv, _ := strconv.Atoi(m.GetResourceVersion()); rv > from {
+			backlog = append(backlog, o)
+		}
+	}
+	inner, err := s.Tracker().Watch(gvr, ns) // no options: no existing objects
+	if err != nil {
+		return true, nil, err
+	}
+	w := &backlogWatch{inner: inner, out: make(chan watch.Event), stop: make(chan struct{})}
+	go w.run(backlog)
+	return true, w, nil
+}
+
+// backlogWatch sends the backlog as added objects, then the live events.
+type backlogWatch struct {
+	inner watch.Interface
+	out   chan watch.Event
+	stop  chan struct{}
+	once  sync.Once
+}
+
+func (w *backlogWatch) ResultChan() <-chan watch.Event { return w.out }
+
+func (w *backlogWatch) Stop() { w.once.Do(func() { close(w.stop); w.inner.Stop() }) }
+
+func (w *backlogWatch) run(backlog []runtime.Object) {
+	defer close(w.out)
+	send := func(ev watch.Event) bool {
+		select {
+		case w.out <- ev:
+			return true
+		case <-w.stop:
+			return false
+		}
+	}
+	for _, o := range backlog {
+		if !send(watch.Event{Type: watch.Added, Object: o}) {
+			return
+		}
+	}
+	for ev := range w.inner.ResultChan() {
+		if !send(ev) {
+			return
+		}
+	}
 }
 
 func (s *fakeAPI) react(a k8stesting.Action) (bool, runtime.Object, error) {
