@@ -309,12 +309,33 @@ func TestFirstDatagram(t *testing.T) {
 	service(t, "first", true, egressAnn(lb.String()))
 	runPod(t, "first", cluster.Nodes[0])
 	waitHolder(t, lb)
+	var armed []string
 	for i, n := range cluster.Nodes {
+		// How long after the pod's binding its node's gate is armed
+		// (egressvip read the pending pod and wrote its firewall), next
+		// to when the sandbox's kubelet let the pod send.
+		gate := make(chan time.Time, 1)
+		go func() {
+			defer close(gate)
+			for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+				if n.GateArmed(false) {
+					gate <- time.Now()
+					return
+				}
+			}
+		}()
 		f := newFlows(t)
-		startPodSending(t, f, "first", fmt.Sprintf("first-%d", i), n)
+		p := startPodSending(t, f, "first", fmt.Sprintf("first-%d", i), n)
+		sending := time.Since(p.Bound())
+		if at, ok := <-gate; ok {
+			armed = append(armed, fmt.Sprintf("%s %s (sending at %s)", n.Name, at.Sub(p.Bound()).Round(time.Millisecond), sending.Round(time.Millisecond)))
+		} else {
+			armed = append(armed, fmt.Sprintf("%s not seen (sending at %s)", n.Name, sending.Round(time.Millisecond)))
+		}
 		time.Sleep(2 * time.Second)
 		f.stop(fmt.Sprintf("first datagrams of a new pod on %s", n.Name), lb)
 	}
+	record("new pod: its node's gate armed after the binding", strings.Join(armed, ", "))
 
 	// Strict: no holder yet (the only pod is not Ready, and the Service
 	// is Local), so nothing leaves until one exists.

@@ -28,6 +28,18 @@ func (n *Node) NFT(ipv6 bool) string {
 	return out
 }
 
+// GateArmed says whether egressvip's nftables gate is armed on n for IPv4
+// or IPv6: its set of gated pod CIDRs has elements, so the off-cluster
+// traffic of pod addresses the daemon does not know yet is dropped.
+func (n *Node) GateArmed(ipv6 bool) bool {
+	family := "ip"
+	if ipv6 {
+		family = "ip6"
+	}
+	out, err := InNS(n.NS, "nft", "list", "set", family, "egressvip", "gate-cidrs")
+	return err == nil && strings.Contains(out, "elements = {")
+}
+
 // SNATRulesFor returns the egressvip SNAT of n that names service
 // ("namespace/name"), both families and both backends: iptables rules as
 // iptables-save prints them, nftables map elements as

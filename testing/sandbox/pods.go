@@ -9,6 +9,7 @@ import (
 	"maps"
 	"net/netip"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -24,6 +25,19 @@ func bufioReader(b []byte) *bufio.Reader { return bufio.NewReader(bytes.NewReade
 // a test can act between them: CreatePod (Pending, no address), StartPod
 // (the CNI ADD: namespace, veth, addresses; Running with its addresses in
 // status, not Ready), SetPodReady (Ready). RunPod does all three.
+
+// KubeletStartLatency is the least time from a pod's binding to the start
+// of its CNI ADD that the sandbox's kubelet takes, as a real one does: it
+// mounts the pod's volumes first (every pod has the projected
+// service-account token; the volume manager's wait polls every 300 ms,
+// kubelet's podAttachAndMountRetryInterval), then starts the pause
+// container, whose CNI ADD gives the pod its address, then the containers.
+// A real kubelet takes longer than this floor. Without it the sandbox
+// would start a pod's traffic within a few milliseconds of the binding,
+// before any node agent that watches the API (egressvip's gate too) can
+// have read the pod.
+const KubeletStartLatency = 300 * time.Millisecond
+
 type Pod struct {
 	Namespace, Name string
 	Labels          map[string]string
@@ -34,11 +48,17 @@ type Pod struct {
 	IP4, IP6 netip.Addr
 	hostVeth string
 
+	// bound is when the Pod object was created bound to Node.
+	bound time.Time
+
 	mu      sync.Mutex
 	started bool
 	servers []io.Closer
 	gone    chan struct{}
 }
+
+// Bound is when the Pod object was created, bound to its node.
+func (p *Pod) Bound() time.Time { return p.bound }
 
 // Gone is closed when the pod is deleted: its processes stop then.
 func (p *Pod) Gone() <-chan struct{} {
@@ -95,6 +115,7 @@ func (c *Cluster) CreatePod(ctx context.Context, namespace, name string, node *N
 	if err != nil {
 		return nil, err
 	}
+	p.bound = time.Now()
 	created.Status = pendingStatus()
 	if _, err := c.Admin.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 		return nil, fmt.Errorf("pod %s status: %w", name, err)
@@ -107,7 +128,8 @@ func (c *Cluster) CreatePod(ctx context.Context, namespace, name string, node *N
 
 // StartPod is the CNI ADD and the container start: the pod's namespace,
 // veth, addresses and routes, then status Running with its addresses, not
-// Ready. The pod can send as soon as it returns.
+// Ready. It begins no sooner than KubeletStartLatency after the pod was
+// created. The pod can send as soon as it returns.
 func (c *Cluster) StartPod(ctx context.Context, p *Pod) error {
 	p.mu.Lock()
 	started := p.started
@@ -115,6 +137,13 @@ func (c *Cluster) StartPod(ctx context.Context, p *Pod) error {
 	p.mu.Unlock()
 	if started {
 		return fmt.Errorf("pod %s/%s already started", p.Namespace, p.Name)
+	}
+	if wait := KubeletStartLatency - time.Since(p.bound); wait > 0 {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	if err := c.plumb(p); err != nil {
 		return fmt.Errorf("pod %s network: %w", p.Name, err)
