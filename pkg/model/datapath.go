@@ -6,10 +6,18 @@
 package model
 
 import (
+	"errors"
 	"net/netip"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
 )
+
+// ErrUnverified is a firewall writer's check that cannot tell whether its
+// rules are intact: another program committed to the ruleset while it
+// wrote them (kube-proxy syncing on the same EndpointSlice change, say), so
+// it holds no reference to compare with. Nothing is known to be wrong; the
+// rules are rewritten to take one.
+var ErrUnverified = errors.New("the egress rules could not be verified: another program committed to the ruleset while egressvip wrote them")
 
 // Filter narrows the off-cluster traffic of one pod that egress applies to.
 // A destination passes when it is not excluded (Datapath.Exclude), is inside

@@ -569,6 +569,14 @@ func (c *Controller) check(ctx context.Context) {
 		return
 	}
 	intact, err := ch.Check(ctx)
+	if errors.Is(err, model.ErrUnverified) {
+		// Not a change by someone else, nor a repair: rewriting takes
+		// the reference the next check compares with.
+		c.log.WithError(err).Debug("rewriting the egress rules to verify them")
+		c.snat.Recheck()
+		c.Poke()
+		return
+	}
 	if err != nil {
 		c.log.WithError(err).Debug("firewall check failed")
 	}

@@ -227,8 +227,10 @@ type fakeSNAT struct {
 	rewrites int
 	recheck  bool
 	tampered bool
-	fail     map[string]error
-	err      error
+	// unverified makes Check answer model.ErrUnverified until a rewrite.
+	unverified bool
+	fail       map[string]error
+	err        error
 }
 
 func (f *fakeSNAT) Apply(_ context.Context, d model.Datapath) (map[string]error, error) {
@@ -239,7 +241,7 @@ func (f *fakeSNAT) Apply(_ context.Context, d model.Datapath) (map[string]error,
 	if f.recheck {
 		f.recheck = false
 		f.rewrites++
-		f.tampered = false
+		f.tampered, f.unverified = false, false
 	}
 	return maps.Clone(f.fail), f.err
 }
@@ -254,6 +256,9 @@ func (f *fakeSNAT) Recheck() {
 func (f *fakeSNAT) Check(context.Context) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.unverified {
+		return false, model.ErrUnverified
+	}
 	return !f.tampered, nil
 }
 

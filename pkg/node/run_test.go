@@ -13,7 +13,10 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	k8stesting "k8s.io/client-go/testing"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/metrics"
 	"github.com/egressvip/egressvip/pkg/model"
 	"github.com/egressvip/egressvip/pkg/plan"
 )
@@ -153,7 +156,8 @@ func TestShutdownKeepsPinnedEgressAndReleasesTheRestAfterRemovingIt(t *testing.T
 func TestTamperedFirewallIsRewritten(t *testing.T) {
 	// No periodic full resync within the test: only the check may
 	// trigger a rewrite.
-	h := newHarnessWith(t, func(o *Options) { o.Resync = 24 * time.Hour }, egressApp("web", "203.0.113.10", "10.244.1.5", true)...)
+	m := metrics.New()
+	h := newHarnessWith(t, func(o *Options) { o.Resync = 24 * time.Hour; o.Metrics = m }, egressApp("web", "203.0.113.10", "10.244.1.5", true)...)
 	h.elections.hold(nodeName, []string{"web"}, "203.0.113.10")
 	h.run()
 	eventually(t, "ready", func() bool { return h.ctrl.Ready() == nil && len(h.snat.snat("default/web")) == 1 })
@@ -179,6 +183,28 @@ func TestTamperedFirewallIsRewritten(t *testing.T) {
 	})
 	if h.snat.datapath().SNAT == nil || len(h.snat.snat("default/web")) != 1 {
 		t.Errorf("rewritten without the rule: %+v", h.snat.datapath())
+	}
+	repairs := func() float64 {
+		var out dto.Metric
+		if err := m.Repairs.WithLabelValues("firewall").Write(&out); err != nil {
+			t.Fatal(err)
+		}
+		return out.GetCounter().GetValue()
+	}
+	if n := repairs(); n != 1 {
+		t.Errorf("firewall repairs = %v after one tampering, want 1", n)
+	}
+
+	// Unverified (someone else committed while the rules were written):
+	// rewritten to take a reference, not counted as a repair.
+	base = rewrites()
+	h.snat.set(func(f *fakeSNAT) { f.unverified = true })
+	eventually(t, "the unverified rules rewritten", func() bool {
+		h.clock.Step(checkInterval)
+		return rewrites() > base
+	})
+	if n := repairs(); n != 1 {
+		t.Errorf("firewall repairs = %v after an unverified check, want still 1", n)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/egressvip/egressvip/pkg/annotations"
+	"github.com/egressvip/egressvip/pkg/model"
 	"golang.org/x/sys/unix"
 	"sigs.k8s.io/knftables"
 )
@@ -792,7 +793,7 @@ func (w *nftWriter) check(ctx context.Context, fams []Family) (bool, error) {
 		}
 		if st.ref == nil {
 			// Someone committed while we wrote: nothing to compare with.
-			return false, nil
+			return false, model.ErrUnverified
 		}
 		sum, err := t.Fingerprint(ctx)
 		if isNotFound(err) {

@@ -295,8 +295,8 @@ func TestNFTCheckForeignCommitDuringWrite(t *testing.T) {
 	fakes[IPv4].AfterRun = fakes[IPv4].OtherCommit
 	noFail(t)(m.Apply(ctx, dualStack()))
 	fakes[IPv4].AfterRun = nil
-	if ok, _ := m.Check(ctx); ok {
-		t.Fatal("Check without a reference said intact")
+	if ok, err := m.Check(ctx); ok || !errors.Is(err, model.ErrUnverified) {
+		t.Fatalf("Check without a reference = %v, %v; want false, ErrUnverified", ok, err)
 	}
 	m.Recheck()
 	noFail(t)(m.Apply(ctx, dualStack()))
