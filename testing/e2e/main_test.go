@@ -83,7 +83,10 @@ func TestMain(m *testing.M) {
 		fmt.Println("e2e: failed; logs (control plane and egressvip per node) kept in", cluster.Dir)
 	}
 	cluster.Stop()
-	if code == 0 {
+	switch {
+	case code == 0 && os.Getenv("EGRESSVIP_E2E_KEEP_LOGS") == "1":
+		fmt.Println("e2e: logs kept in", cluster.Dir, "(EGRESSVIP_E2E_KEEP_LOGS=1)")
+	case code == 0:
 		_ = os.RemoveAll(cluster.Dir)
 	}
 	printFigures()
