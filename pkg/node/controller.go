@@ -570,10 +570,10 @@ func (c *Controller) check(ctx context.Context) {
 	}
 	intact, err := ch.Check(ctx)
 	if errors.Is(err, model.ErrUnverified) {
-		// Not a change by someone else, nor a repair: rewriting takes
-		// the reference the next check compares with.
+		// Not a change by someone else, nor a repair: the next write
+		// replaces what it cannot verify, which takes the reference the
+		// next check compares with. Nothing needs reading back.
 		c.log.WithError(err).Debug("rewriting the egress rules to verify them")
-		c.snat.Recheck()
 		c.Poke()
 		return
 	}

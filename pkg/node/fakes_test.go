@@ -238,7 +238,9 @@ func (f *fakeSNAT) Apply(_ context.Context, d model.Datapath) (map[string]error,
 	defer f.mu.Unlock()
 	f.last = d
 	f.applies++
-	if f.recheck {
+	if f.recheck || f.unverified {
+		// Like pkg/snat: a rewrite after Recheck, or of rules it could
+		// not verify.
 		f.recheck = false
 		f.rewrites++
 		f.tampered, f.unverified = false, false

@@ -196,8 +196,12 @@ func TestTamperedFirewallIsRewritten(t *testing.T) {
 	}
 
 	// Unverified (someone else committed while the rules were written):
-	// rewritten to take a reference, not counted as a repair.
+	// rewritten to take a reference, without reading the state back
+	// (no Recheck) and not counted as a repair.
 	base = rewrites()
+	h.snat.mu.Lock()
+	rechecks := h.snat.rechecks
+	h.snat.mu.Unlock()
 	h.snat.set(func(f *fakeSNAT) { f.unverified = true })
 	eventually(t, "the unverified rules rewritten", func() bool {
 		h.clock.Step(checkInterval)
@@ -205,6 +209,11 @@ func TestTamperedFirewallIsRewritten(t *testing.T) {
 	})
 	if n := repairs(); n != 1 {
 		t.Errorf("firewall repairs = %v after an unverified check, want still 1", n)
+	}
+	h.snat.mu.Lock()
+	defer h.snat.mu.Unlock()
+	if h.snat.rechecks != rechecks {
+		t.Errorf("an unverified check made the next sync read the rules back (%d Rechecks)", h.snat.rechecks-rechecks)
 	}
 }
 

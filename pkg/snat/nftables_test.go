@@ -286,7 +286,8 @@ func TestNFTCheck(t *testing.T) {
 
 // TestNFTCheckForeignCommitDuringWrite: when someone commits right after
 // our write, before the reference listing, there is nothing to compare
-// with: the check fails once, the rewrite takes a reference, and later
+// with: the check answers ErrUnverified once, the next write replaces the
+// table and takes a reference (after a Recheck or without one), and later
 // commits by others are compared with it.
 func TestNFTCheckForeignCommitDuringWrite(t *testing.T) {
 	fakes := nftFakes()
@@ -294,6 +295,21 @@ func TestNFTCheckForeignCommitDuringWrite(t *testing.T) {
 	ctx := t.Context()
 	fakes[IPv4].AfterRun = fakes[IPv4].OtherCommit
 	noFail(t)(m.Apply(ctx, dualStack()))
+	fakes[IPv4].AfterRun = nil
+	if ok, err := m.Check(ctx); ok || !errors.Is(err, model.ErrUnverified) {
+		t.Fatalf("Check without a reference = %v, %v; want false, ErrUnverified", ok, err)
+	}
+	// The same datapath again, no Recheck: the table is replaced.
+	runs := fakes[IPv4].Runs
+	noFail(t)(m.Apply(ctx, dualStack()))
+	if fakes[IPv4].Runs != runs+1 {
+		t.Fatalf("the unverified table was not rewritten (%d runs)", fakes[IPv4].Runs-runs)
+	}
+	must2(m.Check(ctx))(t)
+
+	fakes[IPv4].AfterRun = fakes[IPv4].OtherCommit
+	m.Recheck()
+	noFail(t)(m.Apply(ctx, dualStack(udp5060)))
 	fakes[IPv4].AfterRun = nil
 	if ok, err := m.Check(ctx); ok || !errors.Is(err, model.ErrUnverified) {
 		t.Fatalf("Check without a reference = %v, %v; want false, ErrUnverified", ok, err)
