@@ -485,9 +485,14 @@ func (c *Controller) processNext(ctx context.Context) bool {
 	err := c.Sync(ctx)
 	if m := c.opts.Metrics; m != nil {
 		m.SyncDuration.Observe(c.opts.Clock.Since(start).Seconds())
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			m.SyncErrors.Inc()
 		}
+	}
+	if err != nil && ctx.Err() != nil {
+		// Stopping (SIGTERM): shutdown applies the drain plan next.
+		c.log.WithError(err).Debug("sync cut short by the shutdown")
+		return true
 	}
 	if err != nil {
 		c.log.WithError(err).Warn("sync failed; retrying")

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"slices"
@@ -214,6 +215,34 @@ func TestTamperedFirewallIsRewritten(t *testing.T) {
 	defer h.snat.mu.Unlock()
 	if h.snat.rechecks != rechecks {
 		t.Errorf("an unverified check made the next sync read the rules back (%d Rechecks)", h.snat.rechecks-rechecks)
+	}
+}
+
+// A sync that fails because the daemon is stopping is neither a sync error
+// nor retried: shutdown applies the drain plan next. A failure otherwise
+// is both.
+func TestSyncCutShortByShutdownIsNotAFailure(t *testing.T) {
+	m := metrics.New()
+	h := newHarnessWith(t, func(o *Options) { o.Metrics = m }, egressApp("web", "203.0.113.10", "10.244.1.5", true)...)
+	h.snat.set(func(f *fakeSNAT) { f.err = errors.New("nft: signal: killed") })
+	syncErrors := func() float64 {
+		var out dto.Metric
+		if err := m.SyncErrors.Write(&out); err != nil {
+			t.Fatal(err)
+		}
+		return out.GetCounter().GetValue()
+	}
+	stopping, cancel := context.WithCancel(h.ctx)
+	cancel()
+	h.ctrl.Poke()
+	h.ctrl.processNext(stopping)
+	if n, r := syncErrors(), h.ctrl.queue.NumRequeues(syncKey); n != 0 || r != 0 {
+		t.Errorf("a sync cut short by the shutdown: %v sync errors, %d retries; want none", n, r)
+	}
+	h.ctrl.Poke()
+	h.ctrl.processNext(h.ctx)
+	if n, r := syncErrors(), h.ctrl.queue.NumRequeues(syncKey); n != 1 || r != 1 {
+		t.Errorf("a failed sync: %v sync errors, %d retries; want 1 and 1", n, r)
 	}
 }
 

@@ -389,6 +389,8 @@ func (m *Manager) Apply(ctx context.Context, d model.Datapath) (failed map[strin
 		switch {
 		case err == nil:
 			st.unusable = false
+		case !isNeeded && ctx.Err() != nil:
+			// Cut short by the caller (shutdown), not unusable.
 		case !isNeeded:
 			// A family whose tables cannot be used (IPv6 disabled on
 			// the node) only matters once a rule needs it.

@@ -367,6 +367,24 @@ func TestNFTErrors(t *testing.T) {
 			t.Fatalf("an IPv6 rule that cannot be written must fail its Service, got %v, %v", failed, err)
 		}
 	})
+	t.Run("a write cut short by the caller does not make a family unusable", func(t *testing.T) {
+		fakes := nftFakes()
+		m := newNFTManager(t, fakes, nil)
+		ipv4Only := dualStack()
+		ipv4Only.SNAT = ipv4Only.SNAT[:1]
+		ipv4Only.Fenced = ipv4Only.Fenced[:1]
+		stopping, cancel := context.WithCancel(t.Context())
+		cancel()
+		fakes[IPv6].RunErr = fmt.Errorf("nft: %w", context.Canceled)
+		_, _ = m.Apply(stopping, ipv4Only)
+		if m.state[IPv6].unusable {
+			t.Error("IPv6 marked unusable by a write the shutdown cut short")
+		}
+		_, _ = m.Apply(t.Context(), ipv4Only)
+		if !m.state[IPv6].unusable {
+			t.Error("IPv6 not marked unusable by a write that failed")
+		}
+	})
 	t.Run("a diff that does not apply replaces the table", func(t *testing.T) {
 		fakes := nftFakes()
 		m := newNFTManager(t, fakes, nil)
