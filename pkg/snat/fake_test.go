@@ -336,6 +336,16 @@ type FakeNFT struct {
 	// AfterRun, when set, is called after each successful Run: someone
 	// else committing right after us.
 	AfterRun func()
+	// Lists counts ListElements calls (each one an nft run for real).
+	Lists int
+}
+
+// ListElements counts the call and lists from the fake.
+func (f *FakeNFT) ListElements(ctx context.Context, objectType, name string) ([]*knftables.Element, error) {
+	f.mu.Lock()
+	f.Lists++
+	f.mu.Unlock()
+	return f.Fake.ListElements(ctx, objectType, name)
 }
 
 var _ NFTables = (*FakeNFT)(nil)

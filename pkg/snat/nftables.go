@@ -838,6 +838,11 @@ func (w *nftWriter) seed(ctx context.Context, f Family) (kernelState, bool, erro
 	if w.fenceOnly {
 		return kernelState{}, false, nil
 	}
+	if _, err := t.Fingerprint(ctx); isNotFound(err) {
+		// No table (deleted by hand, or never written): nothing to read,
+		// and no nft run per set to find that out.
+		return kernelState{}, false, nil
+	}
 	ks, err := nftRead(ctx, t)
 	return ks, false, err
 }

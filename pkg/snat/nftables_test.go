@@ -284,6 +284,44 @@ func TestNFTCheck(t *testing.T) {
 	}
 }
 
+// TestNFTDeletedTableIsNotReadBack: the repair of a table deleted by hand
+// reads nothing back (an nft run per set, for real): the state is empty, so
+// every pod's connections are flushed, as they were set up without rules.
+func TestNFTDeletedTableIsNotReadBack(t *testing.T) {
+	fakes := nftFakes()
+	ct := &fakeConntrack{}
+	m := newNFTManager(t, fakes, ct)
+	ctx := t.Context()
+	noFail(t)(m.Apply(ctx, dualStack(udp5060)))
+	foreignRun(t, fakes[IPv4], func(tx *knftables.Transaction) { tx.Delete(&knftables.Table{}) })
+	if ok, err := m.Check(ctx); ok || err != nil {
+		t.Fatalf("Check after the table was deleted = %v, %v", ok, err)
+	}
+	m.Recheck()
+	lists := fakes[IPv4].Lists
+	noFail(t)(m.Apply(ctx, dualStack(udp5060)))
+	if n := fakes[IPv4].Lists - lists; n != 0 {
+		t.Errorf("the repair listed %d sets and maps of a table that did not exist", n)
+	}
+	if got := nftTrace(fakes[IPv4], pod4, ext4, annotations.UDP, 5060); !got.leaves(lb4) {
+		t.Errorf("after the repair, packet %s", got)
+	}
+	if !slices.Contains(ct.pods(netlink.FAMILY_V4), pod4) {
+		t.Errorf("the connections set up while the table was gone were not flushed: %v", ct.pods(netlink.FAMILY_V4))
+	}
+	// A table that exists, changed by someone else, is still read back.
+	foreignRun(t, fakes[IPv4], func(tx *knftables.Transaction) { tx.Flush(&knftables.Map{Name: nftSNATPorts}) })
+	if ok, err := m.Check(ctx); ok || err != nil {
+		t.Fatalf("Check after the map was flushed = %v, %v", ok, err)
+	}
+	m.Recheck()
+	lists = fakes[IPv4].Lists
+	noFail(t)(m.Apply(ctx, dualStack(udp5060)))
+	if fakes[IPv4].Lists == lists {
+		t.Error("the changed table was not read back")
+	}
+}
+
 // TestNFTCheckForeignCommitDuringWrite: when someone commits right after
 // our write, before the reference listing, there is nothing to compare
 // with: the check answers ErrUnverified once, the next write replaces the
