@@ -94,30 +94,22 @@ func (s *fakeAPI) watch(a k8stesting.Action) (bool, watch.Interface, error) {
 	if err != nil {
 		return true, nil, err
 	}
-	w := &backlogWatch{inner: inner, out: make(chan watch.Event), stop: make(chan struct{})}
-	go w.run(backlog)
+	out := make(chan watch.Event)
+	w := watch.NewProxyWatcher(out)
+	go relayBacklog(inner, w, out, backlog)
 	return true, w, nil
 }
 
-// backlogWatch sends the backlog as added objects, then the live events.
-type backlogWatch struct {
-	inner watch.Interface
-	out   chan watch.Event
-	stop  chan struct{}
-	once  sync.Once
-}
-
-func (w *backlogWatch) ResultChan() <-chan watch.Event { return w.out }
-
-func (w *backlogWatch) Stop() { w.once.Do(func() { close(w.stop); w.inner.Stop() }) }
-
-func (w *backlogWatch) run(backlog []runtime.Object) {
-	defer close(w.out)
+// relayBacklog sends the backlog as added objects, then the live events of
+// inner, until w is stopped.
+func relayBacklog(inner watch.Interface, w *watch.ProxyWatcher, out chan<- watch.Event, backlog []runtime.Object) {
+	defer close(out)
+	defer inner.Stop()
 	send := func(ev watch.Event) bool {
 		select {
-		case w.out <- ev:
+		case out <- ev:
 			return true
-		case <-w.stop:
+		case <-w.StopChan():
 			return false
 		}
 	}
@@ -126,7 +118,7 @@ func (w *backlogWatch) run(backlog []runtime.Object) {
 			return
 		}
 	}
-	for ev := range w.inner.ResultChan() {
+	for ev := range inner.ResultChan() {
 		if !send(ev) {
 			return
 		}
@@ -324,39 +316,32 @@ func lagged(w watch.Interface, err error) func(lag func() time.Duration) (watch.
 		if err != nil || lag == nil {
 			return w, err
 		}
-		lw := &lagWatch{inner: w, out: make(chan watch.Event), stop: make(chan struct{})}
-		go lw.run(lag)
-		return lw, nil
+		out := make(chan watch.Event)
+		pw := watch.NewProxyWatcher(out)
+		go relayLagged(w, pw, out, lag)
+		return pw, nil
 	}
 }
 
-type lagWatch struct {
-	inner watch.Interface
-	out   chan watch.Event
-	stop  chan struct{}
-	once  sync.Once
-}
-
-func (l *lagWatch) ResultChan() <-chan watch.Event { return l.out }
-
-func (l *lagWatch) Stop() { l.once.Do(func() { close(l.stop); l.inner.Stop() }) }
-
-func (l *lagWatch) run(lag func() time.Duration) {
+// relayLagged sends the events of inner lag() late, in order, until w is
+// stopped.
+func relayLagged(inner watch.Interface, w *watch.ProxyWatcher, out chan<- watch.Event, lag func() time.Duration) {
 	type item struct {
 		ev  watch.Event
 		due time.Time
 	}
-	defer close(l.out)
+	defer close(out)
+	defer inner.Stop()
 	var q []item
 	var last time.Time
-	in := l.inner.ResultChan()
+	in := inner.ResultChan()
 	for in != nil || len(q) > 0 {
-		var send chan watch.Event
+		var send chan<- watch.Event
 		var head watch.Event
 		var timer <-chan time.Time
 		if len(q) > 0 {
 			if d := time.Until(q[0].due); d <= 0 {
-				send, head = l.out, q[0].ev
+				send, head = out, q[0].ev
 			} else {
 				timer = time.After(d)
 			}
@@ -376,7 +361,7 @@ func (l *lagWatch) run(lag func() time.Duration) {
 		case send <- head:
 			q = q[1:]
 		case <-timer:
-		case <-l.stop:
+		case <-w.StopChan():
 			return
 		}
 	}
