@@ -250,7 +250,8 @@ type familyState struct {
 	written *famDesired
 	// unusable is set while writing failed and no rule needed the family.
 	unusable bool
-	// sweep is set when Check found the family changed by someone else:
+	// sweep is set when Check found the family changed by someone else
+	// (not merely unverified):
 	// the next write is followed by deleting the conntrack entries set up
 	// meanwhile with another translation than ours.
 	sweep bool
@@ -657,7 +658,9 @@ func (m *Manager) Check(ctx context.Context) (bool, error) {
 		return true, nil
 	}
 	ok, err := m.w.check(ctx, fams)
-	if !ok || err != nil {
+	// Unverified is no sign of a foreign change: the rewrite alone takes a
+	// reference, without a dump of the conntrack table.
+	if (!ok || err != nil) && !errors.Is(err, model.ErrUnverified) {
 		for _, f := range fams {
 			m.state[f].sweep = true
 		}

@@ -328,8 +328,8 @@ func TestNFTDeletedTableIsNotReadBack(t *testing.T) {
 // table and takes a reference (after a Recheck or without one), and later
 // commits by others are compared with it.
 func TestNFTCheckForeignCommitDuringWrite(t *testing.T) {
-	fakes := nftFakes()
-	m := newNFTManager(t, fakes, nil)
+	fakes, ct := nftFakes(), &fakeConntrack{}
+	m := newNFTManager(t, fakes, ct)
 	ctx := t.Context()
 	fakes[IPv4].AfterRun = fakes[IPv4].OtherCommit
 	noFail(t)(m.Apply(ctx, dualStack()))
@@ -337,11 +337,15 @@ func TestNFTCheckForeignCommitDuringWrite(t *testing.T) {
 	if ok, err := m.Check(ctx); ok || !errors.Is(err, model.ErrUnverified) {
 		t.Fatalf("Check without a reference = %v, %v; want false, ErrUnverified", ok, err)
 	}
-	// The same datapath again, no Recheck: the table is replaced.
+	// The same datapath again, no Recheck: the table is replaced, and no
+	// conntrack entry is swept (nothing is known to have been wrong).
 	runs := fakes[IPv4].Runs
 	noFail(t)(m.Apply(ctx, dualStack()))
 	if fakes[IPv4].Runs != runs+1 {
 		t.Fatalf("the unverified table was not rewritten (%d runs)", fakes[IPv4].Runs-runs)
+	}
+	if n := len(ct.sweeps[netlink.FAMILY_V4]); n != 0 {
+		t.Errorf("an unverified check swept conntrack %d times", n)
 	}
 	must2(m.Check(ctx))(t)
 
